@@ -1,0 +1,63 @@
+"""`moe-lm` command line: one subcommand per job, each implemented in its own module.
+
+Every user error (bad config, data, checkpoint or flag) is printed as one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from moe_lm.errors import UserError
+
+# subcommand -> (module, function taking argv and returning an exit code, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "train": ("moe_lm.train.cli", "train_main", "pretrain from a YAML config (also under accelerate launch)"),
+    "tokenizer": ("moe_lm.data.tokenizer", "tokenizer_main", "train or ensure a sentencepiece tokenizer"),
+    "info": ("moe_lm.info", "info_main", "parameter counts (total / active) and the resolved config"),
+    "eval": ("moe_lm.train.cli", "eval_main", "validation loss and perplexity of a checkpoint"),
+    "generate": ("moe_lm.train.cli", "generate_main", "sample text from a checkpoint"),
+    "stats": ("moe_lm.hf.cli", "stats_main", "expert-load heatmaps (PNG) from a run or checkpoint"),
+    "export": ("moe_lm.hf.cli", "export_main", "export a checkpoint as a transformers MixtralForCausalLM folder"),
+    "import": ("moe_lm.hf.cli", "import_main", "import a local transformers Mixtral folder as a checkpoint"),
+    "upcycle": ("moe_lm.hf.cli", "upcycle_main", "turn a dense Llama-style folder into an MoE checkpoint"),
+    "push": ("moe_lm.hf.cli", "push_main", "upload an exported folder to the Hugging Face Hub"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: moe-lm COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "Run `moe-lm COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command '{name}'; run `moe-lm --help` for the list", file=sys.stderr)
+        return 2
+    module_name, func_name, _ = COMMANDS[name]
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+        return int(func(rest) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run() -> None:
+    code = main()
+    sys.stdout.flush()
+    if os.environ.get("MOE_LM_HARD_EXIT"):  # set by the trainer for gloo workers (see moe_lm/parallel)
+        os._exit(code)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,393 @@
+"""Run configuration: frozen dataclasses, a strict YAML loader and dotted command-line overrides.
+
+Every key has a type and a default. Unknown keys (with the closest known key suggested), wrong
+types and impossible combinations raise `ConfigError` with one line naming the key and the fix,
+before any model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from moe_lm.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 14336  # dense FFN width, and each expert's unless moe_intermediate_size
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    max_seq_len: int = 4096
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    # mixture of experts
+    num_experts: int = 8
+    top_k: int = 2
+    moe_intermediate_size: int | None = None  # None: intermediate_size
+    moe_layer_freq: int = 1  # every n-th layer is MoE (1: all); the others are dense SwiGLU
+    first_dense_layers: int = 0  # the first n layers are dense (DeepSeekMoE)
+    num_shared_experts: int = 0  # always-on experts beside the routed ones (DeepSeekMoE)
+    capacity_factor: float | None = None  # None: dropless; else capacity = ceil(cf * T * k / E)
+    router_jitter: float = 0.0  # multiplicative input noise in training (Mixtral's router_jitter_noise)
+    aux_loss_coef: float = 0.01  # load-balance loss weight (Switch form, 1.0 at perfect balance)
+    z_loss_coef: float = 0.001  # router z-loss weight (ST-MoE)
+    aux_free_bias: bool = False  # DeepSeek-V3 bias balancing: bias only picks experts
+    aux_free_update_rate: float = 0.001
+    experts_impl: Literal["grouped_mm", "loop", "auto"] = "auto"
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def expert_intermediate_size(self) -> int:
+        return self.moe_intermediate_size or self.intermediate_size
+
+    def is_moe_layer(self, index: int) -> bool:
+        return index >= self.first_dense_layers and (index + 1) % self.moe_layer_freq == 0
+
+    @property
+    def moe_layer_indices(self) -> list[int]:
+        return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_files: list[str] = field(default_factory=lambda: ["data/tinyshakespeare.txt"])
+    val_files: list[str] = field(default_factory=list)  # empty: hold out val_fraction of train
+    val_fraction: float = 0.05
+    format: Literal["auto", "text", "json", "parquet"] = "auto"
+    text_field: str = "text"
+    tokenizer: str = "tokenizers/tiny-shakespeare"  # a directory with tokenizer.model
+    seq_len: int = 256
+    cache_dir: str = ".cache/moe_lm"
+    num_proc: int = 1
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str | None = None  # None: runs/<config name>
+    seed: int = 1337
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    max_steps: int = 1000
+    max_tokens: int | None = None  # stop after this many training tokens (whichever comes first)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    activation_checkpointing: bool = False
+    compile: bool = False
+    eval_every: int = 100
+    eval_batches: int = 20
+    sample_every: int = 0  # 0: only at the end
+    sample_prompt: str = "ROMEO:"
+    sample_tokens: int = 64
+    resume: str | None = None  # "latest" or a checkpoint directory
+    init_from: str | None = None  # load weights only (no optimizer) from this checkpoint
+    freeze: Literal["none", "non_expert", "experts", "router"] = "none"
+    overwrite: bool = False  # allow a fresh run in an output_dir that holds another run
+    max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
+    collapse_ratio: float = 4.0  # warn when an expert's load exceeds this multiple of the mean
+    collapse_patience: int = 50  # ... for this many logging steps in a row
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    backend: Literal["ddp", "deepspeed"] = "ddp"
+    ep_size: int = 1
+    zero_stage: int = 0
+    deepspeed_config: str | None = None  # a DeepSpeed JSON to use instead of the generated one
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    log_every: int = 10
+    progress_bar: bool = True
+    jsonl: bool = True
+    wandb: bool = False
+    wandb_project: str = "moe_lm"
+    wandb_entity: str | None = None
+    wandb_run_name: str | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 500  # 0: only at the end
+    keep_last: int = 3  # 0 keeps all
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    push_at_end: bool = False
+    repo_id: str | None = None
+    private: bool = True
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.train.output_dir or f"runs/{self.name}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **sections: Any) -> Config:
+        return dataclasses.replace(self, **sections)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, strictly.
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise ConfigError(f"{key}: {value!r} is not one of {_type_name(tp)}")
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 3e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - a bug in this file
+
+
+def _build(cls: Any, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{full}'{hint} (known: {', '.join(names)})")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value (e.g. train.max_steps=100)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    data = dict(data)
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(data, key, value)
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML run config, apply `key.sub=value` overrides, type-check and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found; pass a YAML file such as configs/tiny-shakespeare.yaml")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}; fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections (model:, data:, train:, ...)")
+    data.setdefault("name", path.stem)
+    return config_from_dict(data, overrides)
+
+
+def _positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero) or (isinstance(value, float) and not math.isfinite(value)):
+        need = "≥ 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key} = {value} must be {need}")
+
+
+def validate(cfg: Config) -> None:
+    """Impossible combinations, each named by its key with the fix."""
+    m, d, t, o, p = cfg.model, cfg.data, cfg.train, cfg.optim, cfg.parallel
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                 "max_seq_len", "num_experts", "top_k", "moe_layer_freq", "head_dim", "moe_intermediate_size"):
+        _positive(f"model.{name}", getattr(m, name))
+    for name in ("rope_theta", "rms_norm_eps", "init_std"):
+        _positive(f"model.{name}", getattr(m, name))
+    for name in ("num_shared_experts", "first_dense_layers", "aux_loss_coef", "z_loss_coef", "router_jitter",
+                 "aux_free_update_rate"):
+        _positive(f"model.{name}", getattr(m, name), allow_zero=True)
+    _positive("model.capacity_factor", m.capacity_factor)
+    if m.top_k > m.num_experts:
+        raise ConfigError(f"model.top_k = {m.top_k} exceeds model.num_experts = {m.num_experts}; lower top_k")
+    if m.head_dim is None and m.hidden_size % m.num_heads:
+        raise ConfigError(
+            f"model.num_heads = {m.num_heads} does not divide model.hidden_size = {m.hidden_size}; "
+            "pick a divisor or set model.head_dim")
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(f"model.num_kv_heads = {m.num_kv_heads} does not divide model.num_heads = {m.num_heads}")
+    if m.resolved_head_dim % 2:
+        raise ConfigError(f"head dim {m.resolved_head_dim} must be even for rotary embeddings; change model.num_heads")
+    if m.router_jitter >= 1:
+        raise ConfigError(f"model.router_jitter = {m.router_jitter} must be < 1")
+    if p.ep_size < 1:
+        raise ConfigError(f"parallel.ep_size = {p.ep_size} must be ≥ 1")
+    if m.num_experts % p.ep_size:
+        raise ConfigError(
+            f"model.num_experts = {m.num_experts} is not divisible by parallel.ep_size = {p.ep_size}; "
+            "choose an ep_size that divides it")
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage = {p.zero_stage} must be 0, 1, 2 or 3")
+    if p.backend == "ddp" and p.zero_stage:
+        raise ConfigError("parallel.zero_stage needs parallel.backend: deepspeed")
+    if p.backend == "deepspeed" and p.zero_stage == 3 and p.ep_size > 1:
+        raise ConfigError(
+            "parallel.zero_stage = 3 with parallel.ep_size > 1 is not supported: ZeRO-3 partitions and "
+            "replicates expert weights across all ranks, defeating expert parallelism; use zero_stage 1 or 2")
+    _positive("data.seq_len", d.seq_len)
+    _positive("data.num_proc", d.num_proc)
+    if not d.train_files:
+        raise ConfigError("data.train_files is empty; list at least one text, JSON(L) or parquet file")
+    if not 0 <= d.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction = {d.val_fraction} must be in [0, 1)")
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError(f"data.seq_len = {d.seq_len} exceeds model.max_seq_len = {m.max_seq_len}")
+    for name in ("micro_batch_size", "grad_accum_steps", "max_steps", "eval_batches", "collapse_patience",
+                 "max_nonfinite_steps"):
+        _positive(f"train.{name}", getattr(t, name))
+    for name in ("eval_every", "sample_every", "sample_tokens"):
+        _positive(f"train.{name}", getattr(t, name), allow_zero=True)
+    _positive("train.max_tokens", t.max_tokens)
+    _positive("train.collapse_ratio", t.collapse_ratio)
+    if t.resume and t.init_from:
+        raise ConfigError("train.resume and train.init_from are exclusive: resume continues a run, "
+                          "init_from starts a new one from weights")
+    _positive("optim.lr", o.lr)
+    _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
+    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    _positive("optim.grad_clip", o.grad_clip, allow_zero=True)
+    _positive("optim.eps", o.eps)
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio = {o.min_lr_ratio} must be in [0, 1]")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(o, name) < 1:
+            raise ConfigError(f"optim.{name} = {getattr(o, name)} must be in [0, 1)")
+    _positive("logging.log_every", cfg.logging.log_every)
+    _positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
+    _positive("checkpoint.keep_last", cfg.checkpoint.keep_last, allow_zero=True)
+    if cfg.hub.push_at_end and not cfg.hub.repo_id:
+        raise ConfigError("hub.push_at_end needs hub.repo_id (OWNER/NAME)")

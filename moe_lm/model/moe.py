@@ -1,0 +1,71 @@
+"""MoE feed-forward layer = router + dispatcher + experts (+ optional always-on shared experts)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moe_lm.config import ModelConfig
+from moe_lm.model.dispatch import LocalDispatcher, TokenDispatcher
+from moe_lm.model.experts import Experts
+from moe_lm.model.layers import SwiGLU
+from moe_lm.model.losses import load_balance_loss, z_loss
+from moe_lm.model.router import Router
+
+
+@dataclass
+class MoEStats:
+    """What one MoE layer reports for one forward pass (T tokens)."""
+
+    aux_loss: torch.Tensor  # differentiable, Switch form
+    z_loss: torch.Tensor  # differentiable
+    counts_E: torch.Tensor  # (token, slot) assignments chosen per expert, before capacity drops
+    probs_mean_E: torch.Tensor  # mean router probability per expert (for the transformers-form loss)
+    dropped: torch.Tensor  # assignments dropped by capacity
+    num_tokens: int
+
+
+class MoELayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_experts = cfg.num_experts
+        self.top_k = cfg.top_k
+        self.capacity_factor = cfg.capacity_factor
+        self.router = Router(cfg.hidden_size, cfg.num_experts, cfg.top_k, cfg.router_jitter, cfg.aux_free_bias)
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size, cfg.experts_impl)
+        self.shared = (
+            SwiGLU(cfg.hidden_size, cfg.expert_intermediate_size * cfg.num_shared_experts)
+            if cfg.num_shared_experts
+            else None
+        )
+        # Replaced from outside (moe_lm.parallel) for expert parallelism; the layer never knows.
+        self.dispatcher: TokenDispatcher = LocalDispatcher()
+
+    def capacity(self, num_tokens: int) -> int | None:
+        if self.capacity_factor is None:
+            return None
+        return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
+
+    def forward(self, x_BTH: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        shape = x_BTH.shape
+        x_TH = x_BTH.reshape(-1, shape[-1])
+        num_tokens = x_TH.shape[0]
+        route = self.router(x_TH)
+        y_TH, dropped = self.dispatcher(
+            x_TH, route.topk_idx_TK, route.topk_weight_TK, self.experts, self.num_experts, self.capacity(num_tokens)
+        )
+        if self.shared is not None:
+            y_TH = y_TH + self.shared(x_TH)
+        counts_E = torch.bincount(route.topk_idx_TK.reshape(-1), minlength=self.num_experts)
+        stats = MoEStats(
+            aux_loss=load_balance_loss(route.probs_TE, counts_E, self.top_k),
+            z_loss=z_loss(route.logits_TE),
+            counts_E=counts_E,
+            probs_mean_E=route.probs_TE.mean(dim=0),
+            dropped=dropped,
+            num_tokens=num_tokens,
+        )
+        return y_TH.view(shape), stats

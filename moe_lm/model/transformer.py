@@ -1,0 +1,197 @@
+"""Decoder-only causal LM whose FFN layers are mixtures of experts, and its generate()."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from moe_lm.config import ModelConfig
+from moe_lm.model.attention import Attention, KVCache
+from moe_lm.model.experts import Experts
+from moe_lm.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
+from moe_lm.model.losses import hf_load_balance_loss
+from moe_lm.model.moe import MoELayer, MoEStats
+from moe_lm.model.router import Router
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.is_moe = cfg.is_moe_layer(index)
+        self.ffn: nn.Module = MoELayer(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(
+        self,
+        x_BTH: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask_BQK: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> tuple[torch.Tensor, MoEStats | None, KVCache]:
+        a_BTH, new_cache = self.attn(self.attn_norm(x_BTH), rope, mask_BQK, cache)
+        x_BTH = x_BTH + a_BTH
+        stats = None
+        if self.is_moe:
+            f_BTH, stats = self.ffn(self.ffn_norm(x_BTH))
+        else:
+            f_BTH = self.ffn(self.ffn_norm(x_BTH))
+        return x_BTH + f_BTH, stats, new_cache
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor | None = None
+    loss: torch.Tensor | None = None  # lm + aux_coef * aux + z_coef * z; None without labels
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None  # mean over MoE layers, Switch form (1.0 = balanced)
+    hf_aux_loss: torch.Tensor | None = None  # transformers' load_balancing_loss_func value (k = balanced)
+    z_loss: torch.Tensor | None = None  # mean over MoE layers
+    expert_counts_LE: torch.Tensor | None = None  # assignments per (MoE layer, expert), detached
+    dropped_L: torch.Tensor | None = None  # capacity-dropped assignments per MoE layer
+    num_tokens: int = 0  # tokens routed per MoE layer in this pass
+    cache: list[KVCache] = field(default_factory=list)
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.rope = RotaryEmbedding(cfg.resolved_head_dim, cfg.rope_theta)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.activation_checkpointing = False
+        self.reset_parameters()
+
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.ffn for b in self.layers if isinstance(b.ffn, MoELayer)]
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std); projections into the residual stream scaled by 1/sqrt(2 * layers)."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.num_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                is_out = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, 0.0, out_std if is_out else std)
+            elif isinstance(module, Experts):
+                nn.init.normal_(module.gate_up_proj, 0.0, std)
+                nn.init.normal_(module.down_proj, 0.0, out_std)
+            elif isinstance(module, Router):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def _mask(
+        self, attention_mask_BT: torch.Tensor | None, q_len: int, past_len: int, device: torch.device
+    ) -> torch.Tensor | None:
+        if attention_mask_BT is None and (past_len == 0 or q_len == 1):
+            return None if past_len == 0 else torch.ones(1, 1, past_len + 1, dtype=torch.bool, device=device)
+        kv_len = past_len + q_len
+        q_pos = torch.arange(past_len, kv_len, device=device)[:, None]
+        k_pos = torch.arange(kv_len, device=device)[None, :]
+        mask_BQK = (k_pos <= q_pos)[None]
+        if attention_mask_BT is not None:
+            mask_BQK = mask_BQK & attention_mask_BT[:, None, :kv_len].bool()
+            # A padded query row that may attend to nothing would give NaN; let it see itself.
+            mask_BQK = mask_BQK | (k_pos == q_pos)[None]
+        return mask_BQK
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: list[KVCache] | None = None,
+    ) -> CausalLMOutput:
+        """labels are aligned with input_ids (no shift inside); -100 is ignored."""
+        b, t = input_ids.shape
+        past_len = cache[0][0].shape[2] if cache else 0
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + t, device=input_ids.device).expand(b, t)
+        rope = self.rope(position_ids)
+        mask = self._mask(attention_mask, t, past_len, input_ids.device)
+        x_BTH = self.embed(input_ids)
+        all_stats: list[MoEStats] = []
+        new_cache: list[KVCache] = []
+        for i, block in enumerate(self.layers):
+            layer_cache = cache[i] if cache else None
+            if self.activation_checkpointing and self.training:
+                x_BTH, stats, kv = checkpoint(block, x_BTH, rope, mask, layer_cache, use_reentrant=False)
+            else:
+                x_BTH, stats, kv = block(x_BTH, rope, mask, layer_cache)
+            new_cache.append(kv)
+            if stats is not None:
+                all_stats.append(stats)
+        x_BTH = self.norm(x_BTH)
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        logits_BTV = F.linear(x_BTH, head)
+        out = CausalLMOutput(logits=logits_BTV, cache=new_cache)
+        if all_stats:
+            self._add_router_losses(out, all_stats)
+        if labels is not None:
+            out.lm_loss = F.cross_entropy(logits_BTV.float().view(b * t, -1), labels.reshape(-1), ignore_index=-100)
+            out.loss = out.lm_loss
+            if out.aux_loss is not None and out.z_loss is not None:
+                out.loss = out.lm_loss + self.cfg.aux_loss_coef * out.aux_loss + self.cfg.z_loss_coef * out.z_loss
+        return out
+
+    def _add_router_losses(self, out: CausalLMOutput, stats: list[MoEStats]) -> None:
+        out.aux_loss = torch.stack([s.aux_loss for s in stats]).mean()
+        out.z_loss = torch.stack([s.z_loss for s in stats]).mean()
+        counts_LE = torch.stack([s.counts_E for s in stats])
+        probs_LE = torch.stack([s.probs_mean_E for s in stats])
+        out.hf_aux_loss = hf_load_balance_loss(counts_LE, probs_LE.detach(), stats[0].num_tokens)
+        out.expert_counts_LE = counts_LE.detach()
+        out.dropped_L = torch.stack([s.dropped for s in stats]).detach()
+        out.num_tokens = stats[0].num_tokens
+
+    @torch.no_grad()
+    def update_expert_bias(self, counts_LE: torch.Tensor) -> None:
+        """Aux-free balancing step; call after each optimizer step with the (global) expert counts."""
+        for layer, counts_E in zip(self.moe_layers, counts_LE):
+            layer.router.update_bias(counts_E, self.cfg.aux_free_update_rate)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        eos_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample with a KV cache; temperature 0 is greedy. Returns prompt + continuation."""
+        was_training = self.training
+        self.eval()
+        out = self(input_ids)
+        tokens = input_ids
+        for _ in range(max_new_tokens):
+            assert out.logits is not None
+            logits_BV = out.logits[:, -1, :].float()
+            if temperature <= 0:
+                next_B1 = logits_BV.argmax(dim=-1, keepdim=True)
+            else:
+                logits_BV = logits_BV / temperature
+                if top_k:
+                    kth = torch.topk(logits_BV, min(top_k, logits_BV.shape[-1])).values[:, -1:]
+                    logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
+                next_B1 = torch.multinomial(torch.softmax(logits_BV, dim=-1), 1, generator=generator)
+            tokens = torch.cat((tokens, next_B1), dim=1)
+            if eos_id is not None and bool((next_B1 == eos_id).all()):
+                break
+            out = self(next_B1, cache=out.cache)
+        self.train(was_training)
+        return tokens
