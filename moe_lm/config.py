@@ -99,6 +99,7 @@ class TrainConfig:
     grad_accum_steps: int = 1
     max_steps: int = 1000
     max_tokens: int | None = None  # stop after this many training tokens (whichever comes first)
+    stop_at_step: int | None = None  # end this invocation early (schedule still follows max_steps)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     activation_checkpointing: bool = False
     compile: bool = False
@@ -133,6 +134,7 @@ class LoggingConfig:
     wandb_project: str = "moe_lm"
     wandb_entity: str | None = None
     wandb_run_name: str | None = None
+    peak_tflops: float | None = None  # for MFU; None: a table for known GPUs, a measured matmul peak on CPU
 
 
 @dataclass(frozen=True)
@@ -372,6 +374,7 @@ def validate(cfg: Config) -> None:
     for name in ("eval_every", "sample_every", "sample_tokens"):
         _positive(f"train.{name}", getattr(t, name), allow_zero=True)
     _positive("train.max_tokens", t.max_tokens)
+    _positive("train.stop_at_step", t.stop_at_step)
     _positive("train.collapse_ratio", t.collapse_ratio)
     if t.resume and t.init_from:
         raise ConfigError("train.resume and train.init_from are exclusive: resume continues a run, "

@@ -1,0 +1,133 @@
+"""The README.md model card of an exported folder: Hub metadata, architecture, training summary, expert load."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moe_lm.config import Config
+from moe_lm.hf.stats import LATEST_PNG, RunRecords, load_table
+from moe_lm.model.params import count_params, human
+
+
+def front_matter(cfg: Config) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "library_name": "transformers",
+        "license": "apache-2.0",
+        "pipeline_tag": "text-generation",
+        "tags": ["moe", "mixtral", "moe_lm"],
+    }
+    datasets = sorted({Path(f).name for f in cfg.data.train_files})
+    if datasets:
+        meta["datasets"] = datasets
+    return meta
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
+    if isinstance(value, int) and abs(value) >= 10_000:
+        return f"{value:,}"
+    return str(value)
+
+
+def architecture_table(cfg: Config) -> str:
+    m = cfg.model
+    counts = count_params(m)
+    total, active = int(counts["total_params"]), int(counts["active_params"])  # type: ignore[call-overload]
+    rows = [
+        ("architecture", "MixtralForCausalLM (decoder-only, every FFN a mixture of experts)"),
+        ("layers", m.num_layers),
+        ("hidden size", m.hidden_size),
+        ("attention heads / KV heads", f"{m.num_heads} / {m.num_kv_heads} (head dim {m.resolved_head_dim})"),
+        ("experts / active per token", f"{m.num_experts} / top-{m.top_k}"),
+        ("expert FFN size", m.expert_intermediate_size),
+        ("vocabulary", m.vocab_size),
+        ("context length", m.max_seq_len),
+        ("RoPE theta", m.rope_theta),
+        ("tied embeddings", m.tie_embeddings),
+        ("total parameters", f"{human(total)} ({total:,})"),
+        ("active parameters per token", f"{human(active)} ({active:,})"),
+    ]
+    return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows])
+
+
+def training_section(cfg: Config, records: RunRecords) -> str:
+    state = records.trainer_state or {}
+    latest = records.latest or {}
+    rows: list[tuple[str, Any]] = []
+    for label, value in (("steps", state.get("step", latest.get("step"))), ("tokens", state.get("tokens", latest.get("tokens")))):
+        if value is not None:
+            rows.append((label, value))
+    for label, key in (
+        ("final loss", "loss"),
+        ("final LM loss", "lm_loss"),
+        ("final aux loss (Switch form, 1.0 = balanced)", "aux_loss"),
+        ("final aux loss (transformers form, top-k = balanced)", "hf_aux_loss"),
+        ("final router z-loss", "z_loss"),
+    ):
+        if latest.get(key) is not None:
+            rows.append((label, float(latest[key])))
+    val = state.get("val_loss")
+    if val is None and records.latest_eval is not None:
+        val = records.latest_eval.get("val_loss")
+    if val is not None:
+        rows.append(("validation loss", float(val)))
+        rows.append(("validation perplexity", math.exp(min(float(val), 700.0))))
+    t, o = cfg.train, cfg.optim
+    rows += [
+        ("sequence length", cfg.data.seq_len),
+        ("batch (micro x accumulation, per process)", f"{t.micro_batch_size} x {t.grad_accum_steps}"),
+        ("optimizer", f"AdamW, lr {o.lr:g} ({o.schedule}, {o.warmup_steps} warmup steps), weight decay {o.weight_decay:g}"),
+        ("router losses", f"aux coef {cfg.model.aux_loss_coef:g}, z-loss coef {cfg.model.z_loss_coef:g}"),
+        ("training data", ", ".join(Path(f).name for f in cfg.data.train_files)),
+    ]
+    return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows])
+
+
+def expert_load_section(cfg: Config, records: RunRecords, has_heatmap: bool) -> str:
+    latest = records.latest or {}
+    load = latest.get("expert_load")
+    if not load:
+        return "No expert-load statistics were recorded for this checkpoint."
+    parts = [
+        f"Share of routed (token, slot) assignments per expert at step {latest.get('step', '?')} "
+        f"(balanced = {100 / len(load[0]):.1f}% each).",
+        "",
+        load_table(load, cfg.model.moe_layer_indices),
+    ]
+    if has_heatmap:
+        parts += ["", f"![expert load per layer]({LATEST_PNG})"]
+    return "\n".join(parts)
+
+
+USAGE = """```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{path}")
+model = AutoModelForCausalLM.from_pretrained("{path}")
+inputs = tokenizer("ROMEO:", return_tensors="pt")
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=50, do_sample=True)[0]))
+```"""
+
+
+def render_model_card(cfg: Config, records: RunRecords, has_heatmap: bool, repo_id: str | None = None) -> str:
+    meta = yaml.safe_dump(front_matter(cfg), sort_keys=False).strip()
+    sections = [
+        f"---\n{meta}\n---",
+        f"# {repo_id or cfg.name}",
+        "A Mixtral-style mixture-of-experts language model pretrained with "
+        "moe_lm and exported as a `transformers` `MixtralForCausalLM`.",
+        "## Usage",
+        USAGE.format(path=repo_id or "PATH_TO_THIS_FOLDER"),
+        "## Architecture",
+        architecture_table(cfg),
+        "## Training",
+        training_section(cfg, records),
+        "## Expert load",
+        expert_load_section(cfg, records, has_heatmap),
+    ]
+    return "\n\n".join(sections) + "\n"

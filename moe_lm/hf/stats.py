@@ -1,0 +1,199 @@
+"""Expert-load statistics of a run or checkpoint: reading the metrics, heatmaps (PNG), a text table.
+
+Train records in `RUN/metrics.jsonl` carry `expert_load` (per MoE layer, each expert's fraction of
+the routed (token, slot) assignments; a row sums to 1) and `imbalance` (max/mean per layer). A
+checkpoint holds its latest train record in `trainer_state.json`; when the checkpoint sits in a
+run directory, the run's history up to the checkpoint step is used for the load-over-time plot.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moe_lm.errors import UserError
+from moe_lm.train.weights import resolve_checkpoint
+
+LATEST_PNG = "expert_load.png"
+OVER_TIME_PNG = "expert_load_over_time.png"
+
+
+@dataclass
+class RunRecords:
+    """What a run or checkpoint tells about training; any part may be missing."""
+
+    train: list[dict[str, Any]] = field(default_factory=list)  # train records with expert_load, by step
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    trainer_state: dict[str, Any] | None = None
+    checkpoint: Path | None = None
+
+    @property
+    def latest(self) -> dict[str, Any] | None:
+        """The newest train record: the run's, or else the checkpoint's `last_metrics`."""
+        if self.train:
+            return self.train[-1]
+        last = (self.trainer_state or {}).get("last_metrics")
+        return last if isinstance(last, dict) and last else None
+
+    @property
+    def latest_eval(self) -> dict[str, Any] | None:
+        return self.evals[-1] if self.evals else None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    records = []
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            # The last line of a run that was killed mid-write may be cut; earlier ones may not.
+            if number == len(lines):
+                continue
+            raise UserError(f"{path}:{number} is not valid JSON; the metrics file is damaged") from None
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _read_state(ckpt: Path) -> dict[str, Any] | None:
+    path = ckpt / "trainer_state.json"
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"'{path}' is not valid JSON; the checkpoint is damaged") from None
+    return state if isinstance(state, dict) else None
+
+
+def load_records(path: str | Path) -> RunRecords:
+    """Records of a run directory (its metrics.jsonl) or of a checkpoint (plus its run's history)."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"'{path}' does not exist; pass a run directory or a checkpoint directory")
+    metrics: Path | None = p / "metrics.jsonl" if (p / "metrics.jsonl").is_file() else None
+    out = RunRecords()
+    limit: int | None = None
+    try:
+        out.checkpoint = resolve_checkpoint(p)
+    except UserError:
+        if metrics is None:
+            raise UserError(f"'{path}' holds neither metrics.jsonl nor a moe_lm checkpoint") from None
+    if out.checkpoint is not None:
+        out.trainer_state = _read_state(out.checkpoint)
+        if metrics is None:  # RUN/checkpoints/step-N -> RUN/metrics.jsonl
+            candidate = out.checkpoint.parent.parent / "metrics.jsonl"
+            metrics = candidate if candidate.is_file() else None
+            limit = (out.trainer_state or {}).get("step")
+    if metrics is not None:
+        records = _read_jsonl(metrics)
+        if isinstance(limit, int):  # the run may have gone on after this checkpoint
+            records = [r for r in records if int(r.get("step", 0)) <= limit]
+        out.train = [r for r in records if r.get("kind", "train") == "train" and r.get("expert_load")]
+        out.evals = [r for r in records if r.get("kind") == "eval" and r.get("val_loss") is not None]
+    return out
+
+
+def layer_labels(num_rows: int, moe_layers: list[int] | None) -> list[str]:
+    if moe_layers is not None and len(moe_layers) == num_rows:
+        return [f"layer {i}" for i in moe_layers]
+    return [f"MoE {i}" for i in range(num_rows)]
+
+
+def plot_latest(load_LE: list[list[float]], out: Path, title: str, moe_layers: list[int] | None = None) -> Path:
+    """Heatmap, MoE layers x experts, of token fractions; the colour scale is centred on 1/E."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    load = np.asarray(load_LE, dtype=float)
+    num_layers, num_experts = load.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * num_experts + 2), max(2.5, 0.4 * num_layers + 1.5)))
+    # Balanced is 1/E; a symmetric scale around it shows over- and under-used experts alike.
+    balanced = 1.0 / num_experts
+    spread = max(float(np.abs(load - balanced).max()), 1e-6)
+    im = ax.imshow(load, aspect="auto", cmap="RdBu_r", vmin=balanced - spread, vmax=balanced + spread)
+    ax.set_xlabel("expert")
+    ax.set_xticks(range(num_experts))
+    ax.set_yticks(range(num_layers))
+    ax.set_yticklabels(layer_labels(num_layers, moe_layers))
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label=f"token fraction (balanced = {balanced:.3g})")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_over_time(train: list[dict[str, Any]], out: Path, moe_layers: list[int] | None = None) -> Path:
+    """One heatmap per MoE layer: experts x logged steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    steps = [int(r.get("step", i)) for i, r in enumerate(train)]
+    load_SLE = np.asarray([r["expert_load"] for r in train], dtype=float)
+    _, num_layers, num_experts = load_SLE.shape
+    labels = layer_labels(num_layers, moe_layers)
+    fig, axes = plt.subplots(num_layers, 1, figsize=(8, 1.2 + 0.25 * num_experts * num_layers), squeeze=False)
+    balanced = 1.0 / num_experts
+    spread = max(float(np.abs(load_SLE - balanced).max()), 1e-6)
+    for layer, ax in enumerate(axes[:, 0]):
+        im = ax.imshow(
+            load_SLE[:, layer, :].T, aspect="auto", cmap="RdBu_r", vmin=balanced - spread, vmax=balanced + spread,
+            extent=(steps[0] - 0.5, steps[-1] + 0.5, num_experts - 0.5, -0.5), interpolation="nearest",
+        )
+        ax.set_ylabel(f"{labels[layer]}\nexpert")
+    axes[-1, 0].set_xlabel("step")
+    fig.colorbar(im, ax=axes[:, 0].tolist(), label="token fraction")
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def load_table(load_LE: list[list[float]], moe_layers: list[int] | None = None) -> str:
+    """Markdown table: one row per MoE layer, each expert's share in percent, and max/mean."""
+    num_experts = len(load_LE[0])
+    head = "| layer | " + " | ".join(f"e{e}" for e in range(num_experts)) + " | max/mean |"
+    rule = "|---" * (num_experts + 2) + "|"
+    rows = [head, rule]
+    for label, row in zip(layer_labels(len(load_LE), moe_layers), load_LE):
+        mean = sum(row) / len(row) if row else 0.0
+        ratio = max(row) / mean if mean > 0 else float("nan")
+        rows.append(f"| {label} | " + " | ".join(f"{100 * v:.1f}%" for v in row) + f" | {ratio:.2f} |")
+    return "\n".join(rows)
+
+
+def write_stats(path: str | Path, out_dir: str | Path, moe_layers: list[int] | None = None) -> list[Path]:
+    """Heatmaps of the latest record and of load over time (when there is a history) into out_dir."""
+    records = load_records(path)
+    latest = records.latest
+    if latest is None or not latest.get("expert_load"):
+        raise UserError(f"'{path}' has no train record with expert_load yet; train for a logging step first")
+    if moe_layers is None and records.checkpoint is not None:
+        moe_layers = _moe_layers(records.checkpoint)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    step = latest.get("step", "?")
+    written = [plot_latest(latest["expert_load"], out / LATEST_PNG, f"expert load at step {step}", moe_layers)]
+    if len(records.train) > 1:
+        written.append(plot_over_time(records.train, out / OVER_TIME_PNG, moe_layers))
+    return written
+
+
+def _moe_layers(checkpoint: Path) -> list[int] | None:
+    from moe_lm.config import load_config
+
+    try:
+        return load_config(checkpoint / "config.yaml").model.moe_layer_indices
+    except UserError:
+        return None

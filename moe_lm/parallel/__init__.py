@@ -1,0 +1,1 @@
+"""Everything that knows about processes: meshes, expert-parallel dispatch, DDP/DeepSpeed plumbing."""

@@ -1,0 +1,233 @@
+"""Checkpoints: one directory per step, written under a temp name and renamed (atomic), with a manifest.
+
+Layout of `RUN/checkpoints/step-N/`:
+  config.yaml                       the resolved run config
+  model-ep{r}-of-{n}.safetensors    weights, experts keyed by global index (see weights.py)
+  optim-ep{r}-of-{n}.pt             optimizer + scheduler state of the parameters that file's rank held
+  rank{r}.pt                        per-rank RNG states and data-loader position
+  trainer_state.json                step, tokens, last metrics
+  MANIFEST.json                     size and sha256 of every file above; written last
+`RUN/checkpoints/latest` names the newest complete checkpoint. A directory without a valid manifest
+is never picked: `find_latest` falls back to the previous complete one and says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from moe_lm.config import Config, load_config
+from moe_lm.errors import UserError
+
+MANIFEST = "MANIFEST.json"
+TMP_PREFIX = ".tmp-"
+
+
+class StateBackend(Protocol):
+    rank: int
+    world_size: int
+    is_main: bool
+
+    def save_state(self, directory: Path) -> None: ...
+    def load_state(self, directory: Path, weights_only: bool = False) -> None: ...
+    def barrier(self) -> None: ...
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(directory: Path) -> None:
+    files = {}
+    for f in sorted(directory.iterdir()):
+        if f.is_file() and f.name != MANIFEST:
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+            files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def verify(directory: Path) -> str | None:
+    """None if the checkpoint is complete and intact, else what is wrong with it."""
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        return "no MANIFEST.json (the write did not finish)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError):
+        return "MANIFEST.json is unreadable"
+    for name, meta in files.items():
+        f = directory / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != meta["size"]:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {meta['size']} (truncated)"
+        if _sha256(f) != meta["sha256"]:
+            return f"{name} does not match its checksum (corrupted)"
+    return None
+
+
+def step_dirs(ckpt_root: Path) -> list[Path]:
+    """step-N directories, newest first."""
+    if not ckpt_root.is_dir():
+        return []
+    found = [p for p in ckpt_root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+def find_latest(ckpt_root: Path, warn: bool = True) -> Path | None:
+    """Newest complete checkpoint; damaged newer ones are skipped with a message."""
+    for candidate in step_dirs(ckpt_root):
+        problem = verify(candidate)
+        if problem is None:
+            return candidate
+        if warn:
+            print(f"warning: skipping checkpoint {candidate}: {problem}; falling back to an earlier one", file=sys.stderr)
+    return None
+
+
+def resolve_resume(spec: str, run_dir: Path) -> Path:
+    """`latest` (in this run's directory) or an explicit checkpoint path -> a verified checkpoint dir."""
+    if spec == "latest":
+        found = find_latest(run_dir / "checkpoints")
+        if found is None:
+            raise UserError(
+                f"train.resume=latest but {run_dir / 'checkpoints'} holds no complete checkpoint; "
+                "start without train.resume or point it at a checkpoint directory"
+            )
+        return found
+    path = Path(spec)
+    if (path / "checkpoints").is_dir():
+        return resolve_resume("latest", path)
+    if not path.is_dir():
+        raise UserError(f"train.resume={spec}: no such checkpoint directory; use latest or a checkpoints/step-N path")
+    problem = verify(path)
+    if problem is not None:
+        raise UserError(f"checkpoint {path} is not usable: {problem}; resume from an earlier one")
+    return path
+
+
+def clean_temp(ckpt_root: Path) -> None:
+    """Leftovers of a write that was killed: never complete, safe to delete."""
+    if ckpt_root.is_dir():
+        for tmp in ckpt_root.glob(TMP_PREFIX + "*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    cfg: Config,
+    backend: StateBackend,
+    step: int,
+    rank_state: dict[str, Any],
+    trainer_state: dict[str, Any],
+) -> Path:
+    """Every rank calls this. Returns the final directory. keep-last-N pruning happens here too."""
+    root = cfg.output_dir / "checkpoints"
+    final = root / f"step-{step}"
+    tmp = root / f"{TMP_PREFIX}step-{step}"
+    if backend.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    backend.barrier()
+    backend.save_state(tmp)
+    torch.save({**rank_state, "rng": rng_state()}, tmp / f"rank{backend.rank}.pt")
+    backend.barrier()
+    if backend.is_main:
+        (tmp / "config.yaml").write_text(cfg.to_yaml())
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        write_manifest(tmp)
+        if final.exists():  # a re-run of the same step (e.g. after a crash right after the rename)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        pointer = root / ".latest.tmp"
+        pointer.write_text(final.name)
+        os.replace(pointer, root / "latest")
+        _prune(root, cfg.checkpoint.keep_last)
+    backend.barrier()
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    complete = [d for d in step_dirs(root) if (d / MANIFEST).is_file()]
+    for old in complete[keep_last:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# Model fields that may change on resume without changing the weights' shapes or meaning.
+_RESUMABLE_MODEL_FIELDS = {
+    "aux_loss_coef", "z_loss_coef", "router_jitter", "capacity_factor", "experts_impl",
+    "aux_free_update_rate", "max_seq_len", "init_std",
+}
+
+
+def check_compatible(ckpt_cfg: Config, cfg: Config, where: Path) -> None:
+    """Refuse a resume whose config changes the model's shape."""
+    old, new = ckpt_cfg.model.__dict__, cfg.model.__dict__
+    changed = [k for k in old if k not in _RESUMABLE_MODEL_FIELDS and old[k] != new[k]]
+    if changed:
+        k = changed[0]
+        raise UserError(
+            f"checkpoint {where} has model.{k} = {old[k]!r} but the config says {new[k]!r}; a resume cannot change "
+            f"the model's shape — restore model.{k} or start a new run (train.init_from cannot reshape either)"
+        )
+
+
+def load_checkpoint(cfg: Config, backend: StateBackend, path: Path, weights_only: bool = False) -> dict[str, Any]:
+    """Restore model (+ optimizer, scheduler, RNG unless weights_only); returns the rank/trainer state."""
+    ckpt_cfg = load_config(path / "config.yaml")
+    check_compatible(ckpt_cfg, cfg, path)
+    backend.load_state(path, weights_only=weights_only)
+    if weights_only:
+        return {}
+    trainer_state = json.loads((path / "trainer_state.json").read_text())
+    rank_file = path / f"rank{backend.rank}.pt"
+    rank_state: dict[str, Any] = {}
+    if rank_file.is_file():
+        rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+        # RNG streams only continue exactly on the same topology; elsewhere they start from the seed.
+        if rank_state.get("world_size") == backend.world_size:
+            set_rng_state(rank_state["rng"])
+    return {"trainer": trainer_state, "rank": rank_state}

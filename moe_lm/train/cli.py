@@ -1,0 +1,87 @@
+"""`moe-lm train`, `moe-lm eval` and `moe-lm generate`."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from moe_lm.config import load_config
+
+
+def train_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="moe-lm train", description="Pretrain from a YAML config.")
+    parser.add_argument("config", help="YAML run config, e.g. configs/tiny-shakespeare.yaml")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=100")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    from moe_lm.train.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        summary = trainer.fit()
+    finally:
+        trainer.backend.shutdown()
+    if trainer.backend.is_main:
+        print(f"done: step {summary['step']}, {summary['tokens']} tokens"
+              + (f", val_loss {summary['val_loss']:.4f}" if "val_loss" in summary else ""))
+    return 0
+
+
+def _load(path: str, device: str) -> tuple:
+    from moe_lm.data.tokenizer import Tokenizer
+    from moe_lm.train.weights import load_pretrained
+
+    cfg, model = load_pretrained(path, device)
+    model.eval()
+    return cfg, model, Tokenizer.load(cfg.data.tokenizer)
+
+
+def eval_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="moe-lm eval", description="Validation loss and perplexity.")
+    parser.add_argument("checkpoint", help="a checkpoint directory or a run directory (its latest)")
+    parser.add_argument("--data", nargs="+", help="text/JSON/parquet files to evaluate on (default: the run's val split)")
+    parser.add_argument("--max-batches", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    from moe_lm.data.dataset import load_blocks
+    from moe_lm.data.loader import eval_batches
+
+    cfg, model, tokenizer = _load(args.checkpoint, args.device)
+    split = "val"
+    if args.data:
+        cfg = cfg.replace(data=cfg.data.__class__(**{**cfg.data.__dict__, "val_files": list(args.data)}))
+    blocks = load_blocks(cfg, tokenizer, split)
+    total_loss, total_tokens = 0.0, 0
+    with torch.no_grad():
+        for input_ids, labels in eval_batches(blocks, args.batch_size or cfg.train.micro_batch_size,
+                                              max_batches=args.max_batches):
+            out = model(input_ids.to(args.device), labels=labels.to(args.device))
+            assert out.lm_loss is not None
+            total_loss += float(out.lm_loss) * labels.numel()
+            total_tokens += labels.numel()
+    loss = total_loss / total_tokens
+    print(f"val_loss {loss:.4f}  val_ppl {math.exp(loss):.3f}  tokens {total_tokens}")
+    return 0
+
+
+def generate_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="moe-lm generate", description="Sample text with a KV cache.")
+    parser.add_argument("checkpoint", help="a checkpoint directory or a run directory (its latest)")
+    parser.add_argument("--prompt", default="")
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    _, model, tokenizer = _load(args.checkpoint, args.device)
+    prompt = tokenizer.encode(args.prompt) or [tokenizer.bos_id]
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    ids = torch.tensor([prompt], device=args.device)
+    out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         eos_id=tokenizer.eos_id, generator=gen)
+    print(tokenizer.decode(out[0].tolist()))
+    return 0

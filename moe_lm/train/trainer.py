@@ -1,0 +1,276 @@
+"""The training loop. It only loops: processes, checkpoints, metrics and data live in their own modules.
+
+One optimizer step = grad_accum_steps micro-batches on every data-parallel rank. The loss of a
+micro-batch is lm + aux_coef * mean_layers(aux) + z_coef * mean_layers(z), divided by the number of
+micro-batches so gradients are means over the global batch.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+
+from moe_lm.config import Config
+from moe_lm.data.dataset import load_blocks
+from moe_lm.data.loader import ResumableLoader, eval_batches
+from moe_lm.data.tokenizer import Tokenizer, check_vocab, ensure_tokenizer
+from moe_lm.model import MoETransformer
+from moe_lm.model.params import count_params
+from moe_lm.train import checkpoint as ckpt
+from moe_lm.train.metrics import MetricsLogger, NullLogger, flops_per_token, peak_flops, router_metrics
+from moe_lm.train.optim import apply_freeze, lr_lambda, optimizer_factory, param_groups
+from moe_lm.train.rundir import prepare_run_dir
+
+
+class StopRequested:
+    """SIGTERM / SIGINT (preemption, Ctrl-C) asks for a checkpoint at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequested:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    def __init__(self, cfg: Config) -> None:
+        from moe_lm.parallel.backend import Backend
+
+        self.cfg = cfg
+        self.backend = Backend(cfg)
+        b = self.backend
+        resumed_from = prepare_run_dir(cfg, b.is_main)
+        b.barrier()
+
+        if b.is_main:
+            ensure_tokenizer(cfg)
+        b.barrier()
+        self.tokenizer = Tokenizer.load(cfg.data.tokenizer)
+        check_vocab(self.tokenizer, cfg.model.vocab_size)
+        self.train_blocks = load_blocks(cfg, self.tokenizer, "train", is_main=b.is_main, barrier=b.barrier)
+        self.val_blocks = load_blocks(cfg, self.tokenizer, "val", is_main=b.is_main, barrier=b.barrier)
+
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        model = MoETransformer(cfg.model)
+        model.activation_checkpointing = cfg.train.activation_checkpointing
+        self.counts = count_params(cfg.model)
+        if hasattr(b, "parallelize"):
+            b.parallelize(model)
+        apply_freeze(model, cfg.train.freeze)
+        b.prepare(model, param_groups(model, cfg.optim.weight_decay), optimizer_factory(cfg.optim),
+                  lr_lambda(cfg.optim, cfg.train))
+        if cfg.train.compile:
+            b.model = torch.compile(b.model)  # type: ignore[assignment]
+        torch.manual_seed(cfg.train.seed + b.rank)  # per-rank streams (router jitter)
+
+        self.loader = ResumableLoader(self.train_blocks, cfg.train.micro_batch_size, b.dp_rank, b.dp_size,
+                                      cfg.train.seed)
+        self.step, self.tokens = 0, 0
+        self.records: list[dict[str, Any]] = []
+        if cfg.train.init_from:
+            init = ckpt.resolve_resume(cfg.train.init_from, cfg.output_dir)
+            ckpt.load_checkpoint(cfg, b, init, weights_only=True)
+        if resumed_from is not None:
+            state = ckpt.load_checkpoint(cfg, b, resumed_from)
+            self.step = state["trainer"]["step"]
+            self.tokens = state["trainer"]["tokens"]
+            if "loader" in state["rank"]:
+                self.loader.load_state_dict(state["rank"]["loader"])
+        self.resumed_from = resumed_from
+        self.tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps * b.dp_size
+        self.flops_per_step = flops_per_token(cfg, int(self.counts["active_params"])) * self.tokens_per_step  # type: ignore[call-overload]
+        self.peak = peak_flops(cfg, b.device)
+        self.log = MetricsLogger(cfg, self.step, resumed_from is not None) if b.is_main else NullLogger()
+        self.nonfinite_in_row = 0
+        self.collapse_streak = 0
+
+    # ---- one optimizer step -------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, Any]:
+        b, cfg = self.backend, self.cfg
+        b.model.train()
+        accum = cfg.train.grad_accum_steps
+        sums: dict[str, torch.Tensor] = {}
+        counts_LE: torch.Tensor | None = None
+        dropped_L: torch.Tensor | None = None
+        for micro in range(accum):
+            input_ids, labels = self.loader.next_batch()
+            input_ids, labels = input_ids.to(b.device), labels.to(b.device)
+            with b.accumulate(sync=micro == accum - 1), b.autocast():
+                out = b.model(input_ids, labels=labels)
+                b.backward(out.loss / accum)
+            for key in ("loss", "lm_loss", "aux_loss", "hf_aux_loss", "z_loss"):
+                value = getattr(out, key)
+                if value is not None:
+                    sums[key] = sums.get(key, 0) + value.detach().float() / accum
+            if out.expert_counts_LE is not None and out.dropped_L is not None:
+                counts_LE = out.expert_counts_LE if counts_LE is None else counts_LE + out.expert_counts_LE
+                dropped_L = out.dropped_L if dropped_L is None else dropped_L + out.dropped_L
+        grad_norm, stepped = b.step(cfg.optim.grad_clip)
+        if counts_LE is not None and cfg.model.aux_free_bias:
+            # Every rank applies the same update from the global load, so biases stay identical.
+            b.raw_model.update_expert_bias(b.all_reduce(counts_LE.float(), "sum"))
+        return {"sums": sums, "counts_LE": counts_LE, "dropped_L": dropped_L, "grad_norm": grad_norm,
+                "stepped": stepped}
+
+    def _guard(self, result: dict[str, Any]) -> None:
+        """Non-finite loss or gradient: the update was skipped; too many in a row stops the run."""
+        loss = result["sums"].get("loss")
+        finite = result["stepped"] and (loss is None or bool(torch.isfinite(loss)))
+        if finite:
+            self.nonfinite_in_row = 0
+            return
+        self.nonfinite_in_row += 1
+        self.log.message(f"warning: step {self.step}: non-finite loss or gradient norm; update skipped")
+        if self.nonfinite_in_row >= self.cfg.train.max_nonfinite_steps:
+            from moe_lm.errors import UserError
+
+            latest = ckpt.find_latest(self.cfg.output_dir / "checkpoints", warn=False)
+            raise UserError(
+                f"training diverged: {self.nonfinite_in_row} non-finite steps in a row ending at step {self.step}; "
+                f"last good checkpoint: {latest or 'none'}; lower optim.lr or raise optim.warmup_steps and resume"
+            )
+
+    def _record(self, result: dict[str, Any], elapsed: float) -> dict[str, Any]:
+        b = self.backend
+        sums = {k: float(b.all_reduce(v.reshape(1), "mean")) for k, v in result["sums"].items()}
+        record: dict[str, Any] = {"kind": "train", "step": self.step, "tokens": self.tokens, **sums,
+                                  "lr": self.backend.scheduler.get_last_lr()[0], "grad_norm": result["grad_norm"],
+                                  "tokens_per_s": self.tokens_per_step / elapsed,
+                                  "mfu": self.flops_per_step / elapsed / self.peak}
+        if result["counts_LE"] is not None:
+            counts = b.all_reduce(result["counts_LE"].float(), "sum")
+            dropped = b.all_reduce(result["dropped_L"].float(), "sum")
+            record.update(router_metrics(counts, dropped, self.cfg.model.top_k))
+        record.update(b.extra_metrics())
+        return record
+
+    def _check_collapse(self, record: dict[str, Any]) -> None:
+        worst = max(record.get("imbalance", [0.0]))
+        self.collapse_streak = self.collapse_streak + 1 if worst > self.cfg.train.collapse_ratio else 0
+        if self.collapse_streak == self.cfg.train.collapse_patience:
+            self.log.message(
+                f"warning: router collapse? an expert has had > {self.cfg.train.collapse_ratio}x the mean load "
+                f"for {self.collapse_streak} logging steps (imbalance {worst:.2f} at step {self.step}); "
+                "consider raising model.aux_loss_coef"
+            )
+
+    # ---- evaluation, samples, checkpoints -----------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        b, cfg = self.backend, self.cfg
+        model = b.raw_model
+        model.eval()
+        total = torch.zeros(2, device=b.device)
+        for input_ids, labels in eval_batches(self.val_blocks, cfg.train.micro_batch_size, b.dp_rank, b.dp_size,
+                                              cfg.train.eval_batches):
+            with b.autocast():
+                out = model(input_ids.to(b.device), labels=labels.to(b.device))
+            assert out.lm_loss is not None
+            total += torch.stack([out.lm_loss.float() * labels.numel(), torch.tensor(float(labels.numel()))])
+        total = b.all_reduce(total, "sum")
+        val_loss = float(total[0] / total[1])
+        model.train()
+        return {"kind": "eval", "step": self.step, "tokens": self.tokens, "val_loss": val_loss,
+                "val_ppl": math.exp(min(val_loss, 50.0))}
+
+    @torch.no_grad()
+    def sample(self) -> str:
+        cfg, b = self.cfg, self.backend
+        prompt = self.tokenizer.encode(cfg.train.sample_prompt) or [self.tokenizer.bos_id]
+        # A generator of its own: sampling must not move the training RNG (exact resume).
+        gen = torch.Generator(device=b.device).manual_seed(cfg.train.seed + self.step)
+        ids = torch.tensor([prompt], device=b.device)
+        with b.autocast():
+            out = b.raw_model.generate(ids, cfg.train.sample_tokens, temperature=0.8, top_k=50, generator=gen)
+        return self.tokenizer.decode(out[0].tolist())
+
+    def save(self) -> Path:
+        last = self.records[-1] if self.records else {}
+        trainer_state = {"step": self.step, "tokens": self.tokens, "world_size": self.backend.world_size,
+                         "last_metrics": last, "val_loss": getattr(self, "last_val_loss", None)}
+        rank_state = {"loader": self.loader.state_dict(), "world_size": self.backend.world_size}
+        path = ckpt.save_checkpoint(self.cfg, self.backend, self.step, rank_state, trainer_state)
+        self.log.message(f"saved checkpoint {path}")
+        return path
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def _done(self) -> bool:
+        t = self.cfg.train
+        return self.step >= t.max_steps or (t.max_tokens is not None and self.tokens >= t.max_tokens)
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if self.resumed_from is not None:
+            self.log.message(f"resumed from {self.resumed_from} at step {self.step}")
+        saved_at = self.step if self.resumed_from is not None else -1
+        with StopRequested() as stop:
+            while not self._done():
+                start = time.perf_counter()
+                result = self.train_step()
+                self.step += 1
+                self.tokens += self.tokens_per_step
+                self._guard(result)
+                if self.step % cfg.logging.log_every == 0 or self.step == 1:
+                    record = self._record(result, time.perf_counter() - start)
+                    self.records.append(record)
+                    self.log.log(record)
+                    self._check_collapse(record)
+                    self.log.progress(self.step, {"loss": f"{record['loss']:.3f}",
+                                                  "aux": f"{record.get('aux_loss', 0):.3f}",
+                                                  "tok/s": f"{record['tokens_per_s']:.0f}"})
+                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and not self._done():
+                    self._eval_and_log()
+                if cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
+                    self._sample_and_log()
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                    self.save()
+                    saved_at = self.step
+                if stop.requested or (cfg.train.stop_at_step and self.step >= cfg.train.stop_at_step):
+                    if stop.requested:
+                        self.log.message(f"stop requested: saving a checkpoint at step {self.step} and exiting")
+                    break
+        finished = self._done()
+        summary: dict[str, Any] = {"step": self.step, "tokens": self.tokens}
+        if finished:
+            summary.update(self._eval_and_log())
+            summary["sample"] = self._sample_and_log()
+        if saved_at != self.step:
+            summary["checkpoint"] = str(self.save())
+        if finished and cfg.hub.push_at_end and self.backend.is_main:
+            from moe_lm.hf.hub import push_at_end
+
+            push_at_end(cfg, ckpt.find_latest(cfg.output_dir / "checkpoints"))
+        self.log.close()
+        return summary
+
+    def _eval_and_log(self) -> dict[str, Any]:
+        record = self.evaluate()
+        self.last_val_loss = record["val_loss"]
+        self.log.log(record)
+        self.log.message(f"step {self.step}: val_loss {record['val_loss']:.4f}  val_ppl {record['val_ppl']:.2f}")
+        return record
+
+    def _sample_and_log(self) -> str:
+        text = self.sample()
+        self.log.log({"kind": "sample", "step": self.step, "tokens": self.tokens, "text": text})
+        self.log.message(f"--- sample at step {self.step} ---\n{text}\n---")
+        return text

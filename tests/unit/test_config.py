@@ -1,0 +1,218 @@
+"""The strict config loader: defaults, YAML + overrides, coercion, one-line errors, round-trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moe_lm.config import Config, ModelConfig, config_from_dict, load_config, parse_overrides
+from moe_lm.errors import ConfigError, UserError
+
+TINY_YAML = """\
+name: unit
+model:
+  vocab_size: 256
+  hidden_size: 64
+  intermediate_size: 96
+  num_layers: 2
+  num_heads: 4
+  num_kv_heads: 2
+  max_seq_len: 128
+  num_experts: 4
+  top_k: 2
+data:
+  seq_len: 64
+"""
+
+
+@pytest.fixture
+def tiny_yaml(tmp_path: Path) -> Path:
+    path = tmp_path / "unit.yaml"
+    path.write_text(TINY_YAML)
+    return path
+
+
+def _error(data: dict | None = None, overrides: list[str] | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(data or {}, overrides)
+    message = str(info.value)
+    assert "\n" not in message  # one line, always
+    return message
+
+
+def test_defaults_load() -> None:
+    cfg = config_from_dict({})
+    assert cfg == Config()
+    assert cfg.model.num_experts == 8 and cfg.model.top_k == 2 and cfg.model.capacity_factor is None
+    assert cfg.model.resolved_head_dim == 4096 // 32
+    assert cfg.output_dir == Path("runs/run")
+    assert issubclass(ConfigError, UserError)  # the CLI turns it into exit code 2
+
+
+def test_yaml_and_overrides(tiny_yaml: Path) -> None:
+    cfg = load_config(tiny_yaml, ["train.max_steps=5", "optim.lr=1e-3", "model.capacity_factor=1.5"])
+    assert cfg.name == "unit" and cfg.model.hidden_size == 64 and cfg.data.seq_len == 64
+    assert cfg.train.max_steps == 5
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
+    assert cfg.model.capacity_factor == 1.5
+    assert cfg.train.micro_batch_size == Config().train.micro_batch_size  # untouched keys keep defaults
+
+
+def test_name_defaults_to_file_stem(tmp_path: Path) -> None:
+    path = tmp_path / "my-run.yaml"
+    path.write_text("train:\n  max_steps: 3\n")
+    assert load_config(path).name == "my-run"
+
+
+def test_override_lists_and_null(tiny_yaml: Path) -> None:
+    cfg = load_config(tiny_yaml, ["data.train_files=[a.txt, b.txt]", "data.val_files=c.txt",
+                                  "train.output_dir=null", "model.capacity_factor=null", "train.resume="])
+    assert cfg.data.train_files == ["a.txt", "b.txt"]
+    assert cfg.data.val_files == ["c.txt"]  # a scalar where a list is expected becomes a list of one
+    assert cfg.train.output_dir is None and cfg.model.capacity_factor is None and cfg.train.resume is None
+    cfg = load_config(tiny_yaml, ["train.output_dir=runs/x", "model.capacity_factor=2"])
+    assert cfg.train.output_dir == "runs/x" and cfg.model.capacity_factor == 2.0
+
+
+def test_override_value_with_equals_sign(tiny_yaml: Path) -> None:
+    assert load_config(tiny_yaml, ["train.sample_prompt=a=b"]).train.sample_prompt == "a=b"
+    assert parse_overrides(["x.y=1", "x.z=true", "x.w=[1, 2]"]) == [("x.y", 1), ("x.z", True), ("x.w", [1, 2])]
+
+
+def test_int_to_float_coercion() -> None:
+    cfg = config_from_dict({"model": {"rope_theta": 10000, "capacity_factor": 1}, "optim": {"lr": 1}})
+    assert type(cfg.model.rope_theta) is float and cfg.model.rope_theta == 10000.0
+    assert type(cfg.model.capacity_factor) is float and type(cfg.optim.lr) is float
+    # PyYAML (YAML 1.1) reads "3e-4" (no dot) as a string; the loader still gets a number.
+    cfg = config_from_dict(yaml.safe_load("optim:\n  lr: 3e-4\n"))
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    # integral floats are accepted for ints (1e3 steps), fractional ones are not
+    assert config_from_dict({"train": {"max_steps": 1000.0}}).train.max_steps == 1000
+
+
+@pytest.mark.parametrize(
+    ("data", "overrides", "expected"),
+    [
+        ({"model": {"num_expert": 4}}, None, "did you mean 'model.num_experts'"),
+        ({"modle": {}}, None, "did you mean 'model'"),
+        ({}, ["optim.learning_rat=1"], "unknown config key 'optim.learning_rat'"),
+        ({}, ["trian.max_steps=1"], "did you mean 'train'"),
+        ({"name": "x"}, ["name.sub=1"], "'name' is not a section"),
+    ],
+)
+def test_unknown_key_suggests(data: dict, overrides: list[str] | None, expected: str) -> None:
+    assert expected in _error(data, overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["train.max_steps=abc"], "train.max_steps"),
+        (["train.max_steps=2.5"], "train.max_steps"),
+        (["model.tie_embeddings=1"], "model.tie_embeddings"),  # bools are strict: 1 is not true
+        (["model.num_experts=true"], "model.num_experts"),  # and true is not 1
+        (["optim.lr=fast"], "optim.lr"),
+        (["optim.schedule=cosin"], "optim.schedule"),  # not one of the literals
+        (["data.train_files={a: 1}"], "data.train_files"),
+        (["model=5"], "model: expected a mapping"),
+    ],
+)
+def test_wrong_type_names_key(overrides: list[str], key: str) -> None:
+    assert key in _error({}, overrides)
+
+
+def test_bad_override_syntax() -> None:
+    assert "key.sub=value" in _error({}, ["train.max_steps"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["model.top_k=9"], "model.top_k"),  # 8 experts by default
+        (["model.hidden_size=100", "model.num_heads=6"], "model.num_heads"),
+        (["model.num_heads=4", "model.num_kv_heads=3"], "model.num_kv_heads"),
+        (["parallel.ep_size=3"], "parallel.ep_size"),
+        (["parallel.ep_size=0"], "parallel.ep_size"),
+        (["model.hidden_size=0"], "model.hidden_size"),
+        (["model.num_layers=-1"], "model.num_layers"),
+        (["model.num_experts=0", "model.top_k=0"], "model.num_experts"),
+        (["data.seq_len=0"], "data.seq_len"),
+        (["train.micro_batch_size=-4"], "train.micro_batch_size"),
+        (["optim.lr=0"], "optim.lr"),
+        (["model.capacity_factor=0"], "model.capacity_factor"),
+        (["model.num_shared_experts=-1"], "model.num_shared_experts"),
+        (["parallel.backend=deepspeed", "parallel.zero_stage=3", "parallel.ep_size=2"], "zero_stage = 3"),
+        (["parallel.zero_stage=1"], "parallel.backend"),  # ZeRO needs DeepSpeed
+        (["data.seq_len=8192"], "model.max_seq_len"),  # default max_seq_len 4096
+        (["train.resume=latest", "train.init_from=runs/x/ckpt"], "train.init_from"),
+        (["model.router_jitter=1.5"], "model.router_jitter"),
+        (["optim.beta2=1.0"], "optim.beta2"),
+        (["data.train_files=[]"], "data.train_files"),
+        (["hub.push_at_end=true"], "hub.repo_id"),
+    ],
+)
+def test_impossible_combinations(overrides: list[str], expected: str) -> None:
+    assert expected in _error({}, overrides)
+
+
+def test_possible_neighbours_of_impossible_combinations() -> None:
+    # The boundaries are exact: these are allowed.
+    cfg = config_from_dict({}, ["model.top_k=8", "parallel.ep_size=8", "data.seq_len=4096",
+                                "parallel.backend=deepspeed", "parallel.zero_stage=3", "parallel.ep_size=1"])
+    assert cfg.model.top_k == 8 and cfg.parallel.zero_stage == 3
+    cfg = config_from_dict({}, ["model.hidden_size=100", "model.num_heads=6", "model.num_kv_heads=3",
+                                "model.head_dim=16"])
+    assert cfg.model.resolved_head_dim == 16  # an explicit head_dim lifts the divisibility rule
+    assert config_from_dict({}, ["parallel.backend=deepspeed", "parallel.zero_stage=2",
+                                 "parallel.ep_size=4"]).parallel.ep_size == 4
+
+
+def _roundtrip(cfg: Config) -> Config:
+    return config_from_dict(yaml.safe_load(cfg.to_yaml()))
+
+
+def test_resolved_config_round_trips(tiny_yaml: Path) -> None:
+    cfg = load_config(tiny_yaml, [
+        "data.train_files=[a.txt, b.txt]", "model.capacity_factor=1.25", "model.rms_norm_eps=1e-6",
+        "train.output_dir=runs/rt", "optim.schedule=linear", "model.head_dim=32", "train.resume=latest",
+    ])
+    again = _roundtrip(cfg)
+    assert again == cfg and again.to_yaml() == cfg.to_yaml()
+    assert _roundtrip(Config()) == Config()
+    for path in sorted(Path("configs").glob("*.yaml")):
+        shipped = load_config(path)
+        assert _roundtrip(shipped) == shipped, path
+
+
+def test_model_config_helpers() -> None:
+    m = ModelConfig(num_layers=6, moe_layer_freq=2, first_dense_layers=2, moe_intermediate_size=512)
+    # layer i is MoE when i >= first_dense_layers and (i + 1) % freq == 0
+    assert m.moe_layer_indices == [3, 5]
+    assert m.expert_intermediate_size == 512 and ModelConfig().expert_intermediate_size == 14336
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [("model:\n  hidden_size: 64\n bad: 2\n", 3), ("train:\n  max_steps: 3\n\tseed: 1\n", 3),
+     ("name: x\nmodel:\n  hidden_size: 64\n  top_k: [1, 2\n", 5)],
+)
+def test_malformed_yaml_reports_line(tmp_path: Path, text: str, line: int) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"not valid YAML at line {line}\b") as info:
+        load_config(path)
+    assert "\n" not in str(info.value) and "bad.yaml" in str(info.value)
+
+
+def test_missing_file_and_non_mapping(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(path)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_config(empty).model == ModelConfig()  # an empty file is all defaults
