@@ -11,8 +11,8 @@ the tail shorter than a block is dropped. Validation is `data.val_files` packed 
 else the last `data.val_fraction` of the train blocks (at least one).
 
 The packed blocks are cached under `data.cache_dir` keyed by the files (path, size, mtime), the
-tokenizer model bytes, seq_len and the split settings, so a second run reads them without touching
-the text. Only one process builds the cache (see `load_blocks`).
+tokenizer model bytes and seq_len, so a second run reads them without touching the text. Only one
+process builds the cache (see `load_blocks`).
 """
 
 from __future__ import annotations
@@ -160,7 +160,8 @@ def _load_file(path: Path, fmt: str, text_field: str, key: str, cache_dir: Path 
     feature = ds.features[text_field]
     if getattr(feature, "dtype", None) not in ("string", "large_string"):
         raise UserError(
-            f"{key}: field '{text_field}' of '{path}' holds {feature}, not text; set {_setting(key, 'text_field')} to a text field"
+            f"{key}: field '{text_field}' of '{path}' holds {feature}, not text; "
+            f"set {_setting(key, 'text_field')} to a text field"
         )
     ds = ds.select_columns([text_field])
     return ds.rename_column(text_field, "text") if text_field != "text" else ds
@@ -264,25 +265,16 @@ def split_blocks(blocks: np.ndarray, val_fraction: float, seq_len: int) -> tuple
 
 
 # ---------------------------------------------------------------------------------------------
-# The block cache
+# The block cache: one entry per list of files (the train files, or the val files), packed whole;
+# the val_fraction hold-out is sliced off when loading, so changing it needs no re-tokenising.
 
 
-def _file_ids(files: list[Path]) -> list[tuple[str, int, int]]:
-    out = []
-    for p in files:
-        st = p.stat()
-        out.append((str(p.resolve()), st.st_size, st.st_mtime_ns))
-    return out
-
-
-def cache_path(cfg: Config, tokenizer: Tokenizer) -> Path:
-    """The cache directory for this config's data, tokenizer and packing (resolving files may raise)."""
+def cache_path(cfg: Config, tokenizer: Tokenizer, files: list[Path]) -> Path:
+    """The cache entry for the blocks of `files` under this config's tokenizer and packing."""
     d = cfg.data
     material = {
         "version": CACHE_VERSION,
-        "train": _file_ids(resolve_files(d.train_files, "data.train_files")),
-        "val": _file_ids(resolve_files(d.val_files, "data.val_files")) if d.val_files else None,
-        "val_fraction": None if d.val_files else d.val_fraction,
+        "files": [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files],
         "format": d.format,
         "text_field": d.text_field,
         "tokenizer": tokenizer.fingerprint,
@@ -292,43 +284,46 @@ def cache_path(cfg: Config, tokenizer: Tokenizer) -> Path:
     return Path(d.cache_dir) / f"blocks-{key}"
 
 
-def _build(cfg: Config, tokenizer: Tokenizer, out: Path) -> None:
-    d = cfg.data
-    block_len = d.seq_len + 1
-    train_files = resolve_files(d.train_files, "data.train_files")
-    print(f"building data cache {out}: tokenising {len(train_files) + len(d.val_files)} file(s)", flush=True)
-    blocks = pack(
-        tokenize_files(train_files, cfg, tokenizer, "data.train_files"), block_len, "data.train_files"
-    )
-    if d.val_files:
-        val_files = resolve_files(d.val_files, "data.val_files")
-        train = blocks
-        val = pack(tokenize_files(val_files, cfg, tokenizer, "data.val_files"), block_len, "data.val_files")
-    else:
-        train, val = split_blocks(blocks, d.val_fraction, d.seq_len)
-
+def _build(cfg: Config, tokenizer: Tokenizer, files: list[Path], key: str, out: Path) -> None:
+    block_len = cfg.data.seq_len + 1
+    print(f"building data cache {out}: tokenising {len(files)} file(s) of {key}", flush=True)
+    blocks = pack(tokenize_files(files, cfg, tokenizer, key), block_len, key)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        np.save(tmp / "train.npy", np.ascontiguousarray(train))
-        np.save(tmp / "val.npy", np.ascontiguousarray(val))
-        meta = {
-            "train_blocks": len(train),
-            "val_blocks": len(val),
-            "block_len": block_len,
-            "tokenizer": str(tokenizer.path),
-            "train_files": d.train_files,
-            "val_files": d.val_files,
-        }
+        np.save(tmp / "blocks.npy", np.ascontiguousarray(blocks))
+        meta = {"blocks": len(blocks), "block_len": block_len, "tokenizer": str(tokenizer.path)}
+        meta["files"] = [str(p) for p in files]
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         try:
-            tmp.rename(out)  # atomic: readers see the whole cache or none
+            tmp.rename(out)  # atomic: readers see the whole entry or none
         except OSError:
             if not (out / "meta.json").is_file():  # not a concurrent builder that won the race
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"data cache {out}: {len(train)} train / {len(val)} val blocks of {block_len} tokens", flush=True)
+    print(f"data cache {out}: {len(blocks)} blocks of {block_len} tokens", flush=True)
+
+
+def _cached_blocks(
+    cfg: Config,
+    tokenizer: Tokenizer,
+    patterns: list[str],
+    key: str,
+    is_main: bool,
+    barrier: Callable[[], None] | None,
+) -> np.ndarray:
+    files = resolve_files(patterns, key)
+    out = cache_path(cfg, tokenizer, files)
+    try:
+        if is_main and not (out / "meta.json").is_file():
+            _build(cfg, tokenizer, files, key, out)
+    finally:  # reached even when the build fails, so the other processes do not hang
+        if barrier is not None:
+            barrier()
+    if not (out / "meta.json").is_file():
+        raise UserError(f"data cache {out} was not built; see the main process's error above")
+    return np.load(out / "blocks.npy", mmap_mode="r")
 
 
 def load_blocks(
@@ -348,21 +343,21 @@ def load_blocks(
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
-    out = cache_path(cfg, tokenizer)
-    try:
-        if is_main and not (out / "meta.json").is_file():
-            _build(cfg, tokenizer, out)
-    finally:
-        if barrier is not None:
-            barrier()
-    if not (out / "meta.json").is_file():
-        raise UserError(f"data cache {out} was not built; see the main process's error above")
-    blocks = np.load(out / f"{split}.npy")
-    if blocks.shape[0] == 0:
-        raise UserError(
-            "the validation split is empty: data.val_fraction = 0 and no data.val_files; "
-            "set data.val_fraction > 0 or list data.val_files"
+    d = cfg.data
+    if d.val_files:  # two independent entries; the train files are not read for the val split
+        patterns, key = (
+            (d.train_files, "data.train_files") if split == "train" else (d.val_files, "data.val_files")
         )
+        blocks = _cached_blocks(cfg, tokenizer, patterns, key, is_main, barrier)
+    else:
+        if split == "val" and d.val_fraction == 0:
+            raise UserError(
+                "the validation split is empty: data.val_fraction = 0 and no data.val_files; "
+                "set data.val_fraction > 0 or list data.val_files"
+            )
+        every = _cached_blocks(cfg, tokenizer, d.train_files, "data.train_files", is_main, barrier)
+        train, val = split_blocks(every, d.val_fraction, d.seq_len)
+        blocks = train if split == "train" else val
     return torch.from_numpy(blocks.astype(np.int64))
 
 

@@ -102,12 +102,9 @@ class Tokenizer:
             ids = ids.tolist()
         return str(self._sp.decode([int(i) for i in ids]))
 
-    def __getstate__(self) -> dict[str, Any]:
-        # The sentencepiece processor is rebuilt from the bytes, so datasets.map(num_proc>1) can ship it.
-        return {"model_bytes": self.model_bytes, "path": self.path}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["model_bytes"], state["path"])  # type: ignore[misc]
+    def __reduce__(self) -> tuple[type[Tokenizer], tuple[bytes, Path | None]]:
+        # Rebuilt from the model bytes, so datasets.map(num_proc > 1) can ship it to worker processes.
+        return (Tokenizer, (self.model_bytes, self.path))
 
     def __repr__(self) -> str:
         return f"Tokenizer(path={str(self.path)!r}, vocab_size={self.vocab_size})"

@@ -10,8 +10,8 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +33,7 @@ from moe_lm.hf.convert import (
 from moe_lm.hf.model_card import render_model_card
 from moe_lm.hf.stats import LATEST_PNG, load_records, plot_latest
 from moe_lm.model.params import build_meta_model
+from moe_lm.train.checkpoint import write_manifest
 from moe_lm.train.weights import load_model_state, resolve_checkpoint, save_weights
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -144,8 +145,8 @@ def export_checkpoint(
     with staged_dir(out, overwrite, _is_export, "--overwrite") as tmp:
         bos, eos = 1, 2  # moe_lm's sentencepiece convention, used when there is no tokenizer
         if tok_dir is None:
-            warnings.warn(f"no tokenizer at '{cfg.data.tokenizer}': exporting the model without tokenizer files",
-                          stacklevel=2)
+            print(f"warning: no tokenizer at '{cfg.data.tokenizer}' (data.tokenizer); exporting without "
+                  "tokenizer files (pass --tokenizer DIR to include one)", file=sys.stderr)
         else:
             tok = copy_tokenizer(tok_dir, tmp)
             if len(tok) > cfg.model.vocab_size:
@@ -193,8 +194,9 @@ def write_checkpoint(tmp: Path, cfg: Config, state: dict[str, torch.Tensor]) -> 
     check_state(cfg.model, state, "the converted weights")
     (tmp / "config.yaml").write_text(cfg.to_yaml())
     save_weights(tmp, state)
-    trainer_state = {"step": 0, "tokens": 0, "last_metrics": {}, "val_loss": None}
-    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+    trainer_state = {"step": 0, "tokens": 0, "world_size": 1, "last_metrics": {}, "val_loss": None}
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+    write_manifest(tmp)  # train.init_from only accepts a checkpoint whose manifest verifies
 
 
 def _hf_config(path: Path, kinds: tuple[str, ...]) -> Any:

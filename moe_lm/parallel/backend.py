@@ -149,6 +149,10 @@ class Backend:
                 self.optimizer.state[p] = {k: v.to(p.device) if v.dim() else v for k, v in state.items()}
         if scheduler_state is not None:
             self.scheduler.load_state_dict(scheduler_state)
+            # LambdaLR writes the lr into the param groups only when it steps: restore it now, or the
+            # first step after a resume would run at the initial lr.
+            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+                group["lr"] = lr
 
     def shutdown(self) -> None:
         self.accelerator.end_training()

@@ -64,7 +64,8 @@ class Trainer:
         self.tokenizer = Tokenizer.load(cfg.data.tokenizer)
         check_vocab(self.tokenizer, cfg.model.vocab_size)
         self.train_blocks = load_blocks(cfg, self.tokenizer, "train", is_main=b.is_main, barrier=b.barrier)
-        self.val_blocks = load_blocks(cfg, self.tokenizer, "val", is_main=b.is_main, barrier=b.barrier)
+        has_val = bool(cfg.data.val_files) or cfg.data.val_fraction > 0
+        self.val_blocks = load_blocks(cfg, self.tokenizer, "val", is_main=b.is_main, barrier=b.barrier) if has_val else None
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = MoETransformer(cfg.model)
@@ -176,6 +177,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
         b, cfg = self.backend, self.cfg
+        assert self.val_blocks is not None
         model = b.raw_model
         model.eval()
         total = torch.zeros(2, device=b.device)
@@ -263,6 +265,8 @@ class Trainer:
         return summary
 
     def _eval_and_log(self) -> dict[str, Any]:
+        if self.val_blocks is None:  # no validation split configured
+            return {}
         record = self.evaluate()
         self.last_val_loss = record["val_loss"]
         self.log.log(record)

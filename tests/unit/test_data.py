@@ -122,6 +122,11 @@ def test_val_split_by_files(tmp_path: Path, tok: Tokenizer) -> None:
     cfg = _cfg(tmp_path, tok, train_files=[str(tmp_path / "a.txt")], val_files=[str(tmp_path / "v.txt")])
     assert torch.equal(load_blocks(cfg, tok, "train"), _blocks(_stream(tok, [a]), 16))  # nothing held out
     assert torch.equal(load_blocks(cfg, tok, "val"), _blocks(_stream(tok, [v]), 16))
+    # the val split does not read the train files (`moe-lm eval --data` works without them)
+    eval_only = _cfg(
+        tmp_path, tok, train_files=[str(tmp_path / "gone.txt")], val_files=[str(tmp_path / "v.txt")]
+    )
+    assert torch.equal(load_blocks(eval_only, tok, "val"), _blocks(_stream(tok, [v]), 16))
 
 
 def _write_bad(tmp_path: Path, case: str) -> tuple[dict[str, Any], str]:
@@ -173,7 +178,7 @@ BAD = {
 def test_bad_input_is_one_line_user_error(tmp_path: Path, tok: Tokenizer, case: str) -> None:
     data, names = _write_bad(tmp_path, case)
     with pytest.raises(UserError, match=BAD[case]) as e:
-        load_blocks(_cfg(tmp_path, tok, **data), tok, "train")
+        load_blocks(_cfg(tmp_path, tok, **data), tok, "val" if case == "val_too_short" else "train")
     assert names in str(e.value) and "\n" not in str(e.value)
     assert not list((tmp_path / "cache").glob("blocks-*"))  # nothing half-built was cached
 
@@ -215,6 +220,11 @@ def test_cache_is_reused_and_invalidated(
     assert torch.equal(load_blocks(cfg, tok, "train"), first)
     assert len(load_blocks(cfg, tok, "val")) > 0
     assert calls == [] and capsys.readouterr().out == ""  # read from the cache, nothing re-tokenised
+    # the hold-out is sliced at load time: another val_fraction reuses the same entry
+    n_all = len(first) + len(load_blocks(cfg, tok, "val"))
+    more_val = _cfg(tmp_path, tok, train_files=[str(path)], val_fraction=0.3)
+    assert torch.equal(load_blocks(more_val, tok, "train"), first[: n_all - round(n_all * 0.3)])
+    assert calls == []
 
     assert len(
         load_blocks(_cfg(tmp_path, tok, train_files=[str(path)], seq_len=7, val_fraction=0.1), tok, "train")

@@ -107,6 +107,13 @@ def test_hf_load_balance_pools_layers() -> None:
     assert hf_load_balance_loss(counts, probs_mean, num_tokens=2).item() == pytest.approx(1.15, abs=1e-6)
 
 
+def _transformers_aux(logits: list[torch.Tensor], num_experts: int, top_k: int) -> torch.Tensor:
+    # transformers annotates the argument as tuple[Tensor] (length one) but takes one per layer.
+    value = load_balancing_loss_func(tuple(logits), num_experts, top_k)  # type: ignore[arg-type]
+    assert isinstance(value, torch.Tensor)
+    return value
+
+
 @pytest.mark.parametrize(("num_layers", "num_experts", "top_k"), [(1, 4, 1), (3, 8, 2), (4, 16, 4)])
 def test_hf_load_balance_matches_transformers(num_layers: int, num_experts: int, top_k: int) -> None:
     tokens, hidden = 32, 16
@@ -119,8 +126,7 @@ def test_hf_load_balance_matches_transformers(num_layers: int, num_experts: int,
         counts.append(torch.bincount(route.topk_idx_TK.reshape(-1), minlength=num_experts))
         probs_mean.append(route.probs_TE.mean(dim=0))
     ours = hf_load_balance_loss(torch.stack(counts), torch.stack(probs_mean), tokens)
-    theirs = load_balancing_loss_func(tuple(logits), num_experts, top_k)
-    assert isinstance(theirs, torch.Tensor)
+    theirs = _transformers_aux(logits, num_experts, top_k)
     torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=1e-6)
 
 
@@ -132,8 +138,8 @@ def test_model_reports_transformers_aux_value() -> None:
     for layer in model.moe_layers:
         layer.router.register_forward_hook(lambda _m, _i, out: captured.append(out.logits_TE))
     out = model(torch.randint(0, cfg.vocab_size, (2, 12)))
-    theirs = load_balancing_loss_func(tuple(captured), cfg.num_experts, cfg.top_k)
-    assert isinstance(theirs, torch.Tensor) and out.hf_aux_loss is not None
+    theirs = _transformers_aux(captured, cfg.num_experts, cfg.top_k)
+    assert out.hf_aux_loss is not None
     torch.testing.assert_close(out.hf_aux_loss, theirs.float(), rtol=1e-5, atol=1e-6)
 
 

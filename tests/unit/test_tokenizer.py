@@ -138,6 +138,8 @@ def test_training_errors_are_one_line(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"vocab size 5000 is too large .*c\.txt.*at most \d+") as e:
         train_tokenizer([str(corpus)], 5000, tmp_path / "tok", cache_dir=tmp_path / "hf")
     assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match=r"vocab size 260 is too small .* needs at least 2\d\d"):
+        train_tokenizer([str(corpus)], 260, tmp_path / "tok", cache_dir=tmp_path / "hf")
     with pytest.raises(UserError, match=r"no file matches '.*nothing\*\.txt'"):
         train_tokenizer([str(tmp_path / "nothing*.txt")], 300, tmp_path / "tok")
     (tmp_path / "busy").mkdir()

@@ -1,0 +1,89 @@
+"""`moe-lm stats | export | import | upcycle | push`: argument parsing only; the work is in moe_lm.hf."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=f"moe-lm {prog}", description=description)
+
+
+def stats_main(argv: list[str]) -> int:
+    from moe_lm.hf.stats import load_records, load_table, write_stats
+
+    p = _parser("stats", "Expert-load heatmaps (PNG) of the latest record and of load over time.")
+    p.add_argument("path", metavar="RUN_OR_CHECKPOINT")
+    p.add_argument("--out", required=True, metavar="DIR")
+    args = p.parse_args(argv)
+    for path in write_stats(args.path, args.out):
+        print(f"wrote {path}")
+    latest = load_records(args.path).latest
+    if latest and latest.get("expert_load"):
+        print(f"expert load at step {latest.get('step', '?')}:")
+        print(load_table(latest["expert_load"]))
+    return 0
+
+
+def export_main(argv: list[str]) -> int:
+    from moe_lm.hf.export import DTYPES, export_checkpoint
+
+    p = _parser("export", "Export a checkpoint as a transformers MixtralForCausalLM folder (with tokenizer and card).")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint dir or a run dir (its latest)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    p.add_argument("--max-shard-size", default="5GB", help="largest weight file, e.g. 5GB or 500MB")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer dir (default: the config's data.tokenizer)")
+    p.add_argument("--repo-id", metavar="OWNER/NAME", help="name used in the model card")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out that is not an export")
+    args = p.parse_args(argv)
+    out = export_checkpoint(args.checkpoint, args.out, args.dtype, args.max_shard_size, args.overwrite,
+                            args.tokenizer, args.repo_id)
+    print(f"exported {args.checkpoint} to {out} ({args.dtype})")
+    return 0
+
+
+def import_main(argv: list[str]) -> int:
+    from moe_lm.hf.export import import_hf
+
+    p = _parser("import", "Import a local transformers Mixtral folder as a moe_lm checkpoint (step 0).")
+    p.add_argument("hf_dir", metavar="HF_DIR")
+    p.add_argument("--out", required=True, metavar="CHECKPOINT")
+    p.add_argument("--config", help="a run config for everything but the architecture (data, optim, ...)")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    out = import_hf(args.hf_dir, args.out, args.config, args.overwrite)
+    print(f"imported {args.hf_dir} to {out}; train from it with train.init_from={out}")
+    return 0
+
+
+def upcycle_main(argv: list[str]) -> int:
+    from moe_lm.hf.convert import UPCYCLE_ROUTER_STD_SCALE
+    from moe_lm.hf.export import upcycle_dense
+
+    p = _parser("upcycle", "Turn a dense Llama-style folder into an MoE checkpoint (every expert = the dense MLP).")
+    p.add_argument("dense_dir", metavar="DENSE_HF_DIR")
+    p.add_argument("--config", required=True, help="the MoE run config; its shapes must match the dense model")
+    p.add_argument("--out", required=True, metavar="CHECKPOINT")
+    p.add_argument("--seed", type=int, default=0, help=f"router init seed (std {UPCYCLE_ROUTER_STD_SCALE} x init_std)")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    out = upcycle_dense(args.dense_dir, args.config, args.out, args.overwrite, args.seed)
+    print(f"upcycled {args.dense_dir} to {out}; train from it with train.init_from={out}")
+    return 0
+
+
+def push_main(argv: list[str]) -> int:
+    from moe_lm.hf.hub import push_folder
+
+    p = _parser("push", "Upload an exported folder to the Hugging Face Hub.")
+    p.add_argument("folder", metavar="DIR")
+    p.add_argument("--repo-id", required=True, metavar="OWNER/NAME")
+    p.add_argument("--private", action="store_true", help="create the repo private (no effect if it exists)")
+    p.add_argument("--revision", metavar="BRANCH", help="branch to commit to (created if missing)")
+    p.add_argument("--commit-message", metavar="M")
+    p.add_argument("--endpoint", metavar="URL", help="Hub URL (default: HF_ENDPOINT or huggingface.co)")
+    args = p.parse_args(argv)
+    url = push_folder(args.folder, args.repo_id, args.private, args.revision, args.commit_message, args.endpoint)
+    print(f"pushed {args.folder} to {args.repo_id}: {url}")
+    return 0

@@ -1,0 +1,127 @@
+"""End-to-end training through `moe-lm train` in-process: metrics, exact resume, freezing, init_from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from moe_lm.cli import main
+from moe_lm.config import Config
+from moe_lm.train.weights import load_model_state
+
+TRAIN_FIELDS = {
+    "step", "tokens", "loss", "lm_loss", "aux_loss", "hf_aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s",
+    "mfu", "expert_load", "imbalance", "dropped_frac",
+}
+
+
+def write(cfg: Config, path: Path) -> Path:
+    path.write_text(cfg.to_yaml())
+    return path
+
+
+def records(run: Path, kind: str = "train") -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def train(cfg_path: Path, *overrides: str) -> int:
+    return main(["train", str(cfg_path), *overrides])
+
+
+def test_trains_logs_every_field_and_checkpoints(make_config, tmp_path):
+    cfg = make_config(train={"max_steps": 30, "eval_every": 15}, checkpoint={"every": 10, "keep_last": 2},
+                      logging={"log_every": 5})
+    assert train(write(cfg, tmp_path / "c.yaml")) == 0
+    run = cfg.output_dir
+    train_recs = records(run)
+    assert [r["step"] for r in train_recs] == [1, 5, 10, 15, 20, 25, 30]
+    for r in train_recs:
+        assert TRAIN_FIELDS <= r.keys()
+        assert len(r["expert_load"]) == cfg.model.num_layers
+        for row in r["expert_load"]:
+            assert len(row) == cfg.model.num_experts
+            assert sum(row) == pytest.approx(1.0, abs=1e-3)
+        assert all(v >= 1.0 for v in r["imbalance"])
+        assert r["dropped_frac"] == 0.0  # dropless by default
+        assert r["tokens"] == r["step"] * 4 * 32
+    assert train_recs[-1]["loss"] < train_recs[0]["loss"] - 0.5
+    evals = records(run, "eval")
+    assert [e["step"] for e in evals] == [15, 30]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert evals[-1]["val_ppl"] == pytest.approx(torch.tensor(evals[-1]["val_loss"]).exp().item(), rel=1e-6)
+    assert records(run, "sample")[-1]["text"]
+    # keep_last=2: step-30 and step-20 remain; latest points at step-30
+    ckpts = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    assert ckpts == ["step-20", "step-30"]
+    assert (run / "checkpoints" / "latest").read_text() == "step-30"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["num_experts"] == cfg.model.num_experts
+
+
+def test_resume_is_bit_identical(make_config, tmp_path):
+    straight = make_config("straight", train={"max_steps": 8})
+    assert train(write(straight, tmp_path / "a.yaml")) == 0
+
+    split = make_config("split", train={"max_steps": 8, "stop_at_step": 4})
+    cfg_path = write(split, tmp_path / "b.yaml")
+    assert train(cfg_path) == 0
+    assert (split.output_dir / "checkpoints" / "latest").read_text() == "step-4"
+    assert train(cfg_path, "train.resume=latest", "train.stop_at_step=null") == 0
+
+    a, b = records(straight.output_dir), records(split.output_dir)
+    assert [r["step"] for r in b] == list(range(1, 9))
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm", "lr", "expert_load"):
+            assert ra[key] == rb[key], (ra["step"], key)
+    wa = load_model_state(straight.output_dir / "checkpoints" / "step-8")
+    wb = load_model_state(split.output_dir / "checkpoints" / "step-8")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_freeze_non_expert_trains_only_experts(make_config, tmp_path):
+    base = make_config("base", train={"max_steps": 2})
+    assert train(write(base, tmp_path / "base.yaml")) == 0
+    frozen = make_config("frozen", train={"max_steps": 3, "freeze": "non_expert",
+                                          "init_from": str(base.output_dir)})
+    assert train(write(frozen, tmp_path / "f.yaml")) == 0
+    before = load_model_state(base.output_dir / "checkpoints" / "step-2")
+    after = load_model_state(frozen.output_dir / "checkpoints" / "step-3")
+    for key in before:
+        same = torch.equal(before[key], after[key])
+        assert same != (".ffn.experts." in key), key
+    # init_from starts a new run: its step counter starts at 0
+    assert records(frozen.output_dir)[0]["step"] == 1
+
+
+def test_eval_and_generate_commands(make_config, tmp_path, capsys):
+    cfg = make_config(train={"max_steps": 4})
+    assert train(write(cfg, tmp_path / "c.yaml")) == 0
+    capsys.readouterr()
+    assert main(["eval", str(cfg.output_dir), "--max-batches", str(cfg.train.eval_batches)]) == 0
+    line = capsys.readouterr().out.strip()
+    loss = float(line.split()[1])
+    ppl = float(line.split()[3])
+    assert ppl == pytest.approx(torch.tensor(loss).exp().item(), rel=1e-3)
+    last_eval = records(cfg.output_dir, "eval")[-1]
+    assert loss == pytest.approx(last_eval["val_loss"], abs=1e-3)  # the same batches the trainer evaluated
+    assert main(["generate", str(cfg.output_dir), "--prompt", "KING", "--max-new-tokens", "12", "--seed", "3"]) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("KING") and len(first) > len("KING")
+    assert main(["generate", str(cfg.output_dir), "--prompt", "KING", "--max-new-tokens", "12", "--seed", "3"]) == 0
+    assert capsys.readouterr().out == first
+
+
+def test_wandb_offline_run_finishes(make_config, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no key, so offline
+    cfg = make_config(train={"max_steps": 3}, logging={"wandb": True})
+    assert train(write(cfg, tmp_path / "c.yaml")) == 0
+    runs = list((cfg.output_dir / "wandb").glob("offline-run-*"))
+    assert runs, "wandb wrote no offline run"
+    assert any(runs[0].rglob("*.wandb"))
