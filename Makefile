@@ -23,9 +23,8 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 train: setup
-	$(PY) -m moe_lm.cli tokenizer ensure --config configs/tiny-shakespeare.yaml
 	$(VENV)/bin/accelerate launch --config_file configs/accelerate/cpu-1proc.yaml \
-	  -m moe_lm.cli train configs/tiny-shakespeare.yaml $(ARGS)
+	  -m moe_lm.cli train configs/tiny-shakespeare.yaml train.overwrite=true $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc

@@ -19,7 +19,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("moe_lm.train.cli", "eval_main", "validation loss and perplexity of a checkpoint"),
     "generate": ("moe_lm.train.cli", "generate_main", "sample text from a checkpoint"),
     "stats": ("moe_lm.hf.cli", "stats_main", "expert-load heatmaps (PNG) from a run or checkpoint"),
-    "export": ("moe_lm.hf.cli", "export_main", "export a checkpoint as a transformers MixtralForCausalLM folder"),
+    "export": (
+        "moe_lm.hf.cli",
+        "export_main",
+        "export a checkpoint as a transformers MixtralForCausalLM folder",
+    ),
     "import": ("moe_lm.hf.cli", "import_main", "import a local transformers Mixtral folder as a checkpoint"),
     "upcycle": ("moe_lm.hf.cli", "upcycle_main", "turn a dense Llama-style folder into an MoE checkpoint"),
     "push": ("moe_lm.hf.cli", "push_main", "upload an exported folder to the Hugging Face Hub"),

@@ -7,6 +7,7 @@ before any model is built.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -220,6 +221,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, str):  # YAML reads 1e3 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, float) and value.is_integer():
             return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
@@ -278,7 +284,9 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     parsed = []
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key.sub=value (e.g. train.max_steps=100)")
+            raise ConfigError(
+                f"override '{item}' is not of the form key.sub=value (e.g. train.max_steps=100)"
+            )
         key, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw) if raw != "" else None
@@ -289,7 +297,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 
 
 def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> Config:
-    data = dict(data)
+    data = copy.deepcopy(data)  # overrides must not write into the caller's nested dicts
     for key, value in parse_overrides(overrides or []):
         _set_dotted(data, key, value)
     cfg = _build(Config, data, "")
@@ -301,7 +309,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML run config, apply `key.sub=value` overrides, type-check and validate it."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' not found; pass a YAML file such as configs/tiny-shakespeare.yaml")
+        raise ConfigError(
+            f"config file '{path}' not found; pass a YAML file such as configs/tiny-shakespeare.yaml"
+        )
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -309,7 +319,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"config file '{path}' is not valid YAML{where}; fix the syntax") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping of sections (model:, data:, train:, ...)")
+        raise ConfigError(
+            f"config file '{path}' must hold a mapping of sections (model:, data:, train:, ...)"
+        )
     data.setdefault("name", path.stem)
     return config_from_dict(data, overrides)
 
@@ -317,7 +329,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 def _positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
     if value is None:
         return
-    if value < 0 or (value == 0 and not allow_zero) or (isinstance(value, float) and not math.isfinite(value)):
+    if (
+        value < 0
+        or (value == 0 and not allow_zero)
+        or (isinstance(value, float) and not math.isfinite(value))
+    ):
         need = "≥ 0" if allow_zero else "> 0"
         raise ConfigError(f"{key} = {value} must be {need}")
 
@@ -325,13 +341,31 @@ def _positive(key: str, value: float | int | None, allow_zero: bool = False) -> 
 def validate(cfg: Config) -> None:
     """Impossible combinations, each named by its key with the fix."""
     m, d, t, o, p = cfg.model, cfg.data, cfg.train, cfg.optim, cfg.parallel
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                 "max_seq_len", "num_experts", "top_k", "moe_layer_freq", "head_dim", "moe_intermediate_size"):
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "max_seq_len",
+        "num_experts",
+        "top_k",
+        "moe_layer_freq",
+        "head_dim",
+        "moe_intermediate_size",
+    ):
         _positive(f"model.{name}", getattr(m, name))
     for name in ("rope_theta", "rms_norm_eps", "init_std"):
         _positive(f"model.{name}", getattr(m, name))
-    for name in ("num_shared_experts", "first_dense_layers", "aux_loss_coef", "z_loss_coef", "router_jitter",
-                 "aux_free_update_rate"):
+    for name in (
+        "num_shared_experts",
+        "first_dense_layers",
+        "aux_loss_coef",
+        "z_loss_coef",
+        "router_jitter",
+        "aux_free_update_rate",
+    ):
         _positive(f"model.{name}", getattr(m, name), allow_zero=True)
     _positive("model.capacity_factor", m.capacity_factor)
     if m.top_k > m.num_experts:
@@ -339,11 +373,16 @@ def validate(cfg: Config) -> None:
     if m.head_dim is None and m.hidden_size % m.num_heads:
         raise ConfigError(
             f"model.num_heads = {m.num_heads} does not divide model.hidden_size = {m.hidden_size}; "
-            "pick a divisor or set model.head_dim")
+            "pick a divisor or set model.head_dim"
+        )
     if m.num_heads % m.num_kv_heads:
-        raise ConfigError(f"model.num_kv_heads = {m.num_kv_heads} does not divide model.num_heads = {m.num_heads}")
+        raise ConfigError(
+            f"model.num_kv_heads = {m.num_kv_heads} does not divide model.num_heads = {m.num_heads}"
+        )
     if m.resolved_head_dim % 2:
-        raise ConfigError(f"head dim {m.resolved_head_dim} must be even for rotary embeddings; change model.num_heads")
+        raise ConfigError(
+            f"head dim {m.resolved_head_dim} must be even for rotary embeddings; change model.num_heads"
+        )
     if m.router_jitter >= 1:
         raise ConfigError(f"model.router_jitter = {m.router_jitter} must be < 1")
     if p.ep_size < 1:
@@ -351,7 +390,8 @@ def validate(cfg: Config) -> None:
     if m.num_experts % p.ep_size:
         raise ConfigError(
             f"model.num_experts = {m.num_experts} is not divisible by parallel.ep_size = {p.ep_size}; "
-            "choose an ep_size that divides it")
+            "choose an ep_size that divides it"
+        )
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage = {p.zero_stage} must be 0, 1, 2 or 3")
     if p.backend == "ddp" and p.zero_stage:
@@ -359,7 +399,8 @@ def validate(cfg: Config) -> None:
     if p.backend == "deepspeed" and p.zero_stage == 3 and p.ep_size > 1:
         raise ConfigError(
             "parallel.zero_stage = 3 with parallel.ep_size > 1 is not supported: ZeRO-3 partitions and "
-            "replicates expert weights across all ranks, defeating expert parallelism; use zero_stage 1 or 2")
+            "replicates expert weights across all ranks, defeating expert parallelism; use zero_stage 1 or 2"
+        )
     _positive("data.seq_len", d.seq_len)
     _positive("data.num_proc", d.num_proc)
     if not d.train_files:
@@ -368,8 +409,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.val_fraction = {d.val_fraction} must be in [0, 1)")
     if d.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len = {d.seq_len} exceeds model.max_seq_len = {m.max_seq_len}")
-    for name in ("micro_batch_size", "grad_accum_steps", "max_steps", "eval_batches", "collapse_patience",
-                 "max_nonfinite_steps"):
+    for name in (
+        "micro_batch_size",
+        "grad_accum_steps",
+        "max_steps",
+        "eval_batches",
+        "collapse_patience",
+        "max_nonfinite_steps",
+    ):
         _positive(f"train.{name}", getattr(t, name))
     for name in ("eval_every", "sample_every", "sample_tokens"):
         _positive(f"train.{name}", getattr(t, name), allow_zero=True)
@@ -377,8 +424,10 @@ def validate(cfg: Config) -> None:
     _positive("train.stop_at_step", t.stop_at_step)
     _positive("train.collapse_ratio", t.collapse_ratio)
     if t.resume and t.init_from:
-        raise ConfigError("train.resume and train.init_from are exclusive: resume continues a run, "
-                          "init_from starts a new one from weights")
+        raise ConfigError(
+            "train.resume and train.init_from are exclusive: resume continues a run, "
+            "init_from starts a new one from weights"
+        )
     _positive("optim.lr", o.lr)
     _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
     _positive("optim.weight_decay", o.weight_decay, allow_zero=True)

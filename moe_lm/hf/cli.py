@@ -10,7 +10,7 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def stats_main(argv: list[str]) -> int:
-    from moe_lm.hf.stats import load_records, load_table, write_stats
+    from moe_lm.hf.stats import load_records, load_table, moe_layers_of, write_stats
 
     p = _parser("stats", "Expert-load heatmaps (PNG) of the latest record and of load over time.")
     p.add_argument("path", metavar="RUN_OR_CHECKPOINT")
@@ -18,10 +18,10 @@ def stats_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     for path in write_stats(args.path, args.out):
         print(f"wrote {path}")
-    latest = load_records(args.path).latest
-    if latest and latest.get("expert_load"):
-        print(f"expert load at step {latest.get('step', '?')}:")
-        print(load_table(latest["expert_load"]))
+    records = load_records(args.path)
+    if records.latest and records.latest.get("expert_load"):
+        print(f"expert load at step {records.latest.get('step', '?')}:")
+        print(load_table(records.latest["expert_load"], moe_layers_of(records)))
     return 0
 
 

@@ -68,6 +68,7 @@ def staged_dir(out: str | Path, overwrite: bool, replaceable: Callable[[Path], b
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        _default_permissions(tmp)
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         if out.exists():
             out.rename(old)
@@ -75,6 +76,15 @@ def staged_dir(out: str | Path, overwrite: bool, replaceable: Callable[[Path], b
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _default_permissions(root: Path) -> None:
+    """mkdtemp makes the dir private (0700) and some writers make files 0600; give the result the
+    permissions of a directory made with mkdir under the user's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 # ---------------------------------------------------------------------------------------------

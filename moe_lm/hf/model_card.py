@@ -47,7 +47,7 @@ def architecture_table(cfg: Config) -> str:
         ("expert FFN size", m.expert_intermediate_size),
         ("vocabulary", m.vocab_size),
         ("context length", m.max_seq_len),
-        ("RoPE theta", m.rope_theta),
+        ("RoPE theta", f"{m.rope_theta:g}"),
         ("tied embeddings", m.tie_embeddings),
         ("total parameters", f"{human(total)} ({total:,})"),
         ("active parameters per token", f"{human(active)} ({active:,})"),

@@ -133,28 +133,31 @@ def plot_latest(load_LE: list[list[float]], out: Path, title: str, moe_layers: l
 
 
 def plot_over_time(train: list[dict[str, Any]], out: Path, moe_layers: list[int] | None = None) -> Path:
-    """One heatmap per MoE layer: experts x logged steps."""
+    """One heatmap per MoE layer: experts x logged records (x ticks show their steps)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    steps = [int(r.get("step", i)) for i, r in enumerate(train)]
+    steps = [r.get("step", i) for i, r in enumerate(train)]
     load_SLE = np.asarray([r["expert_load"] for r in train], dtype=float)
-    _, num_layers, num_experts = load_SLE.shape
+    num_records, num_layers, num_experts = load_SLE.shape
     labels = layer_labels(num_layers, moe_layers)
-    fig, axes = plt.subplots(num_layers, 1, figsize=(8, 1.2 + 0.25 * num_experts * num_layers), squeeze=False)
+    fig, axes = plt.subplots(num_layers, 1, figsize=(8, 1.0 + (0.2 * num_experts + 0.6) * num_layers),
+                             squeeze=False, sharex=True, layout="constrained")
     balanced = 1.0 / num_experts
     spread = max(float(np.abs(load_SLE - balanced).max()), 1e-6)
+    ticks = sorted(set(np.linspace(0, num_records - 1, min(num_records, 8)).round().astype(int).tolist()))
     for layer, ax in enumerate(axes[:, 0]):
-        im = ax.imshow(
-            load_SLE[:, layer, :].T, aspect="auto", cmap="RdBu_r", vmin=balanced - spread, vmax=balanced + spread,
-            extent=(steps[0] - 0.5, steps[-1] + 0.5, num_experts - 0.5, -0.5), interpolation="nearest",
-        )
+        im = ax.imshow(load_SLE[:, layer, :].T, aspect="auto", cmap="RdBu_r", interpolation="nearest",
+                       vmin=balanced - spread, vmax=balanced + spread)
         ax.set_ylabel(f"{labels[layer]}\nexpert")
+    axes[-1, 0].set_xticks(ticks)
+    axes[-1, 0].set_xticklabels([str(steps[i]) for i in ticks])
     axes[-1, 0].set_xlabel("step")
-    fig.colorbar(im, ax=axes[:, 0].tolist(), label="token fraction")
+    axes[0, 0].set_title("expert load over training")
+    fig.colorbar(im, ax=axes[:, 0].tolist(), label=f"token fraction (balanced = {balanced:.3g})")
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
@@ -179,8 +182,8 @@ def write_stats(path: str | Path, out_dir: str | Path, moe_layers: list[int] | N
     latest = records.latest
     if latest is None or not latest.get("expert_load"):
         raise UserError(f"'{path}' has no train record with expert_load yet; train for a logging step first")
-    if moe_layers is None and records.checkpoint is not None:
-        moe_layers = _moe_layers(records.checkpoint)
+    if moe_layers is None:
+        moe_layers = moe_layers_of(records)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     step = latest.get("step", "?")
@@ -190,10 +193,13 @@ def write_stats(path: str | Path, out_dir: str | Path, moe_layers: list[int] | N
     return written
 
 
-def _moe_layers(checkpoint: Path) -> list[int] | None:
+def moe_layers_of(records: RunRecords) -> list[int] | None:
+    """Model layer index of each MoE row, from the checkpoint's config (None when unknown)."""
     from moe_lm.config import load_config
 
+    if records.checkpoint is None:
+        return None
     try:
-        return load_config(checkpoint / "config.yaml").model.moe_layer_indices
+        return load_config(records.checkpoint / "config.yaml").model.moe_layer_indices
     except UserError:
         return None

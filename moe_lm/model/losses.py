@@ -22,7 +22,9 @@ def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
 
 
-def hf_load_balance_loss(counts_LE: torch.Tensor, probs_mean_LE: torch.Tensor, num_tokens: int) -> torch.Tensor:
+def hf_load_balance_loss(
+    counts_LE: torch.Tensor, probs_mean_LE: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
     """The value transformers' `load_balancing_loss_func` reports (balanced value = k, not 1).
 
     It pools all layers: tokens-per-expert fractions over L*T tokens and router probabilities

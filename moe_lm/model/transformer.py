@@ -141,10 +141,14 @@ class MoETransformer(nn.Module):
         if all_stats:
             self._add_router_losses(out, all_stats)
         if labels is not None:
-            out.lm_loss = F.cross_entropy(logits_BTV.float().view(b * t, -1), labels.reshape(-1), ignore_index=-100)
+            out.lm_loss = F.cross_entropy(
+                logits_BTV.float().view(b * t, -1), labels.reshape(-1), ignore_index=-100
+            )
             out.loss = out.lm_loss
             if out.aux_loss is not None and out.z_loss is not None:
-                out.loss = out.lm_loss + self.cfg.aux_loss_coef * out.aux_loss + self.cfg.z_loss_coef * out.z_loss
+                out.loss = (
+                    out.lm_loss + self.cfg.aux_loss_coef * out.aux_loss + self.cfg.z_loss_coef * out.z_loss
+                )
         return out
 
     def _add_router_losses(self, out: CausalLMOutput, stats: list[MoEStats]) -> None:

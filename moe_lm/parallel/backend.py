@@ -1,46 +1,114 @@
 """The process-aware half of training: Accelerate (DDP) plumbing behind one small interface.
 
 The trainer only loops; everything that knows about processes, wrapping, precision, gradient
-reduction and per-rank state on disk is here. BACKEND-V1: single process and plain DDP.
+reduction and per-rank state on disk is here. `Backend(cfg)` returns the DeepSpeed subclass
+(moe_lm/parallel/deepspeed_backend.py) when `parallel.backend: deepspeed`.
+
+Expert parallelism under DDP (parallel.ep_size > 1): each rank holds E/ep experts; DDP never sees
+them (excluded from its all-reduce and its initial broadcast). At the sync step their gradients
+are summed over the expert-data-parallel group and divided by the world size, the same
+convention DDP uses for the dense weights (average over every rank) and DeepSpeed uses for
+experts, so N processes × accum A equal one process running the N·A micro-batches. The clipping
+norm is global: dense gradients (identical everywhere) counted once, expert gradients summed over
+the EP group.
+
+Checkpoint layout (both backends): `model-ep{r}-of-{n}.safetensors` with experts under their
+global index (moe_lm/train/weights.py) and `optim-ep{r}-of-{n}.pt` with optimizer state by
+parameter name, experts split per global index; written by expert-data-parallel rank 0 of each
+EP group, read by every rank for what it holds, so any EP size and either backend can resume it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from moe_lm.config import Config
+from moe_lm.errors import UserError
 from moe_lm.model import MoETransformer
+from moe_lm.parallel.expert_parallel import EPStats, apply_expert_parallel, expert_param_names, is_expert_param
+from moe_lm.parallel.mesh import Mesh, build_mesh
 from moe_lm.train.weights import load_model_state, save_weights
+
+_EXPERT_SUFFIXES = ("ffn.experts.gate_up_proj", "ffn.experts.down_proj")
+NamedState = dict[str, dict[str, torch.Tensor]]
+
+
+def launch_hint(cfg: Config) -> str:
+    if cfg.parallel.backend == "deepspeed":
+        return "accelerate launch --config_file configs/accelerate/deepspeed-zero2.yaml -m moe_lm.cli train CONFIG"
+    return "accelerate launch --config_file configs/accelerate/cpu-2proc.yaml -m moe_lm.cli train CONFIG"
 
 
 class Backend:
-    def __init__(self, cfg: Config) -> None:
-        from accelerate import Accelerator
+    def __new__(cls, cfg: Config) -> Backend:
+        if cls is Backend and cfg.parallel.backend == "deepspeed":
+            from moe_lm.parallel.deepspeed_backend import DeepSpeedBackend
 
+            return super().__new__(DeepSpeedBackend)
+        return super().__new__(cls)
+
+    def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         precision = cfg.train.mixed_precision
         if precision == "auto":
             precision = "bf16" if torch.cuda.is_available() else "no"
-        self.accelerator = Accelerator(mixed_precision=precision)
         self.mixed_precision = precision
+        self.accelerator = self._make_accelerator(precision)
         self.device = self.accelerator.device
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
+        self._check_launch()
         self.dp_rank, self.dp_size = self.rank, self.world_size  # data is sharded over every rank
-        self.ep_rank, self.ep_size = 0, 1
+        self.mesh: Mesh = build_mesh(cfg.parallel.ep_size, cfg.model.num_experts)
+        self.ep_rank, self.ep_size = self.mesh.ep_rank, self.mesh.ep_size
+        self.ep_stats: EPStats | None = None
+        self._steps_since_metrics = 0
         self.model: nn.Module
         self.raw_model: MoETransformer
         self.optimizer: torch.optim.Optimizer
         self.scheduler: torch.optim.lr_scheduler.LambdaLR
 
+    def _make_accelerator(self, precision: str) -> Any:
+        from accelerate import Accelerator
+
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+            raise UserError(
+                "launched with a DeepSpeed accelerate config but parallel.backend is ddp; set "
+                "parallel.backend=deepspeed or launch with configs/accelerate/cpu-2proc.yaml / multi-gpu.yaml"
+            )
+        # Without a GPU the torchrun launcher needs accelerate's CPU mode, or every rank silently
+        # believes it is alone (ACCELERATE_USE_CPU=1 does the same from the environment).
+        return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+
+    def _check_launch(self) -> None:
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched != self.world_size:
+            raise UserError(
+                f"{launched} processes were launched but accelerate joined {self.world_size}; "
+                f"on CPU launch with: {launch_hint(self.cfg)}"
+            )
+
     # ---- set-up -------------------------------------------------------------------------------
+
+    @property
+    def expert_range(self) -> tuple[int, int]:
+        """Global indices [start, end) of the experts this rank holds."""
+        return self.mesh.expert_range(self.cfg.model.num_experts)
+
+    def parallelize(self, model: MoETransformer) -> None:
+        """Shard experts over the EP group and swap in the all-to-all dispatcher. Idempotent, in
+        place (the Parameter objects survive), and done by `prepare` if not called before."""
+        self.raw_model = model
+        self.ep_stats = apply_expert_parallel(model, self.mesh)
 
     def prepare(
         self,
@@ -50,16 +118,28 @@ class Backend:
         lr_lambda: Callable[[int], float],
     ) -> None:
         """Place and wrap the model, build the optimizer over `param_groups` and the LR schedule."""
-        self.raw_model = model
+        self.parallelize(model)
+        if self.ep_size > 1 and self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Each rank holds different experts: DDP must neither broadcast nor average them.
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_param_names(model))
+            self._broadcast_experts(model)
         optimizer = make_optimizer(param_groups)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
 
-    @property
-    def expert_range(self) -> tuple[int, int]:
-        """Global indices [start, end) of the experts this rank holds."""
-        per_rank = self.cfg.model.num_experts // self.ep_size
-        return self.ep_rank * per_rank, (self.ep_rank + 1) * per_rank
+    @torch.no_grad()
+    def _broadcast_experts(self, model: nn.Module) -> None:
+        # DDP's initial broadcast makes dense weights agree whatever each rank's seed was; do the
+        # same for experts within the group of ranks that hold them.
+        if self.mesh.edp_group is None:
+            return
+        for p in model.parameters():
+            if is_expert_param(p):
+                data = p.data.to(self.device)
+                dist.broadcast(data, src=self.mesh.edp_ranks[0], group=self.mesh.edp_group)
+                p.data.copy_(data)
 
     # ---- the step -----------------------------------------------------------------------------
 
@@ -75,11 +155,20 @@ class Backend:
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
 
+    def reduce_gradients(self) -> torch.Tensor:
+        """Finish this step's gradients (unscale, average expert grads over their expert-data-
+        parallel group) and return the global norm. Called by `step`; tests call it to read the
+        gradients one process would have. Collective under expert parallelism."""
+        self.accelerator.unscale_gradients()
+        params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        if self.ep_size > 1:
+            self._reduce_expert_grads([p for p in params if is_expert_param(p)])
+        return self._global_grad_norm([p for p in params if p.grad is not None])
+
     def step(self, max_grad_norm: float) -> tuple[float, bool]:
         """Clip by the global norm and step; a non-finite norm skips the update. -> (norm, stepped)."""
-        self.accelerator.unscale_gradients()
+        norm = self.reduce_gradients()
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         grad_norm = float(norm)
         stepped = bool(torch.isfinite(norm))
         if stepped:
@@ -87,8 +176,40 @@ class Backend:
                 torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm)
             self.optimizer.step()
             self.scheduler.step()
+        elif self.accelerator.scaler is not None:
+            # Every rank skips together (the norm is global); back the fp16 scale off by hand,
+            # since a rank whose own shard was finite would otherwise grow it.
+            scaler = self.accelerator.scaler
+            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
         self.optimizer.zero_grad(set_to_none=True)
+        self._steps_since_metrics += 1
         return grad_norm, stepped
+
+    def _reduce_expert_grads(self, params: list[nn.Parameter]) -> None:
+        for p in params:
+            if p.grad is None:  # no token reached these experts on this rank
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params if p.grad is not None]
+        if self.mesh.edp_group is not None:
+            flat = torch._utils._flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=self.mesh.edp_group)
+            for g, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                g.copy_(reduced)
+        torch._foreach_div_(grads, float(self.world_size))
+
+    def _global_grad_norm(self, params: list[nn.Parameter]) -> torch.Tensor:
+        dense = [p.grad for p in params if p.grad is not None and not is_expert_param(p)]
+        experts = [p.grad for p in params if p.grad is not None and is_expert_param(p)]
+        sq = torch.zeros(2, dtype=torch.float32, device=self.device)
+        if dense:
+            sq[0] = torch.nn.utils.get_total_norm(dense).float() ** 2
+        if experts:
+            sq[1] = torch.nn.utils.get_total_norm(experts).float() ** 2
+        if self.ep_size > 1 and self.mesh.ep_group is not None:
+            part = sq[1:].clone()
+            dist.all_reduce(part, group=self.mesh.ep_group)
+            sq[1:] = part
+        return sq.sum().sqrt()
 
     # ---- collectives for metrics --------------------------------------------------------------
 
@@ -98,71 +219,122 @@ class Backend:
         reduced = self.accelerator.reduce(tensor.to(self.device), reduction=op)
         return reduced
 
-    def extra_metrics(self) -> dict[str, Any]:
-        """Backend-specific per-step metrics for the logs (EP: tokens per rank, all-to-all time)."""
-        return {}
-
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 
+    def update_expert_bias(self, counts_LE: torch.Tensor) -> None:
+        """Aux-free balancing step from this rank's expert counts since the last step: summed over
+        every rank first, so the bias (a routing input) stays identical on all ranks. Collective."""
+        total_LE = self.all_reduce(counts_LE.detach().to(self.device, torch.float32).clone(), "sum")
+        self.raw_model.update_expert_bias(total_LE)
+
+    def extra_metrics(self) -> dict[str, Any]:
+        """Expert-parallel load since the last call, per optimizer step: rows each rank's experts
+        received and seconds spent in the token all-to-alls, as lists indexed by rank. Collective
+        (call on every rank, e.g. at each logging step); {} without expert parallelism."""
+        if self.ep_size == 1 or self.ep_stats is None:
+            return {}
+        steps = max(self._steps_since_metrics, 1)
+        stats = [self.ep_stats.tokens_received / steps, self.ep_stats.a2a_time() / steps]
+        mine = torch.tensor(stats, dtype=torch.float64, device=self.device)
+        self.ep_stats.reset()
+        self._steps_since_metrics = 0
+        gathered = [torch.zeros_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(gathered, mine)
+        tokens = [float(g[0]) for g in gathered]
+        mean = sum(tokens) / len(tokens)
+        return {
+            "ep_tokens_received": tokens,
+            "ep_a2a_ms": [1000.0 * float(g[1]) for g in gathered],
+            "ep_recv_imbalance": max(tokens) / mean if mean > 0 else 1.0,
+        }
+
     # ---- state on disk ------------------------------------------------------------------------
 
-    def _param_names(self) -> dict[int, str]:
-        return {id(p): n for n, p in self.raw_model.named_parameters()}
+    def _weights_to_save(self) -> dict[str, torch.Tensor]:
+        return self.raw_model.state_dict()
 
-    def save_state(self, directory: Path) -> None:
-        """This rank's share: weights (EP-rank files, experts by global index) and optimizer state."""
-        if self.dp_rank_in_expert_group == 0:
-            save_weights(directory, self.raw_model.state_dict(), self.ep_rank, self.ep_size, self.expert_range[0])
-            names = self._param_names()
-            state = {
-                names[id(p)]: {k: v for k, v in self.optimizer.state[p].items()}
-                for group in self.optimizer.param_groups
-                for p in group["params"]
-                if p in self.optimizer.state
-            }
-            torch.save(
-                {"optimizer": state, "scheduler": self.scheduler.state_dict(), "expert_range": self.expert_range},
-                Path(directory) / f"optim-ep{self.ep_rank}-of-{self.ep_size}.pt",
-            )
+    def _optimizer_state_by_name(self) -> NamedState:
+        names = {id(p): n for n, p in self.raw_model.named_parameters()}
+        return {
+            names[id(p)]: dict(self.optimizer.state[p])
+            for group in self.optimizer.param_groups
+            for p in group["params"]
+            if p in self.optimizer.state
+        }
 
-    @property
-    def dp_rank_in_expert_group(self) -> int:
-        """Rank within the group that holds the same experts; 0 writes them."""
-        return self.rank // self.ep_size
-
-    def load_state(self, directory: Path, weights_only: bool = False) -> None:
-        state = load_model_state(directory, self.expert_range)
+    def _load_weights(self, state: dict[str, torch.Tensor]) -> None:
         self.raw_model.load_state_dict(state, strict=True)
-        if weights_only:
-            return
-        # Merge every EP rank's optimizer file, then keep the state of the parameters held here.
-        named: dict[str, dict[str, torch.Tensor]] = {}
-        scheduler_state = None
-        for f in sorted(Path(directory).glob("optim-ep*-of-*.pt")):
-            blob = torch.load(f, map_location="cpu", weights_only=False)
-            named.update(_split_expert_state(blob["optimizer"], blob["expert_range"][0]))
-            scheduler_state = blob["scheduler"]
+
+    def _load_optimizer_state(self, named: NamedState) -> None:
+        optimized = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
         for name, p in self.raw_model.named_parameters():
             state = _stack_expert_state(named, name, self.expert_range)
-            if state is not None:
+            if state is not None and id(p) in optimized:
                 self.optimizer.state[p] = {k: v.to(p.device) if v.dim() else v for k, v in state.items()}
-        if scheduler_state is not None:
-            self.scheduler.load_state_dict(scheduler_state)
-            # LambdaLR writes the lr into the param groups only when it steps: restore it now, or the
-            # first step after a resume would run at the initial lr.
-            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
-                group["lr"] = lr
+
+    def save_state(self, directory: Path) -> None:
+        """This EP rank's share: weights (experts by global index) and optimizer state. Collective:
+        call on every rank; expert-data-parallel rank 0 of each EP group writes."""
+        weights = self._weights_to_save()
+        named = self._optimizer_state_by_name()
+        if self.mesh.edp_rank != 0:
+            return
+        save_weights(directory, weights, self.ep_rank, self.ep_size, self.expert_range[0])
+        if self.ep_rank != 0:  # the dense state is identical on every EP rank; EP rank 0 has it
+            named = {n: s for n, s in named.items() if n.endswith(_EXPERT_SUFFIXES)}
+        torch.save(
+            {
+                "optimizer": named,
+                "scheduler": {"last_epoch": self.scheduler.last_epoch},
+                "expert_range": self.expert_range,
+            },
+            Path(directory) / f"optim-ep{self.ep_rank}-of-{self.ep_size}.pt",
+        )
+
+    def load_state(self, directory: Path, weights_only: bool = False) -> None:
+        """Load what this rank holds from a checkpoint written at any EP size, by either backend."""
+        self._load_weights(load_model_state(directory, self.expert_range))
+        if weights_only:
+            return
+        files = sorted(Path(directory).glob("optim-ep*-of-*.pt"))
+        if not files:
+            raise UserError(
+                f"checkpoint '{directory}' has no optimizer state (optim-ep*-of-*.pt); "
+                "use train.init_from to start from its weights only"
+            )
+        named: NamedState = {}
+        last_epoch = 0
+        for f in files:
+            blob = torch.load(f, map_location="cpu", weights_only=False)
+            named.update(_split_expert_state(blob["optimizer"], blob["expert_range"][0]))
+            last_epoch = int(blob["scheduler"]["last_epoch"])
+        self._load_optimizer_state(named)
+        self._restore_schedule(last_epoch)
+
+    def _restore_schedule(self, last_epoch: int) -> None:
+        # Only the step count travels: the number of param groups differs between backends
+        # (DeepSpeed splits out expert groups), and the lr follows from the step.
+        sched = self.scheduler
+        sched.last_epoch = last_epoch
+        lrs = [base * fn(last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, lr in zip(sched.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        sched._last_lr = lrs  # type: ignore[attr-defined]
 
     def shutdown(self) -> None:
+        """End training and the process group (the deterministic gloo teardown: barrier first)."""
         self.accelerator.end_training()
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
 
-def _split_expert_state(state: dict[str, dict[str, torch.Tensor]], offset: int) -> dict[str, dict[str, torch.Tensor]]:
+def _split_expert_state(state: NamedState, offset: int) -> NamedState:
     """Optimizer state of stacked expert params -> one entry per global expert index."""
-    out: dict[str, dict[str, torch.Tensor]] = {}
+    out: NamedState = {}
     for name, entry in state.items():
-        if name.endswith(("ffn.experts.gate_up_proj", "ffn.experts.down_proj")):
+        if name.endswith(_EXPERT_SUFFIXES):
             prefix, leaf = name.rsplit(".", 1)
             n = next(v.shape[0] for v in entry.values() if v.dim())
             for e in range(n):
@@ -172,10 +344,8 @@ def _split_expert_state(state: dict[str, dict[str, torch.Tensor]], offset: int) 
     return out
 
 
-def _stack_expert_state(
-    named: dict[str, dict[str, torch.Tensor]], name: str, expert_range: tuple[int, int]
-) -> dict[str, torch.Tensor] | None:
-    if not name.endswith(("ffn.experts.gate_up_proj", "ffn.experts.down_proj")):
+def _stack_expert_state(named: NamedState, name: str, expert_range: tuple[int, int]) -> dict[str, torch.Tensor] | None:
+    if not name.endswith(_EXPERT_SUFFIXES):
         return named.get(name)
     prefix, leaf = name.rsplit(".", 1)
     entries = [named.get(f"{prefix}.{e}.{leaf}") for e in range(*expert_range)]

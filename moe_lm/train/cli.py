@@ -24,8 +24,10 @@ def train_main(argv: list[str]) -> int:
     finally:
         trainer.backend.shutdown()
     if trainer.backend.is_main:
-        print(f"done: step {summary['step']}, {summary['tokens']} tokens"
-              + (f", val_loss {summary['val_loss']:.4f}" if "val_loss" in summary else ""))
+        print(
+            f"done: step {summary['step']}, {summary['tokens']} tokens"
+            + (f", val_loss {summary['val_loss']:.4f}" if "val_loss" in summary else "")
+        )
     return 0
 
 
@@ -41,7 +43,9 @@ def _load(path: str, device: str) -> tuple:
 def eval_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="moe-lm eval", description="Validation loss and perplexity.")
     parser.add_argument("checkpoint", help="a checkpoint directory or a run directory (its latest)")
-    parser.add_argument("--data", nargs="+", help="text/JSON/parquet files to evaluate on (default: the run's val split)")
+    parser.add_argument(
+        "--data", nargs="+", help="text/JSON/parquet files to evaluate on (default: the run's val split)"
+    )
     parser.add_argument("--max-batches", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -50,14 +54,14 @@ def eval_main(argv: list[str]) -> int:
     from moe_lm.data.loader import eval_batches
 
     cfg, model, tokenizer = _load(args.checkpoint, args.device)
-    split = "val"
     if args.data:
         cfg = cfg.replace(data=cfg.data.__class__(**{**cfg.data.__dict__, "val_files": list(args.data)}))
-    blocks = load_blocks(cfg, tokenizer, split)
+    blocks = load_blocks(cfg, tokenizer, "val")
     total_loss, total_tokens = 0.0, 0
     with torch.no_grad():
-        for input_ids, labels in eval_batches(blocks, args.batch_size or cfg.train.micro_batch_size,
-                                              max_batches=args.max_batches):
+        for input_ids, labels in eval_batches(
+            blocks, args.batch_size or cfg.train.micro_batch_size, max_batches=args.max_batches
+        ):
             out = model(input_ids.to(args.device), labels=labels.to(args.device))
             assert out.lm_loss is not None
             total_loss += float(out.lm_loss) * labels.numel()
@@ -81,7 +85,13 @@ def generate_main(argv: list[str]) -> int:
     prompt = tokenizer.encode(args.prompt) or [tokenizer.bos_id]
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     ids = torch.tensor([prompt], device=args.device)
-    out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         eos_id=tokenizer.eos_id, generator=gen)
+    out = model.generate(
+        ids,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        eos_id=tokenizer.eos_id,
+        generator=gen,
+    )
     print(tokenizer.decode(out[0].tolist()))
     return 0

@@ -6,6 +6,7 @@ without an API key it runs offline, and any failure to start it turns it off wit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -86,8 +87,14 @@ class MetricsLogger(NullLogger):
         if cfg.logging.progress_bar:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc=cfg.name, dynamic_ncols=True,
-                            file=sys.stdout, mininterval=1.0)
+            self.bar = tqdm(
+                total=cfg.train.max_steps,
+                initial=start_step,
+                desc=cfg.name,
+                dynamic_ncols=True,
+                file=sys.stdout,
+                mininterval=1.0,
+            )
         self.wandb = self._start_wandb(resumed) if cfg.logging.wandb else None
 
     def _start_wandb(self, resumed: bool) -> Any:
@@ -102,7 +109,7 @@ class MetricsLogger(NullLogger):
                 name=self.cfg.logging.wandb_run_name or self.cfg.name,
                 config=self.cfg.to_dict(),
                 dir=str(self.run_dir),
-                mode=mode,
+                mode=mode,  # type: ignore[arg-type]
                 resume="allow" if resumed else None,
                 settings=wandb.Settings(init_timeout=30, silent=True),
             )
@@ -139,10 +146,8 @@ class MetricsLogger(NullLogger):
         if self.jsonl is not None:
             self.jsonl.close()
         if self.wandb is not None:
-            try:
+            with contextlib.suppress(Exception):
                 self.wandb.finish()
-            except Exception:
-                pass
 
 
 def _flatten_for_wandb(record: dict[str, Any]) -> dict[str, Any]:

@@ -29,7 +29,8 @@ def apply_freeze(model: nn.Module, freeze: str) -> None:
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices (and stacked expert tensors); never norms, biases or 1-D gains."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue

@@ -65,7 +65,9 @@ class Trainer:
         check_vocab(self.tokenizer, cfg.model.vocab_size)
         self.train_blocks = load_blocks(cfg, self.tokenizer, "train", is_main=b.is_main, barrier=b.barrier)
         has_val = bool(cfg.data.val_files) or cfg.data.val_fraction > 0
-        self.val_blocks = load_blocks(cfg, self.tokenizer, "val", is_main=b.is_main, barrier=b.barrier) if has_val else None
+        self.val_blocks = (
+            load_blocks(cfg, self.tokenizer, "val", is_main=b.is_main, barrier=b.barrier) if has_val else None
+        )
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = MoETransformer(cfg.model)
@@ -74,14 +76,19 @@ class Trainer:
         if hasattr(b, "parallelize"):
             b.parallelize(model)
         apply_freeze(model, cfg.train.freeze)
-        b.prepare(model, param_groups(model, cfg.optim.weight_decay), optimizer_factory(cfg.optim),
-                  lr_lambda(cfg.optim, cfg.train))
+        b.prepare(
+            model,
+            param_groups(model, cfg.optim.weight_decay),
+            optimizer_factory(cfg.optim),
+            lr_lambda(cfg.optim, cfg.train),
+        )
         if cfg.train.compile:
             b.model = torch.compile(b.model)  # type: ignore[assignment]
         torch.manual_seed(cfg.train.seed + b.rank)  # per-rank streams (router jitter)
 
-        self.loader = ResumableLoader(self.train_blocks, cfg.train.micro_batch_size, b.dp_rank, b.dp_size,
-                                      cfg.train.seed)
+        self.loader = ResumableLoader(
+            self.train_blocks, cfg.train.micro_batch_size, b.dp_rank, b.dp_size, cfg.train.seed
+        )
         self.step, self.tokens = 0, 0
         self.records: list[dict[str, Any]] = []
         if cfg.train.init_from:
@@ -94,7 +101,9 @@ class Trainer:
             if "loader" in state["rank"]:
                 self.loader.load_state_dict(state["rank"]["loader"])
         self.resumed_from = resumed_from
-        self.tokens_per_step = cfg.train.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps * b.dp_size
+        self.tokens_per_step = (
+            cfg.train.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps * b.dp_size
+        )
         self.flops_per_step = flops_per_token(cfg, int(self.counts["active_params"])) * self.tokens_per_step  # type: ignore[call-overload]
         self.peak = peak_flops(cfg, b.device)
         self.log = MetricsLogger(cfg, self.step, resumed_from is not None) if b.is_main else NullLogger()
@@ -127,8 +136,13 @@ class Trainer:
         if counts_LE is not None and cfg.model.aux_free_bias:
             # Every rank applies the same update from the global load, so biases stay identical.
             b.raw_model.update_expert_bias(b.all_reduce(counts_LE.float(), "sum"))
-        return {"sums": sums, "counts_LE": counts_LE, "dropped_L": dropped_L, "grad_norm": grad_norm,
-                "stepped": stepped}
+        return {
+            "sums": sums,
+            "counts_LE": counts_LE,
+            "dropped_L": dropped_L,
+            "grad_norm": grad_norm,
+            "stepped": stepped,
+        }
 
     def _guard(self, result: dict[str, Any]) -> None:
         """Non-finite loss or gradient: the update was skipped; too many in a row stops the run."""
@@ -151,10 +165,16 @@ class Trainer:
     def _record(self, result: dict[str, Any], elapsed: float) -> dict[str, Any]:
         b = self.backend
         sums = {k: float(b.all_reduce(v.reshape(1), "mean")) for k, v in result["sums"].items()}
-        record: dict[str, Any] = {"kind": "train", "step": self.step, "tokens": self.tokens, **sums,
-                                  "lr": self.backend.scheduler.get_last_lr()[0], "grad_norm": result["grad_norm"],
-                                  "tokens_per_s": self.tokens_per_step / elapsed,
-                                  "mfu": self.flops_per_step / elapsed / self.peak}
+        record: dict[str, Any] = {
+            "kind": "train",
+            "step": self.step,
+            "tokens": self.tokens,
+            **sums,
+            "lr": self.backend.scheduler.get_last_lr()[0],
+            "grad_norm": result["grad_norm"],
+            "tokens_per_s": self.tokens_per_step / elapsed,
+            "mfu": self.flops_per_step / elapsed / self.peak,
+        }
         if result["counts_LE"] is not None:
             counts = b.all_reduce(result["counts_LE"].float(), "sum")
             dropped = b.all_reduce(result["dropped_L"].float(), "sum")
@@ -181,8 +201,9 @@ class Trainer:
         model = b.raw_model
         model.eval()
         total = torch.zeros(2, device=b.device)
-        for input_ids, labels in eval_batches(self.val_blocks, cfg.train.micro_batch_size, b.dp_rank, b.dp_size,
-                                              cfg.train.eval_batches):
+        for input_ids, labels in eval_batches(
+            self.val_blocks, cfg.train.micro_batch_size, b.dp_rank, b.dp_size, cfg.train.eval_batches
+        ):
             with b.autocast():
                 out = model(input_ids.to(b.device), labels=labels.to(b.device))
             assert out.lm_loss is not None
@@ -190,8 +211,13 @@ class Trainer:
         total = b.all_reduce(total, "sum")
         val_loss = float(total[0] / total[1])
         model.train()
-        return {"kind": "eval", "step": self.step, "tokens": self.tokens, "val_loss": val_loss,
-                "val_ppl": math.exp(min(val_loss, 50.0))}
+        return {
+            "kind": "eval",
+            "step": self.step,
+            "tokens": self.tokens,
+            "val_loss": val_loss,
+            "val_ppl": math.exp(min(val_loss, 50.0)),
+        }
 
     @torch.no_grad()
     def sample(self) -> str:
@@ -206,8 +232,13 @@ class Trainer:
 
     def save(self) -> Path:
         last = self.records[-1] if self.records else {}
-        trainer_state = {"step": self.step, "tokens": self.tokens, "world_size": self.backend.world_size,
-                         "last_metrics": last, "val_loss": getattr(self, "last_val_loss", None)}
+        trainer_state = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "world_size": self.backend.world_size,
+            "last_metrics": last,
+            "val_loss": getattr(self, "last_val_loss", None),
+        }
         rank_state = {"loader": self.loader.state_dict(), "world_size": self.backend.world_size}
         path = ckpt.save_checkpoint(self.cfg, self.backend, self.step, rank_state, trainer_state)
         self.log.message(f"saved checkpoint {path}")
@@ -236,9 +267,14 @@ class Trainer:
                     self.records.append(record)
                     self.log.log(record)
                     self._check_collapse(record)
-                    self.log.progress(self.step, {"loss": f"{record['loss']:.3f}",
-                                                  "aux": f"{record.get('aux_loss', 0):.3f}",
-                                                  "tok/s": f"{record['tokens_per_s']:.0f}"})
+                    self.log.progress(
+                        self.step,
+                        {
+                            "loss": f"{record['loss']:.3f}",
+                            "aux": f"{record.get('aux_loss', 0):.3f}",
+                            "tok/s": f"{record['tokens_per_s']:.0f}",
+                        },
+                    )
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and not self._done():
                     self._eval_and_log()
                 if cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
@@ -248,7 +284,9 @@ class Trainer:
                     saved_at = self.step
                 if stop.requested or (cfg.train.stop_at_step and self.step >= cfg.train.stop_at_step):
                     if stop.requested:
-                        self.log.message(f"stop requested: saving a checkpoint at step {self.step} and exiting")
+                        self.log.message(
+                            f"stop requested: saving a checkpoint at step {self.step} and exiting"
+                        )
                     break
         finished = self._done()
         summary: dict[str, Any] = {"step": self.step, "tokens": self.tokens}
@@ -257,10 +295,11 @@ class Trainer:
             summary["sample"] = self._sample_and_log()
         if saved_at != self.step:
             summary["checkpoint"] = str(self.save())
-        if finished and cfg.hub.push_at_end and self.backend.is_main:
+        final = ckpt.find_latest(cfg.output_dir / "checkpoints", warn=False)
+        if finished and cfg.hub.push_at_end and self.backend.is_main and final is not None:
             from moe_lm.hf.hub import push_at_end
 
-            push_at_end(cfg, ckpt.find_latest(cfg.output_dir / "checkpoints"))
+            push_at_end(cfg, final)
         self.log.close()
         return summary
 
@@ -270,7 +309,9 @@ class Trainer:
         record = self.evaluate()
         self.last_val_loss = record["val_loss"]
         self.log.log(record)
-        self.log.message(f"step {self.step}: val_loss {record['val_loss']:.4f}  val_ppl {record['val_ppl']:.2f}")
+        self.log.message(
+            f"step {self.step}: val_loss {record['val_loss']:.4f}  val_ppl {record['val_ppl']:.2f}"
+        )
         return record
 
     def _sample_and_log(self) -> str:

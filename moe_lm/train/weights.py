@@ -50,7 +50,9 @@ def stack_experts(
         start, end = expert_range if expert_range is not None else (0, max(experts) + 1)
         missing = [e for e in range(start, end) if e not in experts]
         if missing:
-            raise UserError(f"checkpoint lacks experts {missing} of '{key}'; it is incomplete, use another one")
+            raise UserError(
+                f"checkpoint lacks experts {missing} of '{key}'; it is incomplete, use another one"
+            )
         out[key] = torch.stack([experts[e] for e in range(start, end)])
     return out
 
@@ -60,7 +62,11 @@ def weight_file_name(ep_rank: int, ep_size: int) -> str:
 
 
 def save_weights(
-    directory: Path, state: dict[str, torch.Tensor], ep_rank: int = 0, ep_size: int = 1, expert_offset: int = 0
+    directory: Path,
+    state: dict[str, torch.Tensor],
+    ep_rank: int = 0,
+    ep_size: int = 1,
+    expert_offset: int = 0,
 ) -> Path:
     """Write this EP rank's share. Non-expert weights are written by EP rank 0 only."""
     per_expert = split_experts(state, expert_offset)
@@ -75,7 +81,9 @@ def load_weights(directory: Path) -> dict[str, torch.Tensor]:
     """All EP shards of a checkpoint merged into one per-expert state dict (on CPU)."""
     files = sorted(Path(directory).glob("model-ep*-of-*.safetensors"))
     if not files:
-        raise UserError(f"no model weights (model-ep*-of-*.safetensors) in '{directory}'; is it a moe_lm checkpoint?")
+        raise UserError(
+            f"no model weights (model-ep*-of-*.safetensors) in '{directory}'; is it a moe_lm checkpoint?"
+        )
     state: dict[str, torch.Tensor] = {}
     for f in files:
         try:
@@ -83,7 +91,9 @@ def load_weights(directory: Path) -> dict[str, torch.Tensor]:
                 for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
                     state[key] = handle.get_tensor(key)
         except Exception as e:  # a truncated or corrupted file
-            raise UserError(f"cannot read weights '{f}': {e}; the checkpoint is damaged, use an earlier one") from None
+            raise UserError(
+                f"cannot read weights '{f}': {e}; the checkpoint is damaged, use an earlier one"
+            ) from None
     return state
 
 
@@ -101,7 +111,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
             return candidate / latest.read_text().strip()
     if (p / "config.yaml").is_file() and any(p.glob("model-ep*-of-*.safetensors")):
         return p
-    raise UserError(f"'{path}' is not a moe_lm checkpoint or run directory (no config.yaml + model weights, no latest)")
+    raise UserError(
+        f"'{path}' is not a moe_lm checkpoint or run directory (no config.yaml + model weights, no latest)"
+    )
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):  # -> tuple[Config, MoETransformer]

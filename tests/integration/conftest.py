@@ -28,16 +28,39 @@ def tokenizer_dir(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return train_tokenizer([str(corpus)], 384, tmp_path_factory.mktemp("tok") / "tokenizer")
 
 
-def run_config_dict(corpus: Path, tokenizer_dir: Path, out: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+def run_config_dict(
+    corpus: Path, tokenizer_dir: Path, out: Path, **sections: dict[str, Any]
+) -> dict[str, Any]:
     base: dict[str, Any] = {
         "name": "test-run",
-        "model": dict(vocab_size=384, hidden_size=48, intermediate_size=64, num_layers=2, num_heads=4,
-                      num_kv_heads=2, max_seq_len=64, rope_theta=10000.0, num_experts=4, top_k=2),
-        "data": dict(train_files=[str(corpus)], tokenizer=str(tokenizer_dir), seq_len=32,
-                     cache_dir=str(out.parent / "cache"), val_fraction=0.05),
+        "model": dict(
+            vocab_size=384,
+            hidden_size=48,
+            intermediate_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            max_seq_len=64,
+            rope_theta=10000.0,
+            num_experts=4,
+            top_k=2,
+        ),
+        "data": dict(
+            train_files=[str(corpus)],
+            tokenizer=str(tokenizer_dir),
+            seq_len=32,
+            cache_dir=str(out.parent / "cache"),
+            val_fraction=0.05,
+        ),
         "optim": dict(lr=3e-3, warmup_steps=2),
-        "train": dict(output_dir=str(out), micro_batch_size=4, max_steps=6, eval_every=0, eval_batches=2,
-                      sample_tokens=8),
+        "train": dict(
+            output_dir=str(out),
+            micro_batch_size=4,
+            max_steps=6,
+            eval_every=0,
+            eval_batches=2,
+            sample_tokens=8,
+        ),
         "logging": dict(log_every=1, progress_bar=False),
         "checkpoint": dict(every=0, keep_last=2),
     }

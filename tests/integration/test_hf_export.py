@@ -20,9 +20,9 @@ STEP = 6
 # Weights scaled up from the 0.02 default so logits are of order 1 and routing is peaked: parity
 # between near-zero logits would prove nothing.
 INIT_STD = 0.1
-# Measured: bf16 export vs our fp32 model, max |logit diff| ~0.02-0.04 on logits of magnitude ~4
-# (bf16 keeps 8 bits of mantissa: ~0.4% relative per weight, accumulated over 2 layers).
-BF16_ATOL = 0.1
+# bf16 export vs our fp32 model: measured mean |logit diff| ~0.008 on logits of std ~0.7 (bf16
+# keeps 8 mantissa bits); the tolerance leaves headroom for other seeds.
+BF16_MEAN_ATOL = 0.03
 
 
 def _expert_load(model: MoETransformer, ids: torch.Tensor) -> list[list[float]]:
@@ -132,17 +132,28 @@ def test_export_folder_contents_and_model_card(exported: Path) -> None:
         assert fact in readme, fact
 
 
-def test_bf16_export_is_close(trained: tuple[Path, MoETransformer], tmp_path: Path) -> None:
+def test_bf16_export_is_our_weights_rounded_and_runs_close(trained: tuple[Path, MoETransformer], tmp_path: Path) -> None:
+    from moe_lm.hf.convert import from_hf_state_dict
+
     ckpt, ours = trained
     out = tmp_path / "hf-bf16"
     assert main(["export", str(ckpt), "--out", str(out)]) == 0  # bf16 is the default
     hf = _hf(out)
     assert hf.dtype == torch.bfloat16
-    ids = torch.randint(0, 384, (2, 32))
+    # The files hold exactly our weights rounded to bf16 ...
+    back = from_hf_state_dict(hf.state_dict(), ours.cfg)
+    assert all(torch.equal(back[k], v.to(torch.bfloat16)) for k, v in ours.state_dict().items())
+    # ... and the bf16 model tracks our fp32 one. Rounding flips near-tied top-k choices for a few
+    # tokens, whose logits then move by up to ~1 (as in any bf16 MoE), so the tolerance is on the
+    # mean difference and on next-token agreement; the maximum is printed, not asserted.
+    ids = torch.randint(0, 384, (4, 64))
     with torch.no_grad():
-        diff = (ours(ids).logits - hf(ids, use_cache=False).logits.float()).abs().max().item()
-    print(f"\n[export bf16] max|logit diff| vs our fp32 model {diff:.3e} (tolerance {BF16_ATOL})")
-    assert diff < BF16_ATOL
+        a, b = ours(ids).logits, hf(ids, use_cache=False).logits.float()
+    diff = (a - b).abs()
+    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    print(f"\n[export bf16] vs our fp32 model: mean|logit diff| {diff.mean().item():.3e}, max {diff.max().item():.3e}, "
+          f"next-token argmax agreement {agree:.3f} (logit std {a.std().item():.2f})")
+    assert diff.mean().item() < BF16_MEAN_ATOL and agree >= 0.9
 
 
 def test_sharded_export_writes_an_index_and_reloads(trained: tuple[Path, MoETransformer], tmp_path: Path) -> None:
@@ -164,7 +175,7 @@ def test_import_gives_back_the_exact_weights(trained: tuple[Path, MoETransformer
     out = tmp_path / "imported"
     assert main(["import", str(exported), "--out", str(out)]) == 0
     cfg, model = load_pretrained(out)
-    assert cfg.model == ours.cfg.model
+    assert cfg.model == ours.cfg
     mine = ours.state_dict()
     assert all(torch.equal(model.state_dict()[k], mine[k]) for k in mine)
     assert resolve_resume(str(out), tmp_path) == out  # train.init_from accepts it (manifest verifies)

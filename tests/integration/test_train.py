@@ -14,8 +14,20 @@ from moe_lm.config import Config
 from moe_lm.train.weights import load_model_state
 
 TRAIN_FIELDS = {
-    "step", "tokens", "loss", "lm_loss", "aux_loss", "hf_aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s",
-    "mfu", "expert_load", "imbalance", "dropped_frac",
+    "step",
+    "tokens",
+    "loss",
+    "lm_loss",
+    "aux_loss",
+    "hf_aux_loss",
+    "z_loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "mfu",
+    "expert_load",
+    "imbalance",
+    "dropped_frac",
 }
 
 
@@ -34,14 +46,17 @@ def train(cfg_path: Path, *overrides: str) -> int:
 
 
 def test_trains_logs_every_field_and_checkpoints(make_config, tmp_path):
-    cfg = make_config(train={"max_steps": 30, "eval_every": 15}, checkpoint={"every": 10, "keep_last": 2},
-                      logging={"log_every": 5})
+    cfg = make_config(
+        train={"max_steps": 30, "eval_every": 15},
+        checkpoint={"every": 10, "keep_last": 2},
+        logging={"log_every": 5},
+    )
     assert train(write(cfg, tmp_path / "c.yaml")) == 0
     run = cfg.output_dir
     train_recs = records(run)
     assert [r["step"] for r in train_recs] == [1, 5, 10, 15, 20, 25, 30]
     for r in train_recs:
-        assert TRAIN_FIELDS <= r.keys()
+        assert r.keys() >= TRAIN_FIELDS
         assert len(r["expert_load"]) == cfg.model.num_layers
         for row in r["expert_load"]:
             assert len(row) == cfg.model.num_experts
@@ -86,8 +101,9 @@ def test_resume_is_bit_identical(make_config, tmp_path):
 def test_freeze_non_expert_trains_only_experts(make_config, tmp_path):
     base = make_config("base", train={"max_steps": 2})
     assert train(write(base, tmp_path / "base.yaml")) == 0
-    frozen = make_config("frozen", train={"max_steps": 3, "freeze": "non_expert",
-                                          "init_from": str(base.output_dir)})
+    frozen = make_config(
+        "frozen", train={"max_steps": 3, "freeze": "non_expert", "init_from": str(base.output_dir)}
+    )
     assert train(write(frozen, tmp_path / "f.yaml")) == 0
     before = load_model_state(base.output_dir / "checkpoints" / "step-2")
     after = load_model_state(frozen.output_dir / "checkpoints" / "step-3")
@@ -109,10 +125,16 @@ def test_eval_and_generate_commands(make_config, tmp_path, capsys):
     assert ppl == pytest.approx(torch.tensor(loss).exp().item(), rel=1e-3)
     last_eval = records(cfg.output_dir, "eval")[-1]
     assert loss == pytest.approx(last_eval["val_loss"], abs=1e-3)  # the same batches the trainer evaluated
-    assert main(["generate", str(cfg.output_dir), "--prompt", "KING", "--max-new-tokens", "12", "--seed", "3"]) == 0
+    assert (
+        main(["generate", str(cfg.output_dir), "--prompt", "KING", "--max-new-tokens", "12", "--seed", "3"])
+        == 0
+    )
     first = capsys.readouterr().out
     assert first.startswith("KING") and len(first) > len("KING")
-    assert main(["generate", str(cfg.output_dir), "--prompt", "KING", "--max-new-tokens", "12", "--seed", "3"]) == 0
+    assert (
+        main(["generate", str(cfg.output_dir), "--prompt", "KING", "--max-new-tokens", "12", "--seed", "3"])
+        == 0
+    )
     assert capsys.readouterr().out == first
 
 

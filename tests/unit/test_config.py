@@ -195,16 +195,19 @@ def test_possible_neighbours_of_impossible_combinations() -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config_from_dict copies only the top level (config.py:292), so _set_dotted writes overrides "
-    "into the caller's nested section dicts (e.g. a config dict read back from a checkpoint)",
-)
 def test_overrides_do_not_mutate_callers_dict() -> None:
+    # Regression: overrides were written into the caller's nested section dicts.
     data = {"model": {"top_k": 2}, "train": {"max_steps": 10}}
     cfg = config_from_dict(data, ["model.top_k=1", "train.max_steps=3"])
     assert cfg.model.top_k == 1 and cfg.train.max_steps == 3
     assert data == {"model": {"top_k": 2}, "train": {"max_steps": 10}}
+
+
+def test_integer_in_exponent_notation_is_accepted() -> None:
+    # Regression: YAML reads 1e3 as a string, which was refused for an int key.
+    assert config_from_dict({}, ["train.max_steps=1e3"]).train.max_steps == 1000
+    with pytest.raises(ConfigError, match="train.max_steps: expected an integer"):
+        config_from_dict({}, ["train.max_steps=1.5e0"])
 
 
 def _roundtrip(cfg: Config) -> Config:
