@@ -7,6 +7,7 @@ before any model is built.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -23,21 +24,21 @@ from moe_lm.errors import ConfigError
 
 @dataclass(frozen=True)
 class ModelConfig:
-    vocab_size: int = 32000
-    hidden_size: int = 4096
+    vocab_size: int = 32000  # embedding rows; ≥ the tokenizer's vocabulary
+    hidden_size: int = 4096  # residual stream width
     intermediate_size: int = 14336  # dense FFN width, and each expert's unless moe_intermediate_size
-    num_layers: int = 32
-    num_heads: int = 32
-    num_kv_heads: int = 8
+    num_layers: int = 32  # decoder blocks
+    num_heads: int = 32  # query heads
+    num_kv_heads: int = 8  # key/value heads (grouped-query attention); divides num_heads
     head_dim: int | None = None  # None: hidden_size // num_heads
-    max_seq_len: int = 4096
-    rope_theta: float = 1e6
-    rms_norm_eps: float = 1e-5
-    tie_embeddings: bool = False
-    init_std: float = 0.02
+    max_seq_len: int = 4096  # longest sequence the model is meant for (HF max_position_embeddings)
+    rope_theta: float = 1e6  # rotary embedding base
+    rms_norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = False  # share the input embedding with the output head
+    init_std: float = 0.02  # normal init std; residual output projections get std / sqrt(2 * layers)
     # mixture of experts
-    num_experts: int = 8
-    top_k: int = 2
+    num_experts: int = 8  # routed experts per MoE layer
+    top_k: int = 2  # experts each token is sent to
     moe_intermediate_size: int | None = None  # None: intermediate_size
     moe_layer_freq: int = 1  # every n-th layer is MoE (1: all); the others are dense SwiGLU
     first_dense_layers: int = 0  # the first n layers are dense (DeepSeekMoE)
@@ -47,8 +48,8 @@ class ModelConfig:
     aux_loss_coef: float = 0.01  # load-balance loss weight (Switch form, 1.0 at perfect balance)
     z_loss_coef: float = 0.001  # router z-loss weight (ST-MoE)
     aux_free_bias: bool = False  # DeepSeek-V3 bias balancing: bias only picks experts
-    aux_free_update_rate: float = 0.001
-    experts_impl: Literal["grouped_mm", "loop", "auto"] = "auto"
+    aux_free_update_rate: float = 0.001  # gamma in b_i <- b_i - gamma * sign(load_i - mean load)
+    experts_impl: Literal["grouped_mm", "loop", "auto"] = "auto"  # auto: grouped GEMM on CUDA bf16, else loop
 
     @property
     def resolved_head_dim(self) -> int:
@@ -68,50 +69,50 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    train_files: list[str] = field(default_factory=lambda: ["data/tinyshakespeare.txt"])
+    train_files: list[str] = field(default_factory=lambda: ["data/tinyshakespeare.txt"])  # files or globs
     val_files: list[str] = field(default_factory=list)  # empty: hold out val_fraction of train
-    val_fraction: float = 0.05
-    format: Literal["auto", "text", "json", "parquet"] = "auto"
-    text_field: str = "text"
+    val_fraction: float = 0.05  # share of the train blocks held out when val_files is empty (0: no eval)
+    format: Literal["auto", "text", "json", "parquet"] = "auto"  # auto: by file extension
+    text_field: str = "text"  # the field holding the text in JSON(L) / parquet records
     tokenizer: str = "tokenizers/tiny-shakespeare"  # a directory with tokenizer.model
-    seq_len: int = 256
-    cache_dir: str = ".cache/moe_lm"
-    num_proc: int = 1
+    seq_len: int = 256  # tokens per training sequence (blocks are packed across documents)
+    cache_dir: str = ".cache/moe_lm"  # tokenised, packed blocks are cached here and reused
+    num_proc: int = 1  # processes for tokenisation (datasets.map)
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    lr: float = 3e-4  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warm-up
+    warmup_steps: int = 100  # linear warm-up from lr / warmup_steps
+    weight_decay: float = 0.1  # on matrices and expert tensors only; never norms, biases, router bias
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # 0 disables
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     output_dir: str | None = None  # None: runs/<config name>
-    seed: int = 1337
-    micro_batch_size: int = 8
-    grad_accum_steps: int = 1
-    max_steps: int = 1000
+    seed: int = 1337  # weights init, data order, router jitter
+    micro_batch_size: int = 8  # sequences per process per forward pass
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    max_steps: int = 1000  # optimizer steps; also the length of the lr schedule
     max_tokens: int | None = None  # stop after this many training tokens (whichever comes first)
     stop_at_step: int | None = None  # end this invocation early (schedule still follows max_steps)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    activation_checkpointing: bool = False
-    compile: bool = False
-    eval_every: int = 100
-    eval_batches: int = 20
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more time
+    compile: bool = False  # torch.compile the model
+    eval_every: int = 100  # steps between validation passes (0: only at the end)
+    eval_batches: int = 20  # validation micro-batches per pass, per process
     sample_every: int = 0  # 0: only at the end
-    sample_prompt: str = "ROMEO:"
-    sample_tokens: int = 64
+    sample_prompt: str = "ROMEO:"  # prompt of the logged text samples
+    sample_tokens: int = 64  # tokens generated per sample
     resume: str | None = None  # "latest" or a checkpoint directory
     init_from: str | None = None  # load weights only (no optimizer) from this checkpoint
-    freeze: Literal["none", "non_expert", "experts", "router"] = "none"
+    freeze: Literal["none", "non_expert", "experts", "router"] = "none"  # train only experts / all but experts / all but routers
     overwrite: bool = False  # allow a fresh run in an output_dir that holds another run
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
     collapse_ratio: float = 4.0  # warn when an expert's load exceeds this multiple of the mean
@@ -120,21 +121,21 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    backend: Literal["ddp", "deepspeed"] = "ddp"
-    ep_size: int = 1
-    zero_stage: int = 0
+    backend: Literal["ddp", "deepspeed"] = "ddp"  # ddp: accelerate + torch DDP; deepspeed: ZeRO
+    ep_size: int = 1  # expert-parallel size: experts split over this many consecutive ranks
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0/1/2 (3 is refused with ep_size > 1)
     deepspeed_config: str | None = None  # a DeepSpeed JSON to use instead of the generated one
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    log_every: int = 10
-    progress_bar: bool = True
-    jsonl: bool = True
-    wandb: bool = False
-    wandb_project: str = "moe_lm"
-    wandb_entity: str | None = None
-    wandb_run_name: str | None = None
+    log_every: int = 10  # steps between metric records (console, metrics.jsonl, wandb)
+    progress_bar: bool = True  # tqdm bar with loss, aux loss, tokens/s, ETA
+    jsonl: bool = True  # write RUN/metrics.jsonl
+    wandb: bool = False  # log to wandb (offline without an API key; never blocks training)
+    wandb_project: str = "moe_lm"  # wandb project
+    wandb_entity: str | None = None  # wandb entity (team or user)
+    wandb_run_name: str | None = None  # None: the config name
     peak_tflops: float | None = None  # for MFU; None: a table for known GPUs, a measured matmul peak on CPU
 
 
@@ -146,10 +147,10 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class HubConfig:
-    push_at_end: bool = False
-    repo_id: str | None = None
-    private: bool = True
-    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    push_at_end: bool = False  # export to RUN/export and push when training finishes
+    repo_id: str | None = None  # OWNER/NAME on the Hub
+    private: bool = True  # create the repo private
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # dtype of the exported weights
 
 
 @dataclass(frozen=True)
@@ -222,10 +223,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, str):  # YAML reads 1e3 as a string
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, float) and value.is_integer():
             return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")

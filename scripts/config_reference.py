@@ -1,0 +1,46 @@
+"""Print the config reference (every key, its type, default and meaning) as markdown for the README.
+
+The meaning comes from the comment beside each field in moe_lm/config.py, so the two never drift.
+Run: .venv/bin/python scripts/config_reference.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+
+from moe_lm.config import Config
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2)
+    return comments
+
+
+def main() -> None:
+    defaults = Config()
+    for section in dataclasses.fields(Config):
+        if section.name == "name":
+            print("`name` (str, default: the config file's stem): names the run and its default output dir.\n")
+            continue
+        cls = type(getattr(defaults, section.name))
+        comments = field_comments(cls)
+        print(f"**`{section.name}:`**\n")
+        print("| key | type | default | meaning |")
+        print("|---|---|---|---|")
+        hints = {f.name: f.type for f in dataclasses.fields(cls)}
+        for f in dataclasses.fields(cls):
+            value = getattr(getattr(defaults, section.name), f.name)
+            shown = "null" if value is None else repr(value).replace("|", "\\|")
+            kind = str(hints[f.name]).replace("|", "\\|")
+            print(f"| `{f.name}` | `{kind}` | `{shown}` | {comments.get(f.name, '')} |")
+        print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Training runs executed inside the worker processes of tests/dist (see harness.py).
+
+Every run trains the same tiny MoE on the same global batch: shard s of step t is a fixed random
+batch. Two processes run one shard each (accum 1); the one-process reference runs both shards as
+a gradient-accumulation of 2 (loss / 2), which is what the processes together must equal.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_lm.config import Config, ParallelConfig, TrainConfig
+from moe_lm.model import MoETransformer
+from moe_lm.parallel.backend import Backend
+from tests.conftest import tiny_model_config
+
+MICRO, SEQ, SHARDS = 4, 16, 2
+
+
+def make_cfg(ep_size: int = 1, backend: str = "ddp", zero_stage: int = 0, accum: int = 1, **model: Any) -> Config:
+    return Config(
+        model=tiny_model_config(**model),
+        train=TrainConfig(micro_batch_size=MICRO, grad_accum_steps=accum, mixed_precision="no"),
+        parallel=ParallelConfig(backend=backend, ep_size=ep_size, zero_stage=zero_stage),  # type: ignore[arg-type]
+    )
+
+
+def batch(step: int, shard: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + shard)
+    ids = torch.randint(0, vocab, (MICRO, SEQ + 1), generator=g)
+    return ids[:, :-1], ids[:, 1:]
+
+
+def lr_lambda(step: int) -> float:
+    return min(1.0, (step + 1) / 4)  # the lr changes over the first steps, so a resume must restore it
+
+
+def build(cfg: Config) -> tuple[Backend, MoETransformer]:
+    backend = Backend(cfg)
+    torch.manual_seed(0)
+    model = MoETransformer(cfg.model)
+    backend.parallelize(model)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    rest = [p for n, p in model.named_parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
+    backend.prepare(model, groups, lambda g: torch.optim.AdamW(g, lr=1e-2, betas=(0.9, 0.95)), lr_lambda)
+    return backend, model
+
+
+def my_shards(backend: Backend) -> list[int]:
+    return [backend.rank] if backend.world_size == SHARDS else list(range(SHARDS))
+
+
+def train(backend: Backend, model: MoETransformer, first: int, last: int, clip: float) -> list[float]:
+    """Steps [first, last); returns the loss of every (step, shard) this rank ran."""
+    shards, losses = my_shards(backend), []
+    for step in range(first, last):
+        counts = None
+        for i, shard in enumerate(shards):
+            ids, labels = batch(step, shard, model.cfg.vocab_size)
+            with backend.accumulate(sync=i == len(shards) - 1):
+                out = backend.model(ids.to(backend.device), labels.to(backend.device))
+                backend.backward(out.loss / len(shards))
+            losses.append(float(out.loss))
+            counts = out.expert_counts_LE if counts is None else counts + out.expert_counts_LE
+        backend.step(clip)
+        if model.cfg.aux_free_bias and counts is not None:
+            backend.update_expert_bias(counts)
+    return losses
+
+
+def probe(backend: Backend, model: MoETransformer) -> dict[str, Any]:
+    """Step-0 forward outputs and the finished gradients, without stepping."""
+    shards, logits, losses = my_shards(backend), [], []
+    for i, shard in enumerate(shards):
+        ids, labels = batch(0, shard, model.cfg.vocab_size)
+        with backend.accumulate(sync=i == len(shards) - 1):
+            out = backend.model(ids, labels)
+            backend.backward(out.loss / len(shards))
+        logits.append(out.logits.detach().clone())
+        losses.append(float(out.loss))
+    norm = float(backend.reduce_gradients())
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    backend.optimizer.zero_grad(set_to_none=True)
+    return {"logits": logits, "losses": losses, "grads": grads, "norm": norm}
+
+
+def snapshot(backend: Backend, model: MoETransformer) -> dict[str, Any]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    optim = {names[id(p)]: {k: v.clone() for k, v in s.items()} for p, s in backend.optimizer.state.items()}
+    return {
+        "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "optim": optim,
+        "expert_range": backend.expert_range,
+        "lr": [g["lr"] for g in backend.optimizer.param_groups],
+    }
+
+
+def equivalence(rank: int, args: dict[str, Any]) -> dict[str, Any]:
+    """Probe, then `steps` optimizer steps; optionally save a checkpoint after `save_at` steps."""
+    cfg = make_cfg(**args["cfg"])
+    backend, model = build(cfg)
+    result = probe(backend, model)
+    save_at, steps = args.get("save_at"), args["steps"]
+    if save_at:
+        result["losses_run"] = train(backend, model, 0, save_at, args["clip"])
+        Path(args["save_dir"]).mkdir(parents=True, exist_ok=True)
+        backend.save_state(Path(args["save_dir"]))
+        backend.barrier()
+        result["saved"] = snapshot(backend, model)
+        result["losses_run"] += train(backend, model, save_at, steps, args["clip"])
+    else:
+        result["losses_run"] = train(backend, model, 0, steps, args["clip"])
+    result.update(snapshot(backend, model))
+    return result
+
+
+def resume(rank: int, args: dict[str, Any]) -> dict[str, Any]:
+    """Load a checkpoint written at another EP size, record the state, train on from there."""
+    backend, model = build(make_cfg(**args["cfg"]))
+    backend.load_state(Path(args["load_dir"]))
+    loaded = snapshot(backend, model)
+    losses = train(backend, model, args["first"], args["steps"], args["clip"])
+    return {"loaded": loaded, "losses_run": losses, **snapshot(backend, model)}
+
+
+def many(rank: int, args: dict[str, Any]) -> dict[str, Any]:
+    """Several runs in one launch (process start-up dominates the suite's time)."""
+    return {name: globals()[job["fn"]](rank, job["args"]) for name, job in args.items()}
+
+
+def step_time(rank: int, args: dict[str, Any]) -> dict[str, Any]:
+    """Mean seconds per optimizer step on the tiny-shakespeare model shape (for the closing note)."""
+    shape = dict(vocab_size=2048, hidden_size=128, intermediate_size=256, num_layers=4, max_seq_len=256)
+    cfg = make_cfg(ep_size=args["ep_size"], **shape)
+    backend, model = build(cfg)
+    g = torch.Generator().manual_seed(rank)
+    per_rank = args["batch"] // backend.world_size
+    ids = torch.randint(0, 2048, (per_rank, 129), generator=g)
+    times = []
+    for i in range(args["steps"] + 1):
+        t0 = time.perf_counter()
+        out = backend.model(ids[:, :-1], ids[:, 1:])
+        backend.backward(out.loss)
+        backend.step(1.0)
+        if i:  # the first step pays for allocation
+            times.append(time.perf_counter() - t0)
+    return {"step_s": sum(times) / len(times), "metrics": backend.extra_metrics()}
