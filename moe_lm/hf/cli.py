@@ -28,7 +28,9 @@ def stats_main(argv: list[str]) -> int:
 def export_main(argv: list[str]) -> int:
     from moe_lm.hf.export import DTYPES, export_checkpoint
 
-    p = _parser("export", "Export a checkpoint as a transformers MixtralForCausalLM folder (with tokenizer and card).")
+    p = _parser(
+        "export", "Export a checkpoint as a transformers MixtralForCausalLM folder (with tokenizer and card)."
+    )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint dir or a run dir (its latest)")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
@@ -37,8 +39,15 @@ def export_main(argv: list[str]) -> int:
     p.add_argument("--repo-id", metavar="OWNER/NAME", help="name used in the model card")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out that is not an export")
     args = p.parse_args(argv)
-    out = export_checkpoint(args.checkpoint, args.out, args.dtype, args.max_shard_size, args.overwrite,
-                            args.tokenizer, args.repo_id)
+    out = export_checkpoint(
+        args.checkpoint,
+        args.out,
+        args.dtype,
+        args.max_shard_size,
+        args.overwrite,
+        args.tokenizer,
+        args.repo_id,
+    )
     print(f"exported {args.checkpoint} to {out} ({args.dtype})")
     return 0
 
@@ -61,11 +70,17 @@ def upcycle_main(argv: list[str]) -> int:
     from moe_lm.hf.convert import UPCYCLE_ROUTER_STD_SCALE
     from moe_lm.hf.export import upcycle_dense
 
-    p = _parser("upcycle", "Turn a dense Llama-style folder into an MoE checkpoint (every expert = the dense MLP).")
+    p = _parser(
+        "upcycle", "Turn a dense Llama-style folder into an MoE checkpoint (every expert = the dense MLP)."
+    )
     p.add_argument("dense_dir", metavar="DENSE_HF_DIR")
-    p.add_argument("--config", required=True, help="the MoE run config; its shapes must match the dense model")
+    p.add_argument(
+        "--config", required=True, help="the MoE run config; its shapes must match the dense model"
+    )
     p.add_argument("--out", required=True, metavar="CHECKPOINT")
-    p.add_argument("--seed", type=int, default=0, help=f"router init seed (std {UPCYCLE_ROUTER_STD_SCALE} x init_std)")
+    p.add_argument(
+        "--seed", type=int, default=0, help=f"router init seed (std {UPCYCLE_ROUTER_STD_SCALE} x init_std)"
+    )
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     out = upcycle_dense(args.dense_dir, args.config, args.out, args.overwrite, args.seed)
@@ -84,6 +99,8 @@ def push_main(argv: list[str]) -> int:
     p.add_argument("--commit-message", metavar="M")
     p.add_argument("--endpoint", metavar="URL", help="Hub URL (default: HF_ENDPOINT or huggingface.co)")
     args = p.parse_args(argv)
-    url = push_folder(args.folder, args.repo_id, args.private, args.revision, args.commit_message, args.endpoint)
+    url = push_folder(
+        args.folder, args.repo_id, args.private, args.revision, args.commit_message, args.endpoint
+    )
     print(f"pushed {args.folder} to {args.repo_id}: {url}")
     return 0

@@ -55,7 +55,9 @@ def _compile(pairs: tuple[tuple[str, str], ...], reverse: bool) -> list[tuple[re
     return rules
 
 
-def _rename(state: dict[str, torch.Tensor], rules: list[tuple[re.Pattern[str], str]], what: str) -> dict[str, torch.Tensor]:
+def _rename(
+    state: dict[str, torch.Tensor], rules: list[tuple[re.Pattern[str], str]], what: str
+) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         for pattern, dst in rules:
@@ -64,7 +66,9 @@ def _rename(state: dict[str, torch.Tensor], rules: list[tuple[re.Pattern[str], s
                 out[dst.replace("{L}", m.groupdict().get("L") or "")] = value
                 break
         else:
-            raise UserError(f"weight '{key}' has no {what} equivalent; the model uses an option that cannot be converted")
+            raise UserError(
+                f"weight '{key}' has no {what} equivalent; the model uses an option that cannot be converted"
+            )
     return out
 
 
@@ -77,16 +81,29 @@ def check_exportable(cfg: ModelConfig) -> None:
     refusals = (
         (cfg.num_shared_experts > 0, "model.num_shared_experts > 0 (Mixtral has no shared experts)"),
         (cfg.aux_free_bias, "model.aux_free_bias: true (Mixtral's router has no selection bias)"),
-        (cfg.moe_layer_freq != 1, f"model.moe_layer_freq = {cfg.moe_layer_freq} (every Mixtral layer is MoE)"),
-        (cfg.first_dense_layers > 0, f"model.first_dense_layers = {cfg.first_dense_layers} (Mixtral has no dense layers)"),
-        (cfg.capacity_factor is not None, "model.capacity_factor (Mixtral is dropless; outputs would differ)"),
+        (
+            cfg.moe_layer_freq != 1,
+            f"model.moe_layer_freq = {cfg.moe_layer_freq} (every Mixtral layer is MoE)",
+        ),
+        (
+            cfg.first_dense_layers > 0,
+            f"model.first_dense_layers = {cfg.first_dense_layers} (Mixtral has no dense layers)",
+        ),
+        (
+            cfg.capacity_factor is not None,
+            "model.capacity_factor (Mixtral is dropless; outputs would differ)",
+        ),
     )
     for refused, why in refusals:
         if refused:
-            raise UserError(f"cannot export to Mixtral: {why}; train without it or keep the moe_lm checkpoint")
+            raise UserError(
+                f"cannot export to Mixtral: {why}; train without it or keep the moe_lm checkpoint"
+            )
 
 
-def to_hf_config(cfg: ModelConfig, bos_token_id: int | None = 1, eos_token_id: int | None = 2) -> MixtralConfig:
+def to_hf_config(
+    cfg: ModelConfig, bos_token_id: int | None = 1, eos_token_id: int | None = 2
+) -> MixtralConfig:
     """The MixtralConfig computing what `MoETransformer(cfg)` computes (after `check_exportable`)."""
     from transformers import MixtralConfig
 
@@ -153,7 +170,9 @@ def from_hf_config(hf: MixtralConfig) -> ModelConfig:
     """Our model config from a MixtralConfig; refuses what our model cannot reproduce."""
     what = "the Mixtral config"
     if getattr(hf, "model_type", None) != "mixtral":
-        raise UserError(f"expected a Mixtral model (model_type 'mixtral'), got '{getattr(hf, 'model_type', None)}'")
+        raise UserError(
+            f"expected a Mixtral model (model_type 'mixtral'), got '{getattr(hf, 'model_type', None)}'"
+        )
     _check_common(hf, what)
     top_k = int(hf.num_experts_per_tok)
     # 10 significant digits undo the float noise of dividing and multiplying by k.
@@ -204,7 +223,9 @@ def check_upcycle_config(cfg: ModelConfig, dense: LlamaConfig) -> None:
     what = "the dense model"
     _check_common(dense, what)
     if cfg.num_shared_experts:
-        raise UserError("upcycling does not support model.num_shared_experts > 0 (their sum would double the FFN)")
+        raise UserError(
+            "upcycling does not support model.num_shared_experts > 0 (their sum would double the FFN)"
+        )
     kv_heads = dense.num_key_value_heads or dense.num_attention_heads
     head_dim = getattr(dense, "head_dim", None) or dense.hidden_size // dense.num_attention_heads
     expected: list[tuple[str, Any, Any]] = [
@@ -223,7 +244,9 @@ def check_upcycle_config(cfg: ModelConfig, dense: LlamaConfig) -> None:
     for key, ours, theirs in expected:
         same = math.isclose(ours, theirs, rel_tol=1e-9) if isinstance(ours, float) else ours == theirs
         if not same:
-            raise UserError(f"model.{key} = {ours} in the config but the dense model has {theirs}; set model.{key}={theirs}")
+            raise UserError(
+                f"model.{key} = {ours} in the config but the dense model has {theirs}; set model.{key}={theirs}"
+            )
 
 
 def upcycle_state_dict(
@@ -248,7 +271,9 @@ def upcycle_state_dict(
     for layer in range(cfg.num_layers):
         parts = mlps.get(layer, {})
         if set(parts) != {"gate_proj", "up_proj", "down_proj"}:
-            raise UserError(f"the dense model lacks the MLP weights of layer {layer}; is it a Llama-style model?")
+            raise UserError(
+                f"the dense model lacks the MLP weights of layer {layer}; is it a Llama-style model?"
+            )
         gate_up = torch.cat((parts["gate_proj"], parts["up_proj"]), dim=0)  # [2I, H]: gate rows first
         down = parts["down_proj"]
         prefix = f"layers.{layer}.ffn"
@@ -260,7 +285,9 @@ def upcycle_state_dict(
         out[f"{prefix}.experts.gate_up_proj"] = gate_up.unsqueeze(0).expand(e, -1, -1).clone()
         out[f"{prefix}.experts.down_proj"] = down.unsqueeze(0).expand(e, -1, -1).clone()
         router = torch.empty(e, cfg.hidden_size, dtype=torch.float32)
-        out[f"{prefix}.router.weight"] = router.normal_(0.0, router_std, generator=generator).to(gate_up.dtype)
+        out[f"{prefix}.router.weight"] = router.normal_(0.0, router_std, generator=generator).to(
+            gate_up.dtype
+        )
         if cfg.aux_free_bias:
             out[f"{prefix}.router.expert_bias"] = torch.zeros(e, dtype=torch.float32)
     return out

@@ -38,8 +38,13 @@ from moe_lm.train.weights import load_model_state, resolve_checkpoint, save_weig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Files a transformers tokenizer folder may hold; anything else in the tokenizer dir stays behind.
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,13 +62,17 @@ def _is_export(path: Path) -> bool:
 
 
 @contextmanager
-def staged_dir(out: str | Path, overwrite: bool, replaceable: Callable[[Path], bool], flag: str) -> Iterator[Path]:
+def staged_dir(
+    out: str | Path, overwrite: bool, replaceable: Callable[[Path], bool], flag: str
+) -> Iterator[Path]:
     """Yield a temp dir that becomes `out` on success; refuse a non-empty `out` that is not ours."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"'{out}' is a file; choose a directory for --out")
     if out.is_dir() and any(out.iterdir()) and not overwrite and not replaceable(out):
-        raise UserError(f"'{out}' is not empty and was not written by this command; choose another --out or pass {flag}")
+        raise UserError(
+            f"'{out}' is not empty and was not written by this command; choose another --out or pass {flag}"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -94,7 +103,10 @@ def _default_permissions(root: Path) -> None:
 def find_tokenizer(cfg: Config, checkpoint: Path, override: str | None = None) -> Path | None:
     """The tokenizer dir: --tokenizer, else data.tokenizer as given or relative to the run dir."""
     if override is not None:
-        if not (Path(override) / "tokenizer.model").is_file() and not (Path(override) / "tokenizer.json").is_file():
+        if (
+            not (Path(override) / "tokenizer.model").is_file()
+            and not (Path(override) / "tokenizer.json").is_file()
+        ):
             raise UserError(f"--tokenizer '{override}' holds no tokenizer.model or tokenizer.json")
         return Path(override)
     given = Path(cfg.data.tokenizer)
@@ -129,10 +141,14 @@ def check_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str) -
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise UserError(f"{source} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise UserError(
+            f"{source} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     for key, shape in expected.items():
         if tuple(state[key].shape) != shape:
-            raise UserError(f"{source}: '{key}' has shape {tuple(state[key].shape)} but the config needs {shape}")
+            raise UserError(
+                f"{source}: '{key}' has shape {tuple(state[key].shape)} but the config needs {shape}"
+            )
 
 
 def export_checkpoint(
@@ -155,13 +171,18 @@ def export_checkpoint(
     with staged_dir(out, overwrite, _is_export, "--overwrite") as tmp:
         bos, eos = 1, 2  # moe_lm's sentencepiece convention, used when there is no tokenizer
         if tok_dir is None:
-            print(f"warning: no tokenizer at '{cfg.data.tokenizer}' (data.tokenizer); exporting without "
-                  "tokenizer files (pass --tokenizer DIR to include one)", file=sys.stderr)
+            print(
+                f"warning: no tokenizer at '{cfg.data.tokenizer}' (data.tokenizer); exporting without "
+                "tokenizer files (pass --tokenizer DIR to include one)",
+                file=sys.stderr,
+            )
         else:
             tok = copy_tokenizer(tok_dir, tmp)
             if len(tok) > cfg.model.vocab_size:
-                raise UserError(f"the tokenizer in '{tok_dir}' has {len(tok)} tokens but model.vocab_size = "
-                                f"{cfg.model.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)")
+                raise UserError(
+                    f"the tokenizer in '{tok_dir}' has {len(tok)} tokens but model.vocab_size = "
+                    f"{cfg.model.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)"
+                )
             bos, eos = tok.bos_token_id, tok.eos_token_id
         state = load_model_state(ckpt)
         check_state(cfg.model, state, f"checkpoint '{ckpt}'")
@@ -172,8 +193,12 @@ def export_checkpoint(
         has_png = False
         if records.latest and records.latest.get("expert_load"):
             step = records.latest.get("step", "?")
-            plot_latest(records.latest["expert_load"], tmp / LATEST_PNG, f"expert load at step {step}",
-                        cfg.model.moe_layer_indices)
+            plot_latest(
+                records.latest["expert_load"],
+                tmp / LATEST_PNG,
+                f"expert load at step {step}",
+                cfg.model.moe_layer_indices,
+            )
             has_png = True
         (tmp / "README.md").write_text(render_model_card(cfg, records, has_png, repo_id))
     return Path(out)
@@ -235,10 +260,27 @@ def _hf_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 # Architecture keys: an import's config must agree with the HF model on these.
-_ARCH_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-              "head_dim", "max_seq_len", "rope_theta", "rms_norm_eps", "tie_embeddings", "num_experts", "top_k",
-              "moe_intermediate_size", "moe_layer_freq", "first_dense_layers", "num_shared_experts",
-              "capacity_factor", "aux_free_bias")
+_ARCH_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "max_seq_len",
+    "rope_theta",
+    "rms_norm_eps",
+    "tie_embeddings",
+    "num_experts",
+    "top_k",
+    "moe_intermediate_size",
+    "moe_layer_freq",
+    "first_dense_layers",
+    "num_shared_experts",
+    "capacity_factor",
+    "aux_free_bias",
+)
 
 
 def _import_config(model: ModelConfig, hf_dir: Path, config: str | None, name: str) -> Config:
@@ -249,7 +291,11 @@ def _import_config(model: ModelConfig, hf_dir: Path, config: str | None, name: s
     """
     hf_values = dataclasses.asdict(model)
     if config is None:
-        data: dict[str, Any] = {"name": name, "model": hf_values, "data": {"seq_len": min(256, model.max_seq_len)}}
+        data: dict[str, Any] = {
+            "name": name,
+            "model": hf_values,
+            "data": {"seq_len": min(256, model.max_seq_len)},
+        }
         if (hf_dir / "tokenizer.model").is_file():
             data["data"]["tokenizer"] = str(hf_dir.resolve())
         return config_from_dict(data)
@@ -258,14 +304,18 @@ def _import_config(model: ModelConfig, hf_dir: Path, config: str | None, name: s
     data = base.to_dict()
     for key, value in hf_values.items():
         if key in _ARCH_KEYS and key in given and getattr(base.model, key) != value:
-            raise UserError(f"model.{key} = {getattr(base.model, key)} in '{config}' but the imported model has "
-                            f"{value}; remove it from the config or set model.{key}={value}")
+            raise UserError(
+                f"model.{key} = {getattr(base.model, key)} in '{config}' but the imported model has "
+                f"{value}; remove it from the config or set model.{key}={value}"
+            )
         if key in _ARCH_KEYS or key not in given:
             data["model"][key] = value
     return config_from_dict(data)
 
 
-def import_hf(hf_dir: str | Path, out: str | Path, config: str | None = None, overwrite: bool = False) -> Path:
+def import_hf(
+    hf_dir: str | Path, out: str | Path, config: str | None = None, overwrite: bool = False
+) -> Path:
     """A local transformers Mixtral folder -> a moe_lm checkpoint (step 0)."""
     src = Path(hf_dir)
     hf = _hf_config(src, ("mixtral",))

@@ -24,7 +24,13 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 
 
 def check_repo_id(repo_id: str) -> None:
-    if not _REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id or len(repo_id) > 96 or repo_id.endswith(".git"):
+    if (
+        not _REPO_ID.match(repo_id)
+        or "--" in repo_id
+        or ".." in repo_id
+        or len(repo_id) > 96
+        or repo_id.endswith(".git")
+    ):
         raise UserError(
             f"--repo-id {repo_id!r} is not OWNER/NAME (letters, digits, '-', '_', '.'; no '--' or '..'; "
             "e.g. my-user/tiny-moe)"
@@ -36,7 +42,9 @@ def check_export_dir(folder: str | Path) -> Path:
     if not path.is_dir():
         raise UserError(f"'{folder}' is not a directory; run `moe-lm export CHECKPOINT --out DIR` first")
     if not (path / "config.json").is_file():
-        raise UserError(f"'{folder}' has no config.json, so it is not an exported model; run `moe-lm export` first")
+        raise UserError(
+            f"'{folder}' has no config.json, so it is not an exported model; run `moe-lm export` first"
+        )
     return path
 
 
@@ -46,7 +54,9 @@ def resolve_token(token: str | None = None) -> str:
 
     found = token or os.environ.get("HF_TOKEN") or get_token()
     if not found:
-        raise UserError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (a token with write access)")
+        raise UserError(
+            "no Hugging Face token: set HF_TOKEN or run `hf auth login` (a token with write access)"
+        )
     return found
 
 
@@ -62,7 +72,9 @@ def _http_message(e: Any, repo_id: str, endpoint: str) -> str:
     if status == 401:
         return f"the Hub at {endpoint} refused the token (401 unauthorized){detail}; check HF_TOKEN or `hf auth login`"
     if status == 403:
-        return f"the token may not write to '{repo_id}' (403 forbidden){detail}; use a token with write access"
+        return (
+            f"the token may not write to '{repo_id}' (403 forbidden){detail}; use a token with write access"
+        )
     if status == 404:
         return f"'{repo_id}' or its revision was not found at {endpoint} (404){detail}; check --repo-id and --revision"
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -86,7 +98,9 @@ def push_folder(
     from huggingface_hub.errors import HfHubHTTPError
 
     if constants.is_offline_mode():  # read at import time from HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE
-        raise UserError("Hugging Face offline mode is on (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE); unset it to push")
+        raise UserError(
+            "Hugging Face offline mode is on (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE); unset it to push"
+        )
     url = endpoint or constants.ENDPOINT or DEFAULT_ENDPOINT
     api = HfApi(endpoint=url, token=resolved)
     try:
@@ -104,21 +118,34 @@ def push_folder(
         raise UserError(_http_message(e, repo_id, url)) from None
     except Exception as e:
         if _is_network_error(e):
-            raise UserError(f"cannot reach the Hub at {url} ({type(e).__name__}: {e}); check the network or --endpoint") from None
+            raise UserError(
+                f"cannot reach the Hub at {url} ({type(e).__name__}: {e}); check the network or --endpoint"
+            ) from None
         if isinstance(e, ValueError):  # e.g. invalid README metadata, reported by the server
             raise UserError(f"the Hub at {url} rejected the upload: {str(e).splitlines()[0]}") from None
         raise
     return str(getattr(info, "commit_url", info))
 
 
-def push_at_end(cfg: Config, checkpoint_dir: str | Path, endpoint: str | None = None) -> str:
+def push_at_end(cfg: Config, checkpoint_dir: str | Path | None, endpoint: str | None = None) -> str:
     """For the trainer: export the final checkpoint to RUN/export/ and push it with `cfg.hub`."""
     from moe_lm.hf.export import export_checkpoint
 
+    if checkpoint_dir is None:
+        raise UserError(
+            f"hub.push_at_end: {cfg.output_dir / 'checkpoints'} holds no complete checkpoint to push"
+        )
     if not cfg.hub.repo_id:
         raise UserError("hub.push_at_end needs hub.repo_id (OWNER/NAME)")
     check_repo_id(cfg.hub.repo_id)
     resolve_token()  # fail before spending time on the export
-    out = export_checkpoint(checkpoint_dir, cfg.output_dir / "export", dtype=cfg.hub.dtype, repo_id=cfg.hub.repo_id)
-    return push_folder(out, cfg.hub.repo_id, private=cfg.hub.private, endpoint=endpoint,
-                       commit_message=f"{cfg.name}: final checkpoint {Path(checkpoint_dir).name}")
+    out = export_checkpoint(
+        checkpoint_dir, cfg.output_dir / "export", dtype=cfg.hub.dtype, repo_id=cfg.hub.repo_id
+    )
+    return push_folder(
+        out,
+        cfg.hub.repo_id,
+        private=cfg.hub.private,
+        endpoint=endpoint,
+        commit_message=f"{cfg.name}: final checkpoint {Path(checkpoint_dir).name}",
+    )

@@ -59,7 +59,10 @@ def training_section(cfg: Config, records: RunRecords) -> str:
     state = records.trainer_state or {}
     latest = records.latest or {}
     rows: list[tuple[str, Any]] = []
-    for label, value in (("steps", state.get("step", latest.get("step"))), ("tokens", state.get("tokens", latest.get("tokens")))):
+    for label, value in (
+        ("steps", state.get("step", latest.get("step"))),
+        ("tokens", state.get("tokens", latest.get("tokens"))),
+    ):
         if value is not None:
             rows.append((label, value))
     for label, key in (
@@ -71,17 +74,22 @@ def training_section(cfg: Config, records: RunRecords) -> str:
     ):
         if latest.get(key) is not None:
             rows.append((label, float(latest[key])))
-    val = state.get("val_loss")
-    if val is None and records.latest_eval is not None:
-        val = records.latest_eval.get("val_loss")
+    # The run's newest eval up to this checkpoint (it may be logged just after the checkpoint was
+    # written, so trainer_state's val_loss can be one evaluation older) beats trainer_state's.
+    val, where = state.get("val_loss"), ""
+    if records.latest_eval is not None:
+        val, where = records.latest_eval.get("val_loss"), f" (step {records.latest_eval.get('step', '?')})"
     if val is not None:
-        rows.append(("validation loss", float(val)))
-        rows.append(("validation perplexity", math.exp(min(float(val), 700.0))))
+        rows.append((f"validation loss{where}", float(val)))
+        rows.append((f"validation perplexity{where}", math.exp(min(float(val), 700.0))))
     t, o = cfg.train, cfg.optim
     rows += [
         ("sequence length", cfg.data.seq_len),
         ("batch (micro x accumulation, per process)", f"{t.micro_batch_size} x {t.grad_accum_steps}"),
-        ("optimizer", f"AdamW, lr {o.lr:g} ({o.schedule}, {o.warmup_steps} warmup steps), weight decay {o.weight_decay:g}"),
+        (
+            "optimizer",
+            f"AdamW, lr {o.lr:g} ({o.schedule}, {o.warmup_steps} warmup steps), weight decay {o.weight_decay:g}",
+        ),
         ("router losses", f"aux coef {cfg.model.aux_loss_coef:g}, z-loss coef {cfg.model.z_loss_coef:g}"),
         ("training data", ", ".join(Path(f).name for f in cfg.data.train_files)),
     ]

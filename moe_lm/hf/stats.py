@@ -105,7 +105,9 @@ def layer_labels(num_rows: int, moe_layers: list[int] | None) -> list[str]:
     return [f"MoE {i}" for i in range(num_rows)]
 
 
-def plot_latest(load_LE: list[list[float]], out: Path, title: str, moe_layers: list[int] | None = None) -> Path:
+def plot_latest(
+    load_LE: list[list[float]], out: Path, title: str, moe_layers: list[int] | None = None
+) -> Path:
     """Heatmap, MoE layers x experts, of token fractions; the colour scale is centred on 1/E."""
     import matplotlib
 
@@ -144,14 +146,26 @@ def plot_over_time(train: list[dict[str, Any]], out: Path, moe_layers: list[int]
     load_SLE = np.asarray([r["expert_load"] for r in train], dtype=float)
     num_records, num_layers, num_experts = load_SLE.shape
     labels = layer_labels(num_layers, moe_layers)
-    fig, axes = plt.subplots(num_layers, 1, figsize=(8, 1.0 + (0.2 * num_experts + 0.6) * num_layers),
-                             squeeze=False, sharex=True, layout="constrained")
+    fig, axes = plt.subplots(
+        num_layers,
+        1,
+        figsize=(8, 1.0 + (0.2 * num_experts + 0.6) * num_layers),
+        squeeze=False,
+        sharex=True,
+        layout="constrained",
+    )
     balanced = 1.0 / num_experts
     spread = max(float(np.abs(load_SLE - balanced).max()), 1e-6)
     ticks = sorted(set(np.linspace(0, num_records - 1, min(num_records, 8)).round().astype(int).tolist()))
     for layer, ax in enumerate(axes[:, 0]):
-        im = ax.imshow(load_SLE[:, layer, :].T, aspect="auto", cmap="RdBu_r", interpolation="nearest",
-                       vmin=balanced - spread, vmax=balanced + spread)
+        im = ax.imshow(
+            load_SLE[:, layer, :].T,
+            aspect="auto",
+            cmap="RdBu_r",
+            interpolation="nearest",
+            vmin=balanced - spread,
+            vmax=balanced + spread,
+        )
         ax.set_ylabel(f"{labels[layer]}\nexpert")
     axes[-1, 0].set_xticks(ticks)
     axes[-1, 0].set_xticklabels([str(steps[i]) for i in ticks])
@@ -187,7 +201,9 @@ def write_stats(path: str | Path, out_dir: str | Path, moe_layers: list[int] | N
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     step = latest.get("step", "?")
-    written = [plot_latest(latest["expert_load"], out / LATEST_PNG, f"expert load at step {step}", moe_layers)]
+    written = [
+        plot_latest(latest["expert_load"], out / LATEST_PNG, f"expert load at step {step}", moe_layers)
+    ]
     if len(records.train) > 1:
         written.append(plot_over_time(records.train, out / OVER_TIME_PNG, moe_layers))
     return written

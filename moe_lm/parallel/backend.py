@@ -67,6 +67,10 @@ class Backend:
         self.world_size = self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
         self._check_launch()
+        if self.world_size > 1:
+            # Read by moe_lm.cli.run: gloo workers sometimes abort in interpreter teardown even
+            # after destroy_process_group; they leave with os._exit once `shutdown` has run.
+            os.environ["MOE_LM_HARD_EXIT"] = "1"
         self.dp_rank, self.dp_size = self.rank, self.world_size  # data is sharded over every rank
         self.mesh: Mesh = build_mesh(cfg.parallel.ep_size, cfg.model.num_experts)
         self.ep_rank, self.ep_size = self.mesh.ep_rank, self.mesh.ep_size
@@ -221,12 +225,6 @@ class Backend:
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
-
-    def update_expert_bias(self, counts_LE: torch.Tensor) -> None:
-        """Aux-free balancing step from this rank's expert counts since the last step: summed over
-        every rank first, so the bias (a routing input) stays identical on all ranks. Collective."""
-        total_LE = self.all_reduce(counts_LE.detach().to(self.device, torch.float32).clone(), "sum")
-        self.raw_model.update_expert_bias(total_LE)
 
     def extra_metrics(self) -> dict[str, Any]:
         """Expert-parallel load since the last call, per optimizer step: rows each rank's experts

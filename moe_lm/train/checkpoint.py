@@ -7,8 +7,9 @@ Layout of `RUN/checkpoints/step-N/`:
   rank{r}.pt                        per-rank RNG states and data-loader position
   trainer_state.json                step, tokens, last metrics
   MANIFEST.json                     size and sha256 of every file above; written last
-`RUN/checkpoints/latest` names the newest complete checkpoint. A directory without a valid manifest
-is never picked: `find_latest` falls back to the previous complete one and says so.
+`RUN/checkpoints/latest` names the newest complete checkpoint (for tools; resuming scans the
+directories). A directory without a valid manifest is never picked: `find_latest` falls back to the
+previous complete one and says so. Anything named `.tmp-*` is an unfinished write or delete.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 
 from moe_lm.config import Config, load_config
 from moe_lm.errors import UserError
+from moe_lm.train import faults
 
 MANIFEST = "MANIFEST.json"
 TMP_PREFIX = ".tmp-"
@@ -65,25 +67,33 @@ def write_manifest(directory: Path) -> None:
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())
             files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
-    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+    with open(directory / MANIFEST, "w") as out:
+        out.write(json.dumps({"files": files}, indent=1))
+        out.flush()
+        os.fsync(out.fileno())  # the manifest vouches for the rest: it must reach the disk before the rename
 
 
 def verify(directory: Path) -> str | None:
     """None if the checkpoint is complete and intact, else what is wrong with it."""
     manifest = directory / MANIFEST
     if not manifest.is_file():
-        return "no MANIFEST.json (the write did not finish)"
+        return f"no {MANIFEST} (the write did not finish)"
     try:
-        files = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError):
-        return "MANIFEST.json is unreadable"
-    for name, meta in files.items():
+        files = {
+            str(name): (int(meta["size"]), str(meta["sha256"]))
+            for name, meta in json.loads(manifest.read_text())["files"].items()
+        }
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"{MANIFEST} is unreadable"
+    # Sizes first: a truncated file is found without hashing gigabytes.
+    for name, (size, _) in files.items():
         f = directory / name
         if not f.is_file():
             return f"{name} is missing"
-        if f.stat().st_size != meta["size"]:
-            return f"{name} has {f.stat().st_size} bytes, the manifest says {meta['size']} (truncated)"
-        if _sha256(f) != meta["sha256"]:
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {size} (truncated)"
+    for name, (_, digest) in files.items():
+        if _sha256(directory / name) != digest:
             return f"{name} does not match its checksum (corrupted)"
     return None
 
@@ -97,14 +107,20 @@ def step_dirs(ckpt_root: Path) -> list[Path]:
 
 
 def find_latest(ckpt_root: Path, warn: bool = True) -> Path | None:
-    """Newest complete checkpoint; damaged newer ones are skipped with a message."""
+    """Newest complete checkpoint; each damaged newer one is named on stderr with the fallback taken."""
+    damaged: list[tuple[Path, str]] = []
+    found = None
     for candidate in step_dirs(ckpt_root):
         problem = verify(candidate)
         if problem is None:
-            return candidate
-        if warn:
-            print(f"warning: skipping checkpoint {candidate}: {problem}; falling back to an earlier one", file=sys.stderr)
-    return None
+            found = candidate
+            break
+        damaged.append((candidate, problem))
+    if warn:
+        fallback = f"falling back to {found.name}" if found else "no earlier complete checkpoint"
+        for path, problem in damaged:
+            print(f"warning: checkpoint {path} is damaged ({problem}); {fallback}", file=sys.stderr)
+    return found
 
 
 def resolve_resume(spec: str, run_dir: Path) -> Path:
@@ -121,18 +137,66 @@ def resolve_resume(spec: str, run_dir: Path) -> Path:
     if (path / "checkpoints").is_dir():
         return resolve_resume("latest", path)
     if not path.is_dir():
-        raise UserError(f"train.resume={spec}: no such checkpoint directory; use latest or a checkpoints/step-N path")
+        raise UserError(
+            f"train.resume={spec}: no such checkpoint directory; use latest or a checkpoints/step-N path"
+        )
+    if not (path / MANIFEST).is_file() and not any(path.glob("model-ep*-of-*.safetensors")):
+        raise UserError(
+            f"train.resume={spec}: that directory holds no checkpoint (no {MANIFEST}, no model weights); "
+            "use latest, a run directory or a RUN/checkpoints/step-N directory"
+        )
     problem = verify(path)
     if problem is not None:
         raise UserError(f"checkpoint {path} is not usable: {problem}; resume from an earlier one")
     return path
 
 
-def clean_temp(ckpt_root: Path) -> None:
-    """Leftovers of a write that was killed: never complete, safe to delete."""
+def clean_temp(ckpt_root: Path) -> list[Path]:
+    """Leftovers of a write or a prune that was killed: never complete, safe to delete. -> what went."""
+    removed = []
     if ckpt_root.is_dir():
-        for tmp in ckpt_root.glob(TMP_PREFIX + "*"):
-            shutil.rmtree(tmp, ignore_errors=True)
+        for tmp in sorted(ckpt_root.glob(TMP_PREFIX + "*")):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def write_pointer(ckpt_root: Path, name: str) -> None:
+    """`latest` names a checkpoint for tools (eval, export); written atomically via a temp file."""
+    pointer = ckpt_root / f"{TMP_PREFIX}latest"
+    pointer.write_text(name)
+    os.replace(pointer, ckpt_root / "latest")
+
+
+def _discard(path: Path, fault_step: int = -1) -> None:
+    """Delete a checkpoint directory so that a kill midway leaves only a temp dir (cleaned on start),
+    never a half-deleted `step-N` that looks like a checkpoint."""
+    trash = path.parent / f"{TMP_PREFIX}del-{path.name}"
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    faults.hit("prune", fault_step)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def prune(ckpt_root: Path, keep_last: int, current: int) -> None:
+    """Keep the `keep_last` newest complete checkpoints up to step `current`; delete older ones.
+
+    Newer ones (a run resumed from an earlier checkpoint) are left alone: they are replaced when
+    the run reaches their step again, and are not ours to delete before that.
+    """
+    if keep_last <= 0:
+        return
+    mine = [d for d in step_dirs(ckpt_root) if int(d.name[5:]) <= current]
+    complete = [d for d in mine if (d / MANIFEST).is_file()]
+    if len(complete) <= keep_last:
+        return
+    cutoff = int(complete[keep_last - 1].name[5:])
+    for old in mine:
+        if int(old.name[5:]) < cutoff:
+            _discard(old, fault_step=current)
 
 
 def rng_state() -> dict[str, Any]:
@@ -154,6 +218,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _write_error(e: BaseException) -> str | None:
+    """The reason, when `e` means the disk refused a write (full, quota, read-only, I/O error)."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    text = str(e)  # torch.save and safetensors wrap the OSError in their own exception types
+    for marker in ("No space left", "StorageFull", "file write failed", "Disk quota"):
+        if marker in text:
+            return text.splitlines()[0] if text.strip() else type(e).__name__
+    return None
+
+
 def save_checkpoint(
     cfg: Config,
     backend: StateBackend,
@@ -161,45 +236,66 @@ def save_checkpoint(
     rank_state: dict[str, Any],
     trainer_state: dict[str, Any],
 ) -> Path:
-    """Every rank calls this. Returns the final directory. keep-last-N pruning happens here too."""
+    """Every rank calls this. Returns the final directory. keep-last-N pruning happens here too.
+
+    Until the rename, everything lives in a temp dir: a kill leaves it behind (cleaned on the next
+    start), a write error removes it and raises one line; earlier checkpoints are never touched.
+    """
     root = cfg.output_dir / "checkpoints"
     final = root / f"step-{step}"
     tmp = root / f"{TMP_PREFIX}step-{step}"
-    if backend.is_main:
+    try:
+        if backend.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        backend.barrier()
+        backend.save_state(tmp)
+        torch.save({**rank_state, "rng": rng_state()}, tmp / f"rank{backend.rank}.pt")
+        faults.hit("ckpt_files", step, tmp)
+        backend.barrier()
+        if backend.is_main:
+            (tmp / "config.yaml").write_text(cfg.to_yaml())
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+            write_manifest(tmp)
+            faults.hit("ckpt_manifest", step)
+            if final.exists():  # a re-run of the same step (e.g. after a crash right after the rename)
+                _discard(final)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+    except Exception as e:
+        reason = _write_error(e)
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    backend.barrier()
-    backend.save_state(tmp)
-    torch.save({**rank_state, "rng": rng_state()}, tmp / f"rank{backend.rank}.pt")
-    backend.barrier()
+        if reason is None:
+            raise
+        pointer = root / "latest"
+        kept = (
+            f"{pointer.read_text().strip()} is intact"
+            if pointer.is_file()
+            else "no earlier checkpoint exists"
+        )
+        raise UserError(
+            f"cannot write checkpoint {final.name} in {root}: {reason}; {kept} — free disk space "
+            "(or lower checkpoint.keep_last) and resume with train.resume=latest"
+        ) from None
     if backend.is_main:
-        (tmp / "config.yaml").write_text(cfg.to_yaml())
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-        write_manifest(tmp)
-        if final.exists():  # a re-run of the same step (e.g. after a crash right after the rename)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        pointer = root / ".latest.tmp"
-        pointer.write_text(final.name)
-        os.replace(pointer, root / "latest")
-        _prune(root, cfg.checkpoint.keep_last)
+        faults.hit("ckpt_renamed", step)
+        write_pointer(root, final.name)
+        prune(root, cfg.checkpoint.keep_last, step)
+        faults.hit("ckpt_done", step)
     backend.barrier()
     return final
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    if keep_last <= 0:
-        return
-    complete = [d for d in step_dirs(root) if (d / MANIFEST).is_file()]
-    for old in complete[keep_last:]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 # Model fields that may change on resume without changing the weights' shapes or meaning.
 _RESUMABLE_MODEL_FIELDS = {
-    "aux_loss_coef", "z_loss_coef", "router_jitter", "capacity_factor", "experts_impl",
-    "aux_free_update_rate", "max_seq_len", "init_std",
+    "aux_loss_coef",
+    "z_loss_coef",
+    "router_jitter",
+    "capacity_factor",
+    "experts_impl",
+    "aux_free_update_rate",
+    "max_seq_len",
+    "init_std",
 }
 
 
@@ -215,7 +311,9 @@ def check_compatible(ckpt_cfg: Config, cfg: Config, where: Path) -> None:
         )
 
 
-def load_checkpoint(cfg: Config, backend: StateBackend, path: Path, weights_only: bool = False) -> dict[str, Any]:
+def load_checkpoint(
+    cfg: Config, backend: StateBackend, path: Path, weights_only: bool = False
+) -> dict[str, Any]:
     """Restore model (+ optimizer, scheduler, RNG unless weights_only); returns the rank/trainer state."""
     ckpt_cfg = load_config(path / "config.yaml")
     check_compatible(ckpt_cfg, cfg, path)

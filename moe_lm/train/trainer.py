@@ -23,9 +23,11 @@ from moe_lm.data.tokenizer import Tokenizer, check_vocab, ensure_tokenizer
 from moe_lm.model import MoETransformer
 from moe_lm.model.params import count_params
 from moe_lm.train import checkpoint as ckpt
+from moe_lm.train import faults
 from moe_lm.train.metrics import MetricsLogger, NullLogger, flops_per_token, peak_flops, router_metrics
 from moe_lm.train.optim import apply_freeze, lr_lambda, optimizer_factory, param_groups
-from moe_lm.train.rundir import prepare_run_dir
+from moe_lm.train.preflight import check_memory
+from moe_lm.train.rundir import commit_run_dir, prepare_run_dir
 
 
 class StopRequested:
@@ -56,6 +58,8 @@ class Trainer:
         self.backend = Backend(cfg)
         b = self.backend
         resumed_from = prepare_run_dir(cfg, b.is_main)
+        if b.is_main:
+            check_memory(cfg, b.world_size, b.device)
         b.barrier()
 
         if b.is_main:
@@ -100,6 +104,8 @@ class Trainer:
             self.tokens = state["trainer"]["tokens"]
             if "loader" in state["rank"]:
                 self.loader.load_state_dict(state["rank"]["loader"])
+        commit_run_dir(cfg, resumed_from, b.is_main)  # only now that every input has loaded
+        b.barrier()
         self.resumed_from = resumed_from
         self.tokens_per_step = (
             cfg.train.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps * b.dp_size
@@ -124,7 +130,7 @@ class Trainer:
             input_ids, labels = input_ids.to(b.device), labels.to(b.device)
             with b.accumulate(sync=micro == accum - 1), b.autocast():
                 out = b.model(input_ids, labels=labels)
-                b.backward(out.loss / accum)
+                b.backward(faults.poison(out.loss, self.step + 1) / accum)
             for key in ("loss", "lm_loss", "aux_loss", "hf_aux_loss", "z_loss"):
                 value = getattr(out, key)
                 if value is not None:
@@ -132,6 +138,7 @@ class Trainer:
             if out.expert_counts_LE is not None and out.dropped_L is not None:
                 counts_LE = out.expert_counts_LE if counts_LE is None else counts_LE + out.expert_counts_LE
                 dropped_L = out.dropped_L if dropped_L is None else dropped_L + out.dropped_L
+        faults.hit("step", self.step + 1)
         grad_norm, stepped = b.step(cfg.optim.grad_clip)
         if counts_LE is not None and cfg.model.aux_free_bias:
             # Every rank applies the same update from the global load, so biases stay identical.
@@ -265,6 +272,7 @@ class Trainer:
                 if self.step % cfg.logging.log_every == 0 or self.step == 1:
                     record = self._record(result, time.perf_counter() - start)
                     self.records.append(record)
+                    faults.torn_write(cfg.output_dir / "metrics.jsonl", record, self.step)
                     self.log.log(record)
                     self._check_collapse(record)
                     self.log.progress(

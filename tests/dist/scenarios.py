@@ -68,8 +68,8 @@ def train(backend: Backend, model: MoETransformer, first: int, last: int, clip: 
             losses.append(float(out.loss))
             counts = out.expert_counts_LE if counts is None else counts + out.expert_counts_LE
         backend.step(clip)
-        if model.cfg.aux_free_bias and counts is not None:
-            backend.update_expert_bias(counts)
+        if model.cfg.aux_free_bias and counts is not None:  # as the trainer does: the global load
+            model.update_expert_bias(backend.all_reduce(counts.float(), "sum"))
     return losses
 
 
@@ -150,3 +150,17 @@ def step_time(rank: int, args: dict[str, Any]) -> dict[str, Any]:
         if i:  # the first step pays for allocation
             times.append(time.perf_counter() - t0)
     return {"step_s": sum(times) / len(times), "metrics": backend.extra_metrics()}
+
+
+def deepspeed_run(rank: int, args: dict[str, Any]) -> dict[str, Any]:
+    """ZeRO-1/2 with EP: train, save a checkpoint (gathered through DeepSpeed), train on."""
+    backend, model = build(make_cfg(backend="deepspeed", **args["cfg"]))
+    t0 = time.perf_counter()
+    losses = train(backend, model, 0, args["save_at"], args["clip"])
+    Path(args["save_dir"]).mkdir(parents=True, exist_ok=True)
+    backend.save_state(Path(args["save_dir"]))
+    backend.barrier()
+    losses += train(backend, model, args["save_at"], args["steps"], args["clip"])
+    seconds = (time.perf_counter() - t0) / args["steps"]
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {"losses_run": losses, "weights": weights, "expert_range": backend.expert_range, "step_s": seconds}

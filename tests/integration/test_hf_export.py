@@ -41,16 +41,33 @@ def make_checkpoint(run: Path, cfg: Config, ep_size: int = 2) -> tuple[Path, MoE
     (ckpt / "config.yaml").write_text(cfg.to_yaml())
     per = cfg.model.num_experts // ep_size
     for r in range(ep_size):  # each EP rank holds its slice of every expert tensor
-        shard = {k: v[r * per : (r + 1) * per] if ".experts." in k else v for k, v in model.state_dict().items()}
+        shard = {
+            k: v[r * per : (r + 1) * per] if ".experts." in k else v for k, v in model.state_dict().items()
+        }
         save_weights(ckpt, shard, ep_rank=r, ep_size=ep_size, expert_offset=r * per)
     records = []
     for step in (2, 4, STEP):
         ids = torch.randint(0, cfg.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(step))
         load = _expert_load(model, ids)
-        records.append({"kind": "train", "step": step, "tokens": step * 128, "loss": 5.0 - 0.1 * step,
-                        "lm_loss": 4.9 - 0.1 * step, "aux_loss": 1.05, "hf_aux_loss": 2.1, "z_loss": 3.0,
-                        "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1000.0, "mfu": 0.01, "expert_load": load,
-                        "imbalance": [max(row) * len(row) for row in load], "dropped_frac": 0.0})
+        records.append(
+            {
+                "kind": "train",
+                "step": step,
+                "tokens": step * 128,
+                "loss": 5.0 - 0.1 * step,
+                "lm_loss": 4.9 - 0.1 * step,
+                "aux_loss": 1.05,
+                "hf_aux_loss": 2.1,
+                "z_loss": 3.0,
+                "lr": 1e-3,
+                "grad_norm": 1.0,
+                "tokens_per_s": 1000.0,
+                "mfu": 0.01,
+                "expert_load": load,
+                "imbalance": [max(row) * len(row) for row in load],
+                "dropped_frac": 0.0,
+            }
+        )
     records.append({"kind": "eval", "step": STEP, "val_loss": 4.5, "val_ppl": math.exp(4.5)})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     state = {"step": STEP, "tokens": STEP * 128, "last_metrics": records[-2], "val_loss": 4.5}
@@ -60,7 +77,9 @@ def make_checkpoint(run: Path, cfg: Config, ep_size: int = 2) -> tuple[Path, MoE
 
 
 @pytest.fixture(scope="module")
-def trained(corpus: Path, tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, MoETransformer]:
+def trained(
+    corpus: Path, tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, MoETransformer]:
     run = tmp_path_factory.mktemp("export") / "run"
     cfg = config_from_dict(run_config_dict(corpus, tokenizer_dir, run, model={"init_std": INIT_STD}))
     return make_checkpoint(run, cfg)
@@ -106,7 +125,9 @@ def test_fp32_export_reloads_with_same_logits_perplexity_and_greedy_tokens(
     assert out.logits is not None and out.lm_loss is not None
     diff = (out.logits - ref.logits).abs().max().item()
     ppl_ours, ppl_hf = math.exp(out.lm_loss.item()), math.exp(ref.loss.item())
-    print(f"\n[export fp32] max|logit diff| {diff:.3e}; perplexity ours {ppl_ours:.4f} transformers {ppl_hf:.4f}")
+    print(
+        f"\n[export fp32] max|logit diff| {diff:.3e}; perplexity ours {ppl_ours:.4f} transformers {ppl_hf:.4f}"
+    )
     assert diff < 1e-4
     assert ppl_hf == pytest.approx(ppl_ours, rel=1e-5)
     prompt = ids[:1, :8]
@@ -117,8 +138,16 @@ def test_fp32_export_reloads_with_same_logits_perplexity_and_greedy_tokens(
 
 def test_export_folder_contents_and_model_card(exported: Path) -> None:
     names = {p.name for p in exported.iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", "README.md", "expert_load.png",
-            "tokenizer.json", "tokenizer_config.json", "tokenizer.model"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "README.md",
+        "expert_load.png",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "tokenizer.model",
+    } <= names
     assert not any(n.startswith(".") for n in names)
     gen = json.loads((exported / "generation_config.json").read_text())
     assert (gen["bos_token_id"], gen["eos_token_id"]) == (1, 2)
@@ -128,11 +157,13 @@ def test_export_folder_contents_and_model_card(exported: Path) -> None:
     assert meta["pipeline_tag"] == "text-generation" and meta["tags"] == ["moe", "mixtral", "moe_lm"]
     assert meta["datasets"] == ["shakespeare.txt"]
     assert "](expert_load.png)" in readme and (exported / "expert_load.png").stat().st_size > 1000
-    for fact in ("| layers | 2 |", "4 / top-2", "| steps | 6 |", "validation loss | 4.5000", "| layer 1 |"):
+    for fact in ("| layers | 2 |", "4 / top-2", "| steps | 6 |", "validation loss (step 6) | 4.5000", "| layer 1 |"):
         assert fact in readme, fact
 
 
-def test_bf16_export_is_our_weights_rounded_and_runs_close(trained: tuple[Path, MoETransformer], tmp_path: Path) -> None:
+def test_bf16_export_is_our_weights_rounded_and_runs_close(
+    trained: tuple[Path, MoETransformer], tmp_path: Path
+) -> None:
     from moe_lm.hf.convert import from_hf_state_dict
 
     ckpt, ours = trained
@@ -151,12 +182,16 @@ def test_bf16_export_is_our_weights_rounded_and_runs_close(trained: tuple[Path, 
         a, b = ours(ids).logits, hf(ids, use_cache=False).logits.float()
     diff = (a - b).abs()
     agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
-    print(f"\n[export bf16] vs our fp32 model: mean|logit diff| {diff.mean().item():.3e}, max {diff.max().item():.3e}, "
-          f"next-token argmax agreement {agree:.3f} (logit std {a.std().item():.2f})")
+    print(
+        f"\n[export bf16] vs our fp32 model: mean|logit diff| {diff.mean().item():.3e}, max {diff.max().item():.3e}, "
+        f"next-token argmax agreement {agree:.3f} (logit std {a.std().item():.2f})"
+    )
     assert diff.mean().item() < BF16_MEAN_ATOL and agree >= 0.9
 
 
-def test_sharded_export_writes_an_index_and_reloads(trained: tuple[Path, MoETransformer], tmp_path: Path) -> None:
+def test_sharded_export_writes_an_index_and_reloads(
+    trained: tuple[Path, MoETransformer], tmp_path: Path
+) -> None:
     ckpt, ours = trained
     out = tmp_path / "sharded"
     assert main(["export", str(ckpt), "--out", str(out), "--dtype", "fp32", "--max-shard-size", "200KB"]) == 0
@@ -168,7 +203,9 @@ def test_sharded_export_writes_an_index_and_reloads(trained: tuple[Path, MoETran
         assert (ours(ids).logits - _hf(out)(ids, use_cache=False).logits).abs().max() < 1e-4
 
 
-def test_import_gives_back_the_exact_weights(trained: tuple[Path, MoETransformer], exported: Path, tmp_path: Path) -> None:
+def test_import_gives_back_the_exact_weights(
+    trained: tuple[Path, MoETransformer], exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from moe_lm.train.checkpoint import resolve_resume
 
     _, ours = trained
@@ -179,15 +216,39 @@ def test_import_gives_back_the_exact_weights(trained: tuple[Path, MoETransformer
     mine = ours.state_dict()
     assert all(torch.equal(model.state_dict()[k], mine[k]) for k in mine)
     assert resolve_resume(str(out), tmp_path) == out  # train.init_from accepts it (manifest verifies)
+    # --config supplies everything but the architecture; a conflicting architecture key is refused.
+    run_cfg = yaml.safe_load((trained[0] / "config.yaml").read_text())
+    run_cfg["model"] = {"z_loss_coef": 0.005}
+    run_cfg["optim"]["lr"] = 1e-4
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(run_cfg))
+    assert (
+        main(["import", str(exported), "--out", str(tmp_path / "with-config"), "--config", str(config)]) == 0
+    )
+    cfg2, _ = load_pretrained(tmp_path / "with-config")
+    assert cfg2.optim.lr == 1e-4 and cfg2.model.z_loss_coef == 0.005 and cfg2.model.hidden_size == 48
+    run_cfg["model"] = {"hidden_size": 64}
+    config.write_text(yaml.safe_dump(run_cfg))
+    assert main(["import", str(exported), "--out", str(tmp_path / "bad"), "--config", str(config)]) == 2
+    assert "model.hidden_size = 64" in capsys.readouterr().err
 
 
 def test_refusals_and_overwrite_rules(
-    trained: tuple[Path, MoETransformer], exported: Path, corpus: Path, tokenizer_dir: Path, tmp_path: Path,
+    trained: tuple[Path, MoETransformer],
+    exported: Path,
+    corpus: Path,
+    tokenizer_dir: Path,
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     ckpt, _ = trained
-    for option, value in (("num_shared_experts", 1), ("aux_free_bias", True), ("moe_layer_freq", 2),
-                          ("first_dense_layers", 1), ("capacity_factor", 1.5)):
+    for option, value in (
+        ("num_shared_experts", 1),
+        ("aux_free_bias", True),
+        ("moe_layer_freq", 2),
+        ("first_dense_layers", 1),
+        ("capacity_factor", 1.5),
+    ):
         run = tmp_path / option
         cfg = config_from_dict(run_config_dict(corpus, tokenizer_dir, run, model={option: value}))
         make_checkpoint(run, cfg, ep_size=1)
@@ -196,6 +257,16 @@ def test_refusals_and_overwrite_rules(
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and f"model.{option}" in err and "\n" not in err
         assert not (tmp_path / f"out-{option}").exists()
+    run = tmp_path / "no-tokenizer"  # exports without tokenizer files, saying so
+    make_checkpoint(
+        run, config_from_dict(run_config_dict(corpus, tokenizer_dir, run, data={"tokenizer": "nowhere"}))
+    )
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(tmp_path / "bare"), "--dtype", "fp32"]) == 0
+    assert "warning: no tokenizer" in capsys.readouterr().err
+    assert (
+        not (tmp_path / "bare" / "tokenizer.json").exists() and (tmp_path / "bare" / "config.json").is_file()
+    )
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
@@ -209,11 +280,16 @@ def test_refusals_and_overwrite_rules(
     assert not list(tmp_path.glob(".*tmp-*"))  # no staging dir left behind
 
 
-def test_stats_writes_heatmaps(trained: tuple[Path, MoETransformer], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_stats_writes_heatmaps(
+    trained: tuple[Path, MoETransformer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ckpt, _ = trained
     assert main(["stats", str(ckpt.parents[1]), "--out", str(tmp_path / "run-stats")]) == 0
     assert "| layer 0 |" in capsys.readouterr().out
-    assert {p.name for p in (tmp_path / "run-stats").iterdir()} == {"expert_load.png", "expert_load_over_time.png"}
+    assert {p.name for p in (tmp_path / "run-stats").iterdir()} == {
+        "expert_load.png",
+        "expert_load_over_time.png",
+    }
     assert main(["stats", str(ckpt), "--out", str(tmp_path / "ckpt-stats")]) == 0
     assert (tmp_path / "ckpt-stats" / "expert_load.png").stat().st_size > 1000
     assert main(["stats", str(tmp_path), "--out", str(tmp_path / "none")]) == 2
@@ -226,11 +302,20 @@ def test_upcycle_dense_llama_gives_the_dense_logits(
 
     run_cfg = run_config_dict(corpus, tokenizer_dir, tmp_path / "run", model={"init_std": INIT_STD})
     m = run_cfg["model"]
-    dense = LlamaForCausalLM(LlamaConfig(
-        vocab_size=m["vocab_size"], hidden_size=m["hidden_size"], intermediate_size=m["intermediate_size"],
-        num_hidden_layers=m["num_layers"], num_attention_heads=m["num_heads"], num_key_value_heads=m["num_kv_heads"],
-        max_position_embeddings=m["max_seq_len"], rms_norm_eps=1e-5, initializer_range=INIT_STD,
-        rope_parameters={"rope_type": "default", "rope_theta": m["rope_theta"]})).eval()
+    dense = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=m["vocab_size"],
+            hidden_size=m["hidden_size"],
+            intermediate_size=m["intermediate_size"],
+            num_hidden_layers=m["num_layers"],
+            num_attention_heads=m["num_heads"],
+            num_key_value_heads=m["num_kv_heads"],
+            max_position_embeddings=m["max_seq_len"],
+            rms_norm_eps=1e-5,
+            initializer_range=INIT_STD,
+            rope_parameters={"rope_type": "default", "rope_theta": m["rope_theta"]},
+        )
+    ).eval()
     dense.save_pretrained(str(tmp_path / "dense"))
     config = tmp_path / "moe.yaml"
     config.write_text(yaml.safe_dump(run_cfg))
@@ -240,13 +325,16 @@ def test_upcycle_dense_llama_gives_the_dense_logits(
     ids = torch.randint(0, m["vocab_size"], (2, 24))
     with torch.no_grad():
         diff = (model.eval()(ids).logits - dense(ids, use_cache=False).logits).abs().max().item()
-    print(f"\n[upcycle] max|moe - dense llama| logits {diff:.3e}")
+    with capsys.disabled():  # capsys would swallow the number even under -s
+        print(f"\n[upcycle] max|moe - dense llama| logits {diff:.3e}")
     assert diff < 1e-4
     experts = model.layers[0].ffn.experts.gate_up_proj
     assert all(torch.equal(experts[0], experts[e]) for e in range(1, experts.shape[0]))
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**run_cfg, "model": {**m, "intermediate_size": 32}}))
     capsys.readouterr()
-    assert main(["upcycle", str(tmp_path / "dense"), "--config", str(bad), "--out", str(tmp_path / "bad")]) == 2
+    assert (
+        main(["upcycle", str(tmp_path / "dense"), "--config", str(bad), "--out", str(tmp_path / "bad")]) == 2
+    )
     err = capsys.readouterr().err.strip()
     assert "model.intermediate_size = 32" in err and "\n" not in err

@@ -30,8 +30,12 @@ def _pair(cfg: ModelConfig) -> tuple[MoETransformer, torch.nn.Module]:
 
 
 def test_config_round_trip() -> None:
-    for cfg in (tiny_model_config(), tiny_model_config(top_k=3, aux_loss_coef=0.017, router_jitter=0.01,
-                                                      tie_embeddings=True, head_dim=32, rope_theta=5e5)):
+    for cfg in (
+        tiny_model_config(),
+        tiny_model_config(
+            top_k=3, aux_loss_coef=0.017, router_jitter=0.01, tie_embeddings=True, head_dim=32, rope_theta=5e5
+        ),
+    ):
         hf = to_hf_config(cfg)
         assert hf.intermediate_size == cfg.expert_intermediate_size
         assert hf.rope_parameters == {"rope_type": "default", "rope_theta": cfg.rope_theta}
@@ -56,8 +60,10 @@ def test_logits_match_transformers(tie: bool) -> None:
     diff = (a - b).abs().max().item()
     real = mask.bool()
     diff_pad = (a_pad - b_pad)[real].abs().max().item()
-    print(f"\n[parity tie={tie}] fp32 logits max|ours-hf| no mask {diff:.3e}, right-padded (real tokens) "
-          f"{diff_pad:.3e}; logits max|x| {a.abs().max().item():.2f}")
+    print(
+        f"\n[parity tie={tie}] fp32 logits max|ours-hf| no mask {diff:.3e}, right-padded (real tokens) "
+        f"{diff_pad:.3e}; logits max|x| {a.abs().max().item():.2f}"
+    )
     assert a.abs().max() > 1.0  # the comparison is not between near-zero logits
     assert diff < 1e-4 and diff_pad < 1e-4
     # Right padding leaves the real tokens' logits as they are without padding.
@@ -68,14 +74,18 @@ def test_losses_match_transformers() -> None:
     cfg = tiny_model_config(init_std=PARITY_STD, aux_loss_coef=0.02)
     ours, hf = _pair(cfg)
     ids = torch.randint(0, cfg.vocab_size, (2, 32))
-    labels = torch.cat((ids[:, 1:], torch.full((2, 1), -100)), dim=1)  # we do not shift inside, transformers does
+    labels = torch.cat(
+        (ids[:, 1:], torch.full((2, 1), -100)), dim=1
+    )  # we do not shift inside, transformers does
     with torch.no_grad():
         out = ours(ids, labels=labels)
         ref = hf(ids, labels=ids, use_cache=False, output_router_logits=True)
     assert out.hf_aux_loss is not None and out.lm_loss is not None
-    print(f"\n[parity] aux loss ours(hf form) {out.hf_aux_loss.item():.6f} transformers {ref.aux_loss.item():.6f}; "
-          f"ours(Switch form) {out.aux_loss.item():.6f}; lm loss ours {out.lm_loss.item():.6f} "
-          f"transformers {ref.loss.item() - hf.config.router_aux_loss_coef * ref.aux_loss.item():.6f}")
+    print(
+        f"\n[parity] aux loss ours(hf form) {out.hf_aux_loss.item():.6f} transformers {ref.aux_loss.item():.6f}; "
+        f"ours(Switch form) {out.aux_loss.item():.6f}; lm loss ours {out.lm_loss.item():.6f} "
+        f"transformers {ref.loss.item() - hf.config.router_aux_loss_coef * ref.aux_loss.item():.6f}"
+    )
     torch.testing.assert_close(out.hf_aux_loss, ref.aux_loss, rtol=1e-6, atol=1e-6)
     # transformers' loss = lm + router_aux_loss_coef * aux with router_aux_loss_coef = our coef / k.
     expected = out.lm_loss + cfg.aux_loss_coef / cfg.top_k * out.hf_aux_loss
@@ -127,8 +137,11 @@ def test_from_hf_config_refuses_what_we_cannot_compute() -> None:
     with pytest.raises(UserError, match="sliding"):
         from_hf_config(type(to_hf_config(tiny_model_config()))(**{**base, "sliding_window": 16}))
     with pytest.raises(UserError, match="rope scaling"):
-        from_hf_config(type(to_hf_config(tiny_model_config()))(
-            **{**base, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}))
+        from_hf_config(
+            type(to_hf_config(tiny_model_config()))(
+                **{**base, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}
+            )
+        )
     with pytest.raises(UserError, match="Mixtral"):
         from_hf_config(LlamaConfig())  # type: ignore[arg-type]
 
@@ -138,11 +151,18 @@ def test_upcycled_model_equals_dense_model_in_memory() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = tiny_model_config(init_std=PARITY_STD, first_dense_layers=1, num_layers=3)
-    dense_cfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                            num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_seq_len,
-                            rms_norm_eps=cfg.rms_norm_eps, initializer_range=PARITY_STD,
-                            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
+    dense_cfg = LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.rms_norm_eps,
+        initializer_range=PARITY_STD,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+    )
     dense = LlamaForCausalLM(dense_cfg).eval()
     ours = MoETransformer(cfg).eval()
     ours.load_state_dict(upcycle_state_dict(dense.state_dict(), cfg, torch.Generator().manual_seed(0)))
@@ -151,3 +171,35 @@ def test_upcycled_model_equals_dense_model_in_memory() -> None:
         diff = (ours(ids).logits - dense(ids, use_cache=False).logits).abs().max().item()
     print(f"\n[upcycle] max|moe - dense| logits {diff:.3e}")
     assert diff < 1e-4
+
+
+def test_shipped_mixtral_8x7b_config_maps_to_the_real_mixtral_shape() -> None:
+    """Sized on the meta device: transformers' model of our config has our 46.7B parameters."""
+    from pathlib import Path
+
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from moe_lm.config import load_config
+    from moe_lm.model.params import count_params
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "mixtral-8x7b.yaml").model
+    hf_cfg = to_hf_config(cfg)
+    with torch.device("meta"):
+        hf = MixtralForCausalLM(hf_cfg)
+    total = sum(p.numel() for p in hf.parameters())
+    assert total == count_params(cfg)["total_params"]
+    assert round(total / 1e9, 1) == 46.7
+    real = MixtralConfig()  # transformers' defaults are Mixtral-8x7B-v0.1
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "num_local_experts",
+        "num_experts_per_tok",
+        "rms_norm_eps",
+    ):
+        assert getattr(hf_cfg, key) == getattr(real, key), key
+    assert hf_cfg.rope_parameters["rope_theta"] == real.rope_parameters["rope_theta"]

@@ -1,0 +1,167 @@
+"""Shared helpers for the benchmark scripts: machine header, alternating timer, tables, peak memory.
+
+Timing method: every candidate runs once per round, in an order that rotates each round, in one
+process, after warm-up; the median over rounds is reported. On a shared machine this keeps the
+ratios meaningful even when absolute times drift with other load.
+
+Peak memory on CPU: torch has no CPU allocator statistics, and tracemalloc does not see torch's
+allocations, so each candidate runs in a fresh subprocess that reports the kernel's resident-set
+high-water mark (VmHWM). The mark is reset (/proc/self/clear_refs) after the model is built, so
+"train peak" is what the training steps add on top of the weights: gradients, optimizer state,
+activations and transients. A fresh process per candidate matters because glibc keeps freed
+pages, which would hide a second candidate's allocations inside the first one's footprint.
+On CUDA, torch.cuda.max_memory_allocated is exact and used in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # scripts run as `python scripts/x.py` from the repo root
+    sys.path.insert(0, str(REPO))
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MIB = 1024 * 1024
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def header(device: str) -> str:
+    """Machine, library versions, thread count, load and the exact command line."""
+    lines = [
+        f"machine: {cpu_model()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}",
+        f"torch {torch.__version__}, python {platform.python_version()}",
+    ]
+    try:
+        import transformers
+
+        lines[-1] += f", transformers {transformers.__version__}"
+    except ImportError:
+        pass
+    if device == "cuda" and torch.cuda.is_available():
+        lines.append(f"gpu: {torch.cuda.get_device_name()}")
+    if hasattr(os, "getloadavg"):
+        # Other jobs on a small shared machine move absolute times a lot; ratios are the result.
+        lines.append("load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+    lines.append("command: " + shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]))
+    return "\n".join(lines)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_alternating(
+    fns: dict[str, Callable[[], object]], rounds: int, warmup: int, device: str = "cpu"
+) -> dict[str, float]:
+    """Median seconds per call of each fn, run round-robin with a rotating start."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    sync(device)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for i in range(len(names)):
+            name = names[(r + i) % len(names)]
+            sync(device)
+            t0 = time.perf_counter()
+            fns[name]()
+            sync(device)
+            samples[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    def fmt(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
+        return str(v)
+
+    cells = [[fmt(v) for v in row] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    out = ["| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |"]
+    out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    # First column (names) left-aligned, numbers right-aligned.
+    out += ["| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |" for r in cells]
+    return "\n".join(out)
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU peak memory through a child process
+
+
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> int:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); returns the current RSS in bytes."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _proc_status_kib("VmRSS") * 1024
+
+
+def peak_rss() -> int:
+    return _proc_status_kib("VmHWM") * 1024
+
+
+def rss_supported() -> bool:
+    try:
+        reset_peak_rss()
+        return True
+    except (OSError, RuntimeError):
+        return False
+
+
+CHILD_MARK = "@@bench-child@@"
+
+
+def child_report(payload: dict[str, object]) -> None:
+    """What a child process prints for its parent (one marked JSON line on stdout)."""
+    print(CHILD_MARK + json.dumps(payload), flush=True)
+
+
+def run_child(args: Sequence[str], timeout: float = 600) -> dict[str, object]:
+    """Run `python <args>` in a fresh process and return its child_report payload, or {"error"}."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith(CHILD_MARK):
+            return dict(json.loads(line[len(CHILD_MARK) :]))
+    if proc.returncode < 0 or proc.returncode == 137:
+        return {"error": f"killed (signal {-proc.returncode if proc.returncode < 0 else 9}; out of memory?)"}
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": f"exit {proc.returncode}: {tail[:160]}"}

@@ -1,0 +1,135 @@
+"""One MoE layer (fwd + bwd) against the dense SwiGLU FFN with the same active parameters.
+
+The dense reference has intermediate size k * I_expert, so per token it does the same expert FLOPs
+as the MoE layer: the ideal MoE/dense time ratio is 1.0 (plus the router, which is tiny). Top-k is
+run at fixed active parameters: I_expert = active_intermediate / k.
+
+"dispatch share" is the time of the same MoE layer with its experts replaced by the identity
+(router, losses, sort, gather, gate-weight combine and their backward) over the full layer time.
+
+    python scripts/bench_moe_layer.py              # CPU default, ~2 minutes
+    python scripts/bench_moe_layer.py --quick
+    python scripts/bench_moe_layer.py --device cuda --dtype bf16 --tokens 4096,16384,65536
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import torch
+from _bench_common import DTYPES, header, markdown_table, set_threads, time_alternating
+from torch import nn
+
+from moe_lm.config import ModelConfig
+from moe_lm.model.layers import SwiGLU
+from moe_lm.model.losses import imbalance
+from moe_lm.model.moe import MoELayer
+
+
+class _IdentityExperts(nn.Module):
+    """Stands in for the experts to time everything around them."""
+
+    def forward(self, x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        return x_NH
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--active-intermediate", type=int, default=1024, help="k * expert intermediate size")
+    p.add_argument("--tokens", default="1024,4096,16384")
+    p.add_argument("--experts", default="8,16,64")
+    p.add_argument("--top-k", default="2,8")
+    p.add_argument("--rounds", type=int, default=0, help="timed rounds (0: by size)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args()
+    if a.quick:
+        a.tokens, a.experts, a.top_k, a.rounds = "1024", "8", "2", 2
+    return a
+
+
+def fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, moe: bool) -> Callable[[], None]:
+    def run() -> None:
+        out = module(x)
+        y = out[0] if moe else out
+        if moe:
+            stats = out[1]
+            # Route a gradient through the router losses as training does.
+            (y * grad).sum().add(0.01 * stats.aux_loss + 0.001 * stats.z_loss).backward()
+        else:
+            y.backward(grad)
+        x.grad = None
+        for p in module.parameters():
+            p.grad = None
+
+    return run
+
+
+def bench_one(a: argparse.Namespace, tokens: int, experts: int, k: int) -> list[object] | None:
+    inter = a.active_intermediate // k
+    if k > experts or inter == 0:
+        return None
+    cfg = ModelConfig(
+        hidden_size=a.hidden, intermediate_size=inter, num_experts=experts, top_k=k, vocab_size=16,
+        num_layers=1, num_heads=1, num_kv_heads=1,
+    )  # fmt: skip
+    dtype, dev = DTYPES[a.dtype], a.device
+    torch.manual_seed(0)
+    moe = MoELayer(cfg).to(dev)
+    bare = MoELayer(cfg).to(dev)
+    dense = SwiGLU(a.hidden, inter * k).to(dev)
+    with torch.no_grad():
+        for m in (moe, bare, dense):
+            for p in m.parameters():
+                p.normal_(0.0, 0.02)
+        bare.load_state_dict(moe.state_dict())
+    bare.experts = _IdentityExperts()
+    moe, bare, dense = (m.to(dtype) for m in (moe, bare, dense))
+    x = torch.randn(tokens, a.hidden, device=dev, dtype=dtype, requires_grad=True)
+    g = torch.randn(tokens, a.hidden, device=dev, dtype=dtype)
+    comp: Callable[[nn.Module], nn.Module] = torch.compile if a.compile else (lambda m: m)  # type: ignore[assignment]
+    fns = {
+        "dense": fwd_bwd(comp(dense), x, g, moe=False),
+        "moe": fwd_bwd(comp(moe), x, g, moe=True),
+        "dispatch": fwd_bwd(comp(bare), x, g, moe=True),
+    }
+    rounds = a.rounds or (9 if tokens <= 4096 else 5)
+    t = time_alternating(fns, rounds=rounds, warmup=1, device=dev)
+    with torch.no_grad():
+        load = imbalance(moe(x)[1].counts_E).item()
+    flops = 6 * tokens * a.hidden * 3 * inter * k  # fwd + bwd of the three projections
+    return [
+        tokens, experts, k, inter,
+        f"{t['dense'] * 1e3:.1f}", f"{t['moe'] * 1e3:.1f}", f"{t['moe'] / t['dense']:.2f}",
+        f"{100 * t['dispatch'] / t['moe']:.0f}%", f"{load:.2f}", f"{flops / t['moe'] / 1e9:.0f}",
+    ]  # fmt: skip
+
+
+def main() -> None:
+    a = parse_args()
+    set_threads(a.threads)
+    print(header(a.device))
+    print(
+        f"hidden {a.hidden}, active intermediate {a.active_intermediate} (= k x expert intermediate), "
+        f"{a.dtype} on {a.device}{', compiled' if a.compile else ''}; fwd + bwd; median of rounds\n"
+    )
+    rows = []
+    for tokens in (int(t) for t in a.tokens.split(",")):
+        for k in (int(v) for v in a.top_k.split(",")):
+            for e in (int(v) for v in a.experts.split(",")):
+                row = bench_one(a, tokens, e, k)
+                if row is not None:
+                    rows.append(row)
+    cols = ["tokens", "experts", "top-k", "I_expert", "dense ms", "MoE ms", "MoE / dense", "dispatch share",
+            "max/mean load", "MoE GFLOP/s"]  # fmt: skip
+    print(markdown_table(cols, rows))
+    print("\nideal MoE / dense = 1.0; dispatch share = MoE layer with identity experts / full MoE layer.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,307 @@
+"""Train-step throughput and peak memory: moe_lm against transformers' MixtralForCausalLM.
+
+Both models get the same config, the same weights (a direct state-dict rename) and the same batch;
+one step = forward + backward + AdamW step. transformers is run with every experts implementation
+it offers (`set_experts_implementation`: "eager", "grouped_mm", "batched_mm"); one that fails or
+runs out of memory on this device is skipped with the reason. transformers is run with
+output_router_logits=True so that it trains with its load-balancing loss, as moe_lm does.
+
+    python scripts/bench_train.py                   # CPU default: 8 x 256 tokens, ~2 minutes
+    python scripts/bench_train.py --quick           # smoke test, seconds
+    python scripts/bench_train.py --device cuda --dtype bf16 --compile --batch 16 --seq 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import resource
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from _bench_common import (
+    DTYPES,
+    MIB,
+    child_report,
+    header,
+    markdown_table,
+    peak_rss,
+    reset_peak_rss,
+    rss_supported,
+    run_child,
+    set_threads,
+    sync,
+    time_alternating,
+)
+
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from moe_lm.config import ModelConfig  # noqa: E402
+from moe_lm.model.transformer import MoETransformer  # noqa: E402
+
+HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
+OURS = "moe_lm"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per implementation (median)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--intermediate", type=int, default=512)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--impls", default=",".join(HF_IMPLS), help="transformers experts implementations to try")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-implementation memory runs")
+    p.add_argument("--child-mem-gb", type=float, default=8.0, help="address-space cap of a CPU memory run")
+    p.add_argument("--quick", action="store_true", help="tiny config and few steps: a smoke test")
+    p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.seq, args.vocab, args.layers, args.steps, args.warmup = 2, 64, 512, 2, 2, 1
+    return args
+
+
+def model_config(a: argparse.Namespace) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        intermediate_size=a.intermediate,
+        num_layers=a.layers,
+        num_heads=a.heads,
+        num_kv_heads=a.kv_heads,
+        max_seq_len=a.seq,
+        num_experts=a.experts,
+        top_k=a.top_k,
+    )
+
+
+def hf_model(cfg: ModelConfig, impl: str, ours: MoETransformer) -> torch.nn.Module:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    hc = MixtralConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.expert_intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.resolved_head_dim,
+        num_local_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.top_k,
+        max_position_embeddings=cfg.max_seq_len,
+        rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings,
+        output_router_logits=True,
+        use_cache=False,
+    )
+    model = MixtralForCausalLM(hc)
+    model.load_state_dict(to_hf_state_dict(ours.state_dict()), strict=True)
+    model.set_experts_implementation(impl)
+    return model.train()
+
+
+def to_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """moe_lm names -> transformers' in-memory Mixtral names (same tensors, cloned)."""
+    renames = (
+        ("attn_norm.", "input_layernorm."),
+        ("ffn_norm.", "post_attention_layernorm."),
+        ("attn.", "self_attn."),
+        ("ffn.router.", "mlp.gate."),
+        ("ffn.experts.", "mlp.experts."),
+    )
+    out: dict[str, torch.Tensor] = {}
+    for name, t in sd.items():
+        if name.startswith("layers."):
+            for ours, theirs in renames:
+                name = name.replace(ours, theirs, 1) if ours in name else name
+            name = "model." + name
+        elif name.startswith(("embed.", "norm.")):
+            name = "model." + name.replace("embed.", "embed_tokens.", 1)
+        out[name] = t.detach().clone()
+    return out
+
+
+def build(kind: str, cfg: ModelConfig, a: argparse.Namespace) -> torch.nn.Module:
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        ours = MoETransformer(cfg)  # the weights every candidate starts from
+    model = ours if kind == OURS else hf_model(cfg, kind, ours)
+    return model.to(device=a.device, dtype=DTYPES[a.dtype]).train()
+
+
+def batch(cfg: ModelConfig, a: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, labels for moe_lm): moe_lm takes pre-shifted labels, transformers shifts inside."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (a.batch, a.seq), generator=g)
+    labels = torch.full_like(ids, -100)
+    labels[:, :-1] = ids[:, 1:]
+    return ids.to(a.device), labels.to(a.device)
+
+
+def make_step(kind: str, model: torch.nn.Module, data: tuple[torch.Tensor, torch.Tensor], compile_: bool) -> Callable[[], None]:
+    ids, labels = data
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)  # the trainer's optimizer (foreach off)
+    fwd = torch.compile(model) if compile_ else model
+
+    def step() -> None:
+        if kind == OURS:
+            loss = fwd(ids, labels=labels).loss
+        else:
+            loss = fwd(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+@torch.no_grad()
+def parity(models: dict[str, torch.nn.Module], data: tuple[torch.Tensor, torch.Tensor]) -> list[list[Any]]:
+    """Step-0 losses of every candidate: same model means same LM loss and same router aux loss."""
+    ids, labels = data
+    out = models[OURS](ids, labels=labels)
+    ref_lm, ref_aux = out.lm_loss.float().item(), out.hf_aux_loss.float().item()
+    rows: list[list[Any]] = [[OURS, f"{ref_lm:.6f}", "-", f"{ref_aux:.6f}", "-"]]
+    for kind, m in models.items():
+        if kind == OURS:
+            continue
+        o = m(input_ids=ids, labels=ids, use_cache=False)
+        aux = o.aux_loss.float().item()
+        lm = o.loss.float().item() - m.config.router_aux_loss_coef * aux
+        rows.append([f"hf {kind}", f"{lm:.6f}", f"{abs(lm - ref_lm):.1e}", f"{aux:.6f}", f"{abs(aux - ref_aux):.1e}"])
+    return rows
+
+
+def child_main(a: argparse.Namespace) -> None:
+    """One candidate in a fresh process: report its peak RSS during training steps."""
+    gb = int(a.child_mem_gb * 1024**3)
+    resource.setrlimit(resource.RLIMIT_AS, (gb, gb))  # a runaway candidate fails here, not the machine
+    try:
+        cfg = model_config(a)
+        data = batch(cfg, a)
+        model = build(a._child, cfg, a)
+        step = make_step(a._child, model, data, a.compile)
+        gc.collect()
+        base = reset_peak_rss()
+        for _ in range(2):  # the first step allocates optimizer state; the second shows steady peak
+            step()
+        child_report({"base": base, "peak": peak_rss()})
+    except (RuntimeError, MemoryError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        child_report({"error": f"{type(e).__name__}: {msg[:150]}"})
+
+
+def child_args(a: argparse.Namespace, kind: str) -> list[str]:
+    argv = [a for a in sys.argv[1:] if a != "--no-memory"]
+    return [os.path.abspath(__file__), *argv, "--_child", kind]
+
+
+def cuda_peak(step: Callable[[], None]) -> int:
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    sync("cuda")
+    return torch.cuda.max_memory_allocated()
+
+
+def main() -> None:
+    a = parse_args()
+    set_threads(a.threads)
+    if a._child:
+        child_main(a)
+        return
+    print(header(a.device))
+    cfg = model_config(a)
+    tokens = a.batch * a.seq
+    print(
+        f"config: hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, {cfg.num_layers} layers, "
+        f"{cfg.num_experts} experts top-{cfg.top_k}, heads {cfg.num_heads}/{cfg.num_kv_heads}, vocab "
+        f"{cfg.vocab_size}; batch {a.batch} x {a.seq} = {tokens} tokens; {a.dtype} on {a.device}"
+        f"{', compiled' if a.compile else ''}; AdamW; median of {a.steps} steps after {a.warmup} warm-up\n"
+    )
+    kinds = [OURS] + [k for k in a.impls.split(",") if k]
+    skipped: dict[str, str] = {}
+    mem: dict[str, float] = {}
+    measure_mem = not a.no_memory and (a.device == "cuda" or rss_supported())
+    if measure_mem and a.device == "cpu":
+        for kind in kinds:  # fresh process each; also tells which implementations run at all
+            r = run_child(child_args(a, kind))
+            if "error" in r:
+                skipped[kind] = str(r["error"])
+            else:
+                mem[kind] = (float(r["peak"]) - float(r["base"])) / MIB  # type: ignore[arg-type]
+    data = batch(cfg, a)
+    models: dict[str, torch.nn.Module] = {}
+    steps: dict[str, Callable[[], None]] = {}
+    for kind in kinds:
+        if kind in skipped:
+            continue
+        try:
+            models[kind] = build(kind, cfg, a)
+            steps[kind] = make_step(kind, models[kind], data, a.compile)
+            if a.device == "cuda":
+                mem[kind] = cuda_peak(steps[kind]) / MIB if measure_mem else float("nan")
+            else:
+                steps[kind]()  # fails here rather than inside the timing loop
+        except (RuntimeError, ValueError, MemoryError) as e:
+            skipped[kind] = f"{type(e).__name__}: {str(e).strip()[:150]}"
+            models.pop(kind, None)
+            steps.pop(kind, None)
+            gc.collect()
+            if a.device == "cuda":
+                torch.cuda.empty_cache()
+    if OURS not in steps:
+        sys.exit(f"bench_train: moe_lm itself failed: {skipped.get(OURS)}")
+
+    # Parity on fresh weights, before the warm-up steps above moved them apart.
+    fresh = {k: build(k, cfg, a) for k in models}
+    print("## Step-0 parity (same weights, same batch)\n")
+    print(markdown_table(["model", "LM loss", "|diff|", "HF-form aux loss", "|diff|"], parity(fresh, data)))
+    del fresh
+
+    secs = time_alternating(steps, rounds=a.steps, warmup=a.warmup, device=a.device)
+    hf = [k for k in secs if k != OURS]
+    best = min(hf, key=secs.__getitem__) if hf else None
+    rows = []
+    for kind, s in secs.items():
+        m = mem.get(kind, float("nan"))
+        speed = secs[kind] / secs[OURS]  # >1: moe_lm faster
+        mratio = mem[OURS] / m if kind in mem and OURS in mem else float("nan")
+        name = OURS if kind == OURS else f"hf {kind}" + (" (best)" if kind == best else "")
+        rows.append([name, f"{tokens / s:,.0f}", f"{s * 1e3:.0f}", f"{speed:.2f}x", f"{m:.0f}", f"{mratio:.2f}"])
+    mem_what = "peak alloc MiB" if a.device == "cuda" else "train peak RSS MiB"
+    print("\n## Train step (fwd + bwd + AdamW)\n")
+    cols = ["model", "tokens/s", "step ms", "moe_lm speed-up", mem_what, "moe_lm mem / this"]
+    print(markdown_table(cols, rows))
+    for kind, why in skipped.items():
+        print(f"- skipped hf {kind}: {why}")
+    if best is not None:
+        ratio_m = mem[OURS] / mem[best] if OURS in mem and best in mem else float("nan")
+        print(
+            f"\nmoe_lm / best transformers ({best}): {secs[best] / secs[OURS]:.2f}x tokens/s, "
+            f"{ratio_m:.2f}x peak memory"
+        )
+    if a.device == "cpu":
+        print(
+            "\nmemory: RSS high-water of a fresh process per model during 2 steps, minus RSS after "
+            "building it (grads + AdamW state + activations)."
+        )
+
+
+if __name__ == "__main__":
+    main()
