@@ -118,10 +118,10 @@ def plot_latest(
     load = np.asarray(load_LE, dtype=float)
     num_layers, num_experts = load.shape
     fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * num_experts + 2), max(2.5, 0.4 * num_layers + 1.5)))
-    # Balanced is 1/E; a symmetric scale around it shows over- and under-used experts alike.
+    # White at balanced (1/E), blue down to an idle expert (0), red up to the busiest one.
     balanced = 1.0 / num_experts
-    spread = max(float(np.abs(load - balanced).max()), 1e-6)
-    im = ax.imshow(load, aspect="auto", cmap="RdBu_r", vmin=balanced - spread, vmax=balanced + spread)
+    norm = _load_norm(load, balanced)
+    im = ax.imshow(load, aspect="auto", cmap="RdBu_r", norm=norm)
     ax.set_xlabel("expert")
     ax.set_xticks(range(num_experts))
     ax.set_yticks(range(num_layers))
@@ -155,7 +155,7 @@ def plot_over_time(train: list[dict[str, Any]], out: Path, moe_layers: list[int]
         layout="constrained",
     )
     balanced = 1.0 / num_experts
-    spread = max(float(np.abs(load_SLE - balanced).max()), 1e-6)
+    norm = _load_norm(load_SLE, balanced)
     ticks = sorted(set(np.linspace(0, num_records - 1, min(num_records, 8)).round().astype(int).tolist()))
     for layer, ax in enumerate(axes[:, 0]):
         im = ax.imshow(
@@ -163,8 +163,7 @@ def plot_over_time(train: list[dict[str, Any]], out: Path, moe_layers: list[int]
             aspect="auto",
             cmap="RdBu_r",
             interpolation="nearest",
-            vmin=balanced - spread,
-            vmax=balanced + spread,
+            norm=norm,
         )
         ax.set_ylabel(f"{labels[layer]}\nexpert")
     axes[-1, 0].set_xticks(ticks)
@@ -219,3 +218,10 @@ def moe_layers_of(records: RunRecords) -> list[int] | None:
         return load_config(records.checkpoint / "config.yaml").model.moe_layer_indices
     except UserError:
         return None
+
+
+def _load_norm(load: Any, balanced: float) -> Any:
+    """Colour scale from 0 (idle expert) through balanced (white) to the busiest expert seen."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    return TwoSlopeNorm(vmin=0.0, vcenter=balanced, vmax=max(float(load.max()), 2 * balanced))

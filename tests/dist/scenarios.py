@@ -153,14 +153,34 @@ def step_time(rank: int, args: dict[str, Any]) -> dict[str, Any]:
 
 
 def deepspeed_run(rank: int, args: dict[str, Any]) -> dict[str, Any]:
-    """ZeRO-1/2 with EP: train, save a checkpoint (gathered through DeepSpeed), train on."""
+    """ZeRO-1/2 with EP from scratch (one DeepSpeed engine per process: accelerate allows one
+    DeepSpeed plugin per process); optionally saves a checkpoint after `save_at` steps."""
     backend, model = build(make_cfg(backend="deepspeed", **args["cfg"]))
     t0 = time.perf_counter()
     losses = train(backend, model, 0, args["save_at"], args["clip"])
-    Path(args["save_dir"]).mkdir(parents=True, exist_ok=True)
-    backend.save_state(Path(args["save_dir"]))
-    backend.barrier()
+    if args.get("save_dir"):
+        Path(args["save_dir"]).mkdir(parents=True, exist_ok=True)
+        backend.save_state(Path(args["save_dir"]))
+        backend.barrier()
     losses += train(backend, model, args["save_at"], args["steps"], args["clip"])
     seconds = (time.perf_counter() - t0) / args["steps"]
-    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return {"losses_run": losses, "weights": weights, "expert_range": backend.expert_range, "step_s": seconds}
+    return {"losses_run": losses, "expert_range": backend.expert_range, "step_s": seconds, **_ds_state(backend)}
+
+
+def deepspeed_resume(rank: int, args: dict[str, Any]) -> dict[str, Any]:
+    """ZeRO with EP resuming a checkpoint written by the DDP backend at another EP size."""
+    backend, model = build(make_cfg(backend="deepspeed", **args["cfg"]))
+    backend.load_state(Path(args["load_dir"]))
+    loaded = _ds_state(backend)
+    losses = train(backend, model, args["first"], args["steps"], args["clip"])
+    return {"loaded": loaded, "losses_run": losses, "expert_range": backend.expert_range, **_ds_state(backend)}
+
+
+def _ds_state(backend: Backend) -> dict[str, Any]:
+    """fp32 master weights and full optimizer state, gathered the way checkpoints gather them."""
+    optim = backend._optimizer_state_by_name()
+    return {
+        "weights": {k: v.detach().clone() for k, v in backend._weights_to_save().items()},
+        "optim": {n: {k: v.clone() for k, v in s.items()} for n, s in optim.items()},
+        "lr": [g["lr"] for g in backend.scheduler.optimizer.param_groups],
+    }
