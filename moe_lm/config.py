@@ -112,7 +112,9 @@ class TrainConfig:
     sample_tokens: int = 64  # tokens generated per sample
     resume: str | None = None  # "latest" or a checkpoint directory
     init_from: str | None = None  # load weights only (no optimizer) from this checkpoint
-    freeze: Literal["none", "non_expert", "experts", "router"] = "none"  # train only experts / all but experts / all but routers
+    freeze: Literal["none", "non_expert", "experts", "router"] = (
+        "none"  # train only experts / all but experts / all but routers
+    )
     overwrite: bool = False  # allow a fresh run in an output_dir that holds another run
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
     collapse_ratio: float = 4.0  # warn when an expert's load exceeds this multiple of the mean

@@ -26,7 +26,9 @@ def main() -> None:
     defaults = Config()
     for section in dataclasses.fields(Config):
         if section.name == "name":
-            print("`name` (str, default: the config file's stem): names the run and its default output dir.\n")
+            print(
+                "`name` (str, default: the config file's stem): names the run and its default output dir.\n"
+            )
             continue
         cls = type(getattr(defaults, section.name))
         comments = field_comments(cls)

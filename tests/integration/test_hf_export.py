@@ -157,7 +157,13 @@ def test_export_folder_contents_and_model_card(exported: Path) -> None:
     assert meta["pipeline_tag"] == "text-generation" and meta["tags"] == ["moe", "mixtral", "moe_lm"]
     assert meta["datasets"] == ["shakespeare.txt"]
     assert "](expert_load.png)" in readme and (exported / "expert_load.png").stat().st_size > 1000
-    for fact in ("| layers | 2 |", "4 / top-2", "| steps | 6 |", "validation loss (step 6) | 4.5000", "| layer 1 |"):
+    for fact in (
+        "| layers | 2 |",
+        "4 / top-2",
+        "| steps | 6 |",
+        "validation loss (step 6) | 4.5000",
+        "| layer 1 |",
+    ):
         assert fact in readme, fact
 
 
