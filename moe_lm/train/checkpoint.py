@@ -191,7 +191,7 @@ def prune(ckpt_root: Path, keep_last: int, current: int) -> None:
         return
     mine = [d for d in step_dirs(ckpt_root) if int(d.name[5:]) <= current]
     complete = [d for d in mine if (d / MANIFEST).is_file()]
-    if len(complete) <= keep_last:
+    if len(complete) < keep_last:  # too few good ones: keep even the damaged, just in case
         return
     cutoff = int(complete[keep_last - 1].name[5:])
     for old in mine:

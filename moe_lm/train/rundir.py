@@ -64,7 +64,9 @@ def commit_run_dir(cfg: Config, resume: Path | None, is_main: bool) -> None:
         if resume.parent.resolve() == root.resolve():
             # A crash between the rename and the pointer update, or a damaged newest checkpoint,
             # leaves `latest` naming something else; tools (eval, export) read it.
-            ckpt.write_pointer(root, resume.name)
+            pointer = root / "latest"
+            if not pointer.is_file() or pointer.read_text().strip() != resume.name:
+                ckpt.write_pointer(root, resume.name)
             # keep-last-N after a crash that stopped a prune (nothing may be saved before the end).
             ckpt.prune(root, cfg.checkpoint.keep_last, step)
 

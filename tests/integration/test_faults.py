@@ -30,13 +30,27 @@ from tests.integration.conftest import run_config_dict
 STEPS, EVERY, KEEP = 8, 2, 2
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread here and in the subprocesses (OMP_NUM_THREADS): with this tiny model it is
+    twice as fast on a shared 2-core machine, and bit-identity needs the same count everywhere."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def make_run(corpus: Path, tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """name -> a YAML config path for a run of STEPS steps in its own directory (one shared data cache)."""
     root = tmp_path_factory.mktemp("faults")
 
     def make(name: str, **sections: dict[str, Any]) -> Path:
-        merged = {"train": {"max_steps": STEPS}, "checkpoint": {"every": EVERY, "keep_last": KEEP}}
+        merged = {
+            "train": {"max_steps": STEPS},
+            "checkpoint": {"every": EVERY, "keep_last": KEEP},
+            "logging": {"peak_tflops": 1.0},  # skips the CPU matmul probe that MFU would otherwise run
+        }
         for key, values in sections.items():
             merged[key] = {**merged.get(key, {}), **values}
         data = run_config_dict(corpus, tokenizer_dir, root / name, **merged)
@@ -81,9 +95,10 @@ def assert_same_as(run: Path, ref: Path) -> None:
 
 
 def start(cfg: Path, fault: str, **popen: Any) -> subprocess.Popen[str]:
-    env = {**os.environ, "MOE_LM_FAULT": fault}
-    return subprocess.Popen([sys.executable, "-m", "moe_lm.cli", "train", str(cfg)], env=env, text=True,
-                            cwd=cfg.parent, **popen)
+    env = {**os.environ, "MOE_LM_FAULT": fault, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "moe_lm.cli", "train", str(cfg)], env=env, text=True, cwd=cfg.parent, **popen
+    )
 
 
 def resume(cfg: Path, capsys: pytest.CaptureFixture[str], expect_step: int) -> str:
@@ -192,8 +207,12 @@ def test_nonfinite_step_is_skipped_and_logged(make_run, capsys, monkeypatch):
 
 
 def test_divergence_stops_with_one_line_naming_the_step(make_run, capsys):
-    cfg = make_run("diverge", optim={"lr": 1e30}, train={"max_nonfinite_steps": 2},
-                   checkpoint={"every": 1, "keep_last": 0})
+    cfg = make_run(
+        "diverge",
+        optim={"lr": 1e30},
+        train={"max_nonfinite_steps": 2},
+        checkpoint={"every": 1, "keep_last": 0},
+    )
     assert main(["train", str(cfg)]) == 2
     out, err = capsys.readouterr()
     ckpts = run_dir(cfg) / "checkpoints"
@@ -219,8 +238,12 @@ def test_router_collapse_warning_fires(make_run, capsys):
         weights[k] = torch.tensor([10.0, 10.0, 0.0, 0.0])
     save_file(weights, str(ckpt / "model-ep0-of-1.safetensors"))
     write_manifest(ckpt)
-    cfg = make_run("collapse", model=model, train={"max_steps": 4, "init_from": str(ckpt), "collapse_ratio": 1.5,
-                                                   "collapse_patience": 3}, checkpoint={"every": 0})
+    cfg = make_run(
+        "collapse",
+        model=model,
+        train={"max_steps": 4, "init_from": str(ckpt), "collapse_ratio": 1.5, "collapse_patience": 3},
+        checkpoint={"every": 0},
+    )
     capsys.readouterr()
     assert main(["train", str(cfg)]) == 0
     out = capsys.readouterr().out

@@ -1,0 +1,276 @@
+"""Checkpoint files on disk (manifest, fallback, pruning, temp dirs, a full disk) and the pre-flight
+memory estimate. A fake backend writes the state files, so no model is built."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_lm.config import Config, config_from_dict, load_config
+from moe_lm.errors import UserError
+from moe_lm.train import checkpoint as ckpt
+from moe_lm.train import faults
+from moe_lm.train.preflight import GIB, check_memory, estimate_memory
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class FakeBackend:
+    rank, world_size, is_main = 0, 1, True
+
+    def __init__(self, fail: BaseException | None = None) -> None:
+        self.fail = fail
+
+    def save_state(self, directory: Path) -> None:
+        (directory / "model-ep0-of-1.safetensors").write_bytes(b"w" * 1000)
+        if self.fail is not None:
+            raise self.fail
+        (directory / "optim-ep0-of-1.pt").write_bytes(b"o" * 2000)
+
+    def load_state(self, directory: Path, weights_only: bool = False) -> None:
+        pass
+
+    def barrier(self) -> None:
+        pass
+
+
+def cfg_at(tmp_path: Path, keep_last: int = 2) -> Config:
+    return config_from_dict(
+        {"train": {"output_dir": str(tmp_path / "run")}, "checkpoint": {"keep_last": keep_last}}
+    )
+
+
+def save(cfg: Config, step: int, backend: FakeBackend | None = None) -> Path:
+    return ckpt.save_checkpoint(cfg, backend or FakeBackend(), step, {"loader": step}, {"step": step})
+
+
+def names(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir())
+
+
+def test_save_writes_manifest_pointer_and_keeps_last_n(tmp_path):
+    cfg = cfg_at(tmp_path)
+    for step in range(1, 5):
+        save(cfg, step)
+    root = cfg.output_dir / "checkpoints"
+    assert names(root) == ["latest", "step-3", "step-4"]
+    assert (root / "latest").read_text() == "step-4"
+    manifest = json.loads((root / "step-4" / "MANIFEST.json").read_text())["files"]
+    assert set(manifest) == {
+        "config.yaml",
+        "model-ep0-of-1.safetensors",
+        "optim-ep0-of-1.pt",
+        "rank0.pt",
+        "trainer_state.json",
+    }
+    assert manifest["optim-ep0-of-1.pt"]["size"] == 2000
+    assert ckpt.verify(root / "step-4") is None
+    assert torch.load(root / "step-4" / "rank0.pt", weights_only=False)["loader"] == 4
+    assert load_config(root / "step-4" / "config.yaml") == cfg
+
+
+def _truncate(d: Path) -> None:
+    (d / "optim-ep0-of-1.pt").write_bytes(b"o" * 10)
+
+
+def _flip(d: Path) -> None:
+    (d / "optim-ep0-of-1.pt").write_bytes(b"o" * 1999 + b"x")
+
+
+DAMAGE = [
+    ("no-manifest", lambda d: (d / "MANIFEST.json").unlink(), "no MANIFEST.json (the write did not finish)"),
+    (
+        "bad-manifest",
+        lambda d: (d / "MANIFEST.json").write_text('{"files": [1'),
+        "MANIFEST.json is unreadable",
+    ),
+    ("missing", lambda d: (d / "rank0.pt").unlink(), "rank0.pt is missing"),
+    ("truncated", _truncate, "optim-ep0-of-1.pt has 10 bytes, the manifest says 2000 (truncated)"),
+    ("corrupted", _flip, "optim-ep0-of-1.pt does not match its checksum (corrupted)"),
+]
+
+
+@pytest.mark.parametrize(("damage", "problem"), [(d[1], d[2]) for d in DAMAGE], ids=[d[0] for d in DAMAGE])
+def test_damaged_newest_is_skipped_with_a_message_naming_the_fallback(tmp_path, capsys, damage, problem):
+    cfg = cfg_at(tmp_path, keep_last=0)
+    for step in (1, 2, 3):
+        save(cfg, step)
+    root = cfg.output_dir / "checkpoints"
+    damage(root / "step-3")
+    assert ckpt.verify(root / "step-3") == problem
+    capsys.readouterr()
+    assert ckpt.find_latest(root) == root / "step-2"
+    err = capsys.readouterr().err
+    assert err == f"warning: checkpoint {root / 'step-3'} is damaged ({problem}); falling back to step-2\n"
+    assert ckpt.resolve_resume("latest", cfg.output_dir) == root / "step-2"
+    with pytest.raises(UserError, match=r"step-3 is not usable: .*; resume from an earlier one"):
+        ckpt.resolve_resume(str(root / "step-3"), cfg.output_dir)
+
+
+def test_no_complete_checkpoint_at_all(tmp_path, capsys):
+    cfg = cfg_at(tmp_path)
+    save(cfg, 1)
+    root = cfg.output_dir / "checkpoints"
+    _truncate(root / "step-1")
+    assert ckpt.find_latest(root) is None
+    assert "no earlier complete checkpoint" in capsys.readouterr().err
+    with pytest.raises(UserError, match="holds no complete checkpoint; start without train.resume"):
+        ckpt.resolve_resume("latest", cfg.output_dir)
+
+
+@pytest.mark.parametrize(
+    "fail",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"),
+        None,  # the injected fault: MOE_LM_FAULT=enospc:2
+    ],
+    ids=["oserror", "torch-wrapped", "injected"],
+)
+def test_full_disk_keeps_earlier_checkpoints_and_removes_the_temp_dir(tmp_path, monkeypatch, fail):
+    cfg = cfg_at(tmp_path)
+    save(cfg, 1)
+    root = cfg.output_dir / "checkpoints"
+    before = {p.name: p.read_bytes() for p in (root / "step-1").iterdir()}
+    if fail is None:
+        monkeypatch.setenv(faults.ENV, "enospc:2")
+    with pytest.raises(UserError) as info:
+        save(cfg, 2, FakeBackend(fail))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"cannot write checkpoint step-2 in {root}: ")
+    assert (
+        "step-1 is intact — free disk space (or lower checkpoint.keep_last) and resume with train.resume"
+        in message
+    )
+    assert names(root) == ["latest", "step-1"]  # the temp dir is gone
+    assert (root / "latest").read_text() == "step-1"
+    assert {p.name: p.read_bytes() for p in (root / "step-1").iterdir()} == before
+
+
+def test_other_errors_propagate_but_leave_no_temp_dir(tmp_path):
+    cfg = cfg_at(tmp_path)
+    with pytest.raises(ValueError, match="a bug"):
+        save(cfg, 1, FakeBackend(ValueError("a bug")))
+    assert names(cfg.output_dir / "checkpoints") == []
+
+
+def test_prune_spares_newer_checkpoints_and_drops_damaged_older_ones(tmp_path):
+    cfg = cfg_at(tmp_path, keep_last=0)
+    for step in (2, 4, 6, 8, 10):
+        save(cfg, step)
+    root = cfg.output_dir / "checkpoints"
+    (root / "step-2" / "MANIFEST.json").unlink()  # damaged and old
+    ckpt.prune(root, keep_last=2, current=6)  # as after resuming from step-6: 8 and 10 are not ours
+    assert names(root) == ["latest", "step-10", "step-4", "step-6", "step-8"]
+    ckpt.prune(root, keep_last=1, current=10)
+    assert names(root) == ["latest", "step-10"]
+
+
+def test_resave_of_a_step_replaces_it(tmp_path):
+    cfg = cfg_at(tmp_path)
+    save(cfg, 3)
+    (cfg.output_dir / "checkpoints" / "step-3" / "stray").write_text("from the run that crashed")
+    save(cfg, 3)
+    assert "stray" not in names(cfg.output_dir / "checkpoints" / "step-3")
+    assert ckpt.verify(cfg.output_dir / "checkpoints" / "step-3") is None
+
+
+def test_clean_temp_removes_only_unfinished_work(tmp_path):
+    root = tmp_path / "checkpoints"
+    for name in (".tmp-step-5", ".tmp-del-step-1", "step-3"):
+        (root / name).mkdir(parents=True)
+        (root / name / "f").write_text("x")
+    (root / ".tmp-latest").write_text("step-3")
+    removed = ckpt.clean_temp(root)
+    assert [p.name for p in removed] == [".tmp-del-step-1", ".tmp-latest", ".tmp-step-5"]
+    assert names(root) == ["step-3"]
+
+
+def test_resolve_resume_rejects_what_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(UserError, match="no such checkpoint directory; use latest"):
+        ckpt.resolve_resume(str(tmp_path / "nope"), tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no checkpoint .* use latest, a run directory"):
+        ckpt.resolve_resume(str(tmp_path / "empty"), tmp_path)
+
+
+def test_fault_points_are_inert_unless_armed_and_typos_fail(monkeypatch):
+    monkeypatch.delenv(faults.ENV, raising=False)
+    faults.hit("ckpt_files", 1)
+    assert faults.poison(torch.tensor(1.0), 1).item() == 1.0
+    monkeypatch.setenv(faults.ENV, "nan:2")
+    assert faults.poison(torch.tensor(1.0), 1).item() == 1.0
+    assert torch.isnan(faults.poison(torch.tensor(1.0), 2))
+    monkeypatch.setenv(faults.ENV, "ckpt_file:2")
+    with pytest.raises(ValueError, match="expected <point>:<step>"):
+        faults.hit("ckpt_files", 2)
+
+
+# ---- pre-flight memory estimate -------------------------------------------------------------
+
+TINY = {
+    "model": dict(
+        vocab_size=100,
+        hidden_size=8,
+        intermediate_size=16,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        max_seq_len=8,
+        num_experts=4,
+        top_k=2,
+    ),
+    "data": dict(seq_len=8),
+    "train": dict(micro_batch_size=2, mixed_precision="no"),
+    "parallel": dict(ep_size=2),
+}
+
+
+def tiny(**sections: dict[str, object]) -> Config:
+    return config_from_dict({k: {**TINY.get(k, {}), **sections.get(k, {})} for k in {*TINY, *sections}})
+
+
+def test_memory_estimate_matches_a_hand_computation():
+    # Parameters: embedding 100*8 = 800, lm_head 800, attention q 8*8 + k 4*8 + v 4*8 + o 8*8 = 192,
+    # norms 3*8 = 24, router 4*8 = 32, experts 4 * (2*16*8 + 8*16) = 1536, of which ep_size=2 holds 768.
+    params = 800 + 800 + 192 + 24 + 32 + 768
+    est = estimate_memory(tiny(), world_size=2)
+    assert est.params == params == 2616
+    assert (est.weights, est.grads, est.optimizer) == (4 * params, 4 * params, 8 * params)
+    # Per token, one layer: attention 3*8 + 2*2*4 + 2*1*4 + heads*seq 2*8 = 64; FFN input+residual 16;
+    # MoE 2 * (2*8 + 3*16) + 4 = 132 -> 212 elements, fp32. 16 tokens. Logits 16 * 100 * 8 bytes.
+    assert est.activations == 16 * 212 * 4 + 16 * 100 * 8 == 26368
+    assert est.total == 68224
+    # Activation checkpointing keeps one H-vector per layer plus one layer: 8 + 212 elements.
+    assert (
+        estimate_memory(tiny(train={"activation_checkpointing": True}), 2).activations == 16 * 220 * 4 + 12800
+    )
+    # ZeRO-2 over 2 ranks with ep 2: dense state split in two, experts' not (one rank per expert group).
+    zero = estimate_memory(tiny(parallel={"backend": "deepspeed", "zero_stage": 2}), 2)
+    assert (zero.optimizer, zero.grads) == (8 * (1848 // 2 + 768), 4 * (1848 // 2 + 768))
+    # bf16 autocast halves the activations but not the logits
+    assert (
+        estimate_memory(tiny(train={"mixed_precision": "auto"}), 2, "cuda").activations
+        == 16 * 212 * 2 + 12800
+    )
+
+
+def test_a_huge_config_warns_and_a_tiny_one_does_not(capsys):
+    cfg = load_config(REPO / "configs" / "mixtral-8x7b.yaml")
+    est = estimate_memory(cfg, world_size=8)
+    # 46.7B parameters, 45.1B of them in experts spread over ep_size=8: 1.61B dense + 5.64B experts each
+    assert est.params == (46_702_792_704 - 45_097_156_608) + 45_097_156_608 // 8
+    assert est.total > 80 * GIB
+    gpu = (80 * GIB, "a test GPU")
+    message = check_memory(cfg, 8, torch.device("cpu"), available=gpu)
+    assert message is not None and "\n" not in message
+    assert message.startswith(f"warning: this config needs about {est.total / GIB:.1f} GiB per process")
+    assert "but a test GPU gives 80.0 GiB; lower train.micro_batch_size" in message
+    assert capsys.readouterr().err == message + "\n"
+    assert check_memory(tiny(), 2, torch.device("cpu"), available=gpu) is None
+    assert check_memory(tiny(), 2, torch.device("cpu")) is None  # this machine's real RAM
