@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+from typing import NoReturn
+
 
 class UserError(Exception):
     """Bad input from the user (config, data, checkpoint, flags). Printed as one line, exit code 2."""
@@ -9,3 +12,10 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """A config key is unknown, mistyped or impossible."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse prints usage plus an error (two lines) and exits; our CLI contract is one line, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message}; run `{self.prog} --help` for usage")

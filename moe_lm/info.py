@@ -17,20 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, NoReturn, cast
+from typing import Any, cast
 
 from moe_lm.config import Config, load_config
-from moe_lm.errors import UserError
-
-
-class _Parser(argparse.ArgumentParser):
-    # argparse prints usage plus an error (two lines) and exits; the CLI contract is one line, exit 2.
-    def error(self, message: str) -> NoReturn:
-        raise UserError(f"{message}; run `moe-lm info --help` for usage")
+from moe_lm.errors import ArgumentParser
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="moe-lm info", description="Parameter counts (total / active) and the resolved config.")
+    p = ArgumentParser(
+        prog="moe-lm info", description="Parameter counts (total / active) and the resolved config."
+    )
     p.add_argument("config", help="YAML run config, e.g. configs/mixtral-8x7b.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides such as model.num_experts=16")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a report")

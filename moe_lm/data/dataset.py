@@ -108,6 +108,9 @@ def _load_file(path: Path, fmt: str, text_field: str, key: str, cache_dir: Path 
     """One file as a dataset with a single string column "text"; bad files raise a one-line UserError."""
     import datasets
 
+    # datasets' own bars would interleave with a one-line error on stderr; we print a line per stage.
+    datasets.disable_progress_bars()
+
     compressed = path.name.lower().endswith(_COMPRESSION)
     if path.stat().st_size == 0:
         raise UserError(f"{key}: '{path}' is empty; remove it from {key} or add text")

@@ -14,7 +14,6 @@ nothing is padded; code that must pad uses `eos_id`.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import sentencepiece as spm
 
 from moe_lm.data.dataset import file_format, iter_texts, resolve_files
-from moe_lm.errors import UserError
+from moe_lm.errors import ArgumentParser, UserError
 
 if TYPE_CHECKING:
     from moe_lm.config import Config
@@ -275,7 +274,7 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
 
 def tokenizer_main(argv: list[str]) -> int:
     """`moe-lm tokenizer train|ensure ...`; raises UserError on bad input (the CLI prints it)."""
-    parser = argparse.ArgumentParser(prog="moe-lm tokenizer", description="Train or check the BPE tokenizer.")
+    parser = ArgumentParser(prog="moe-lm tokenizer", description="Train or check the BPE tokenizer.")
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train a sentencepiece BPE tokenizer on files")
     p_train.add_argument("--input", nargs="+", required=True, metavar="FILE", help="files or globs")

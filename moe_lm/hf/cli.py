@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from moe_lm.errors import ArgumentParser
+
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=f"moe-lm {prog}", description=description)
+    return ArgumentParser(prog=f"moe-lm {prog}", description=description)
 
 
 def stats_main(argv: list[str]) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,12 @@ from torch import nn
 from moe_lm.config import Config
 from moe_lm.errors import UserError
 from moe_lm.model import MoETransformer
-from moe_lm.parallel.expert_parallel import EPStats, apply_expert_parallel, expert_param_names, is_expert_param
+from moe_lm.parallel.expert_parallel import (
+    EPStats,
+    apply_expert_parallel,
+    expert_param_names,
+    is_expert_param,
+)
 from moe_lm.parallel.mesh import Mesh, build_mesh
 from moe_lm.train.weights import load_model_state, save_weights
 
@@ -127,7 +133,9 @@ class Backend:
             from torch.nn.parallel import DistributedDataParallel
 
             # Each rank holds different experts: DDP must neither broadcast nor average them.
-            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_param_names(model))
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                model, expert_param_names(model)
+            )
             self._broadcast_experts(model)
         optimizer = make_optimizer(param_groups)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
@@ -323,6 +331,8 @@ class Backend:
     def shutdown(self) -> None:
         """End training and the process group (the deterministic gloo teardown: barrier first)."""
         self.accelerator.end_training()
+        if sys.exc_info()[0] is not None:
+            return  # a failing rank must not wait in a barrier for peers stuck in a collective
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
@@ -342,7 +352,9 @@ def _split_expert_state(state: NamedState, offset: int) -> NamedState:
     return out
 
 
-def _stack_expert_state(named: NamedState, name: str, expert_range: tuple[int, int]) -> dict[str, torch.Tensor] | None:
+def _stack_expert_state(
+    named: NamedState, name: str, expert_range: tuple[int, int]
+) -> dict[str, torch.Tensor] | None:
     if not name.endswith(_EXPERT_SUFFIXES):
         return named.get(name)
     prefix, leaf = name.rsplit(".", 1)
@@ -351,4 +363,6 @@ def _stack_expert_state(named: NamedState, name: str, expert_range: tuple[int, i
         return None
     first = entries[0]
     assert first is not None
-    return {k: torch.stack([e[k] for e in entries if e is not None]) if v.dim() else v for k, v in first.items()}
+    return {
+        k: torch.stack([e[k] for e in entries if e is not None]) if v.dim() else v for k, v in first.items()
+    }

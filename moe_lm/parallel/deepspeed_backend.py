@@ -38,16 +38,14 @@ from torch import nn
 from moe_lm.config import Config
 from moe_lm.errors import UserError
 from moe_lm.model import MoETransformer
-from moe_lm.parallel.backend import Backend, NamedState, launch_hint
+from moe_lm.parallel.backend import Backend, NamedState
 from moe_lm.parallel.deepspeed_moe import mark_moe_layers
-
-# Keys generated from the run YAML; a user JSON may repeat them but not contradict them.
-_FROM_YAML = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
 
 
 def deepspeed_config(cfg: Config, precision: str) -> dict[str, Any]:
     """The DeepSpeed JSON for this run (generated, or the user's checked against the YAML)."""
     t, p = cfg.train, cfg.parallel
+    # Keys generated from the run YAML: a user JSON may repeat them but not contradict them.
     ours: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum_steps,
@@ -58,22 +56,35 @@ def deepspeed_config(cfg: Config, precision: str) -> dict[str, Any]:
         try:
             ds = json.loads(Path(p.deepspeed_config).read_text())
         except (OSError, ValueError) as e:
-            raise UserError(f"parallel.deepspeed_config '{p.deepspeed_config}' is not a readable JSON file: {e}") from None
+            raise UserError(
+                f"parallel.deepspeed_config '{p.deepspeed_config}' is not a readable JSON file: {e}"
+            ) from None
         for key, value in ours.items():
             if ds.get(key, "auto") not in ("auto", value):
-                raise UserError(f"{p.deepspeed_config}: {key} = {ds[key]} contradicts the run config ({value}); remove it")
+                raise UserError(
+                    f"{p.deepspeed_config}: {key} = {ds[key]} contradicts the run config ({value}); remove it"
+                )
         for key in ("optimizer", "scheduler"):
             if key in ds:
-                raise UserError(f"{p.deepspeed_config}: remove '{key}'; moe_lm builds it from the optim section")
+                raise UserError(
+                    f"{p.deepspeed_config}: remove '{key}'; moe_lm builds it from the optim section"
+                )
     ds.update(ours)
     zero = ds.setdefault("zero_optimization", {})
     stage = zero.setdefault("stage", p.zero_stage)
     if stage != p.zero_stage:
-        raise UserError(f"{p.deepspeed_config}: zero_optimization.stage = {stage} contradicts parallel.zero_stage = {p.zero_stage}")
+        raise UserError(
+            f"{p.deepspeed_config}: zero_optimization.stage = {stage} contradicts parallel.zero_stage = {p.zero_stage}"
+        )
     if stage == 3 and p.ep_size > 1:
         raise UserError(
             "ZeRO stage 3 with parallel.ep_size > 1 is not supported: ZeRO-3 partitions and replicates expert "
             "weights across all ranks, defeating expert parallelism; use zero_stage 1 or 2"
+        )
+    if stage == 3:
+        raise UserError(
+            "parallel.zero_stage = 3 is not supported by moe_lm's DeepSpeed backend (its checkpoints and "
+            "expert sharding assume whole parameters on each rank); use zero_stage 1 or 2"
         )
     # Overlapping reduction with backward needs stage 2 under caller-managed accumulation; it only
     # pays on GPUs.
@@ -81,9 +92,10 @@ def deepspeed_config(cfg: Config, precision: str) -> dict[str, Any]:
     ds["train_batch_size"] = "auto"  # accelerate fills micro × accum × world
     ds["managed_gradient_accumulation"] = False
     for name in ("bf16", "fp16"):
-        enabled = ds.get(name, {}).get("enabled", False) in (True, "auto") and name in ds
-        if enabled and precision != name:
-            raise UserError(f"{p.deepspeed_config}: {name} is enabled but train.mixed_precision resolves to '{precision}'")
+        if ds.get(name, {}).get("enabled") is True and precision != name:
+            raise UserError(
+                f"{p.deepspeed_config}: {name} is enabled but train.mixed_precision resolves to '{precision}'"
+            )
         ds[name] = {**ds.get(name, {}), "enabled": precision == name}
     ds.setdefault("wall_clock_breakdown", False)
     return ds
@@ -128,11 +140,24 @@ class DeepSpeedBackend(Backend):
                     f"{stage}; use configs/accelerate/deepspeed-zero{stage}.yaml"
                 )
             if name.startswith("offload_") and os.environ.get(env, "none") != "none":
-                raise UserError(f"accelerate config sets {name}; put offloading in parallel.deepspeed_config instead")
-            if name in ("gradient_accumulation_steps", "gradient_clipping", "mixed_precision", "deepspeed_config_file"):
-                where = {"gradient_accumulation_steps": "train.grad_accum_steps", "gradient_clipping": "optim.grad_clip",
-                         "mixed_precision": "train.mixed_precision", "deepspeed_config_file": "parallel.deepspeed_config"}
-                raise UserError(f"remove {name} from the accelerate config; moe_lm takes it from {where[name]}")
+                raise UserError(
+                    f"accelerate config sets {name}; put offloading in parallel.deepspeed_config instead"
+                )
+            if name in (
+                "gradient_accumulation_steps",
+                "gradient_clipping",
+                "mixed_precision",
+                "deepspeed_config_file",
+            ):
+                where = {
+                    "gradient_accumulation_steps": "train.grad_accum_steps",
+                    "gradient_clipping": "optim.grad_clip",
+                    "mixed_precision": "train.mixed_precision",
+                    "deepspeed_config_file": "parallel.deepspeed_config",
+                }
+                raise UserError(
+                    f"remove {name} from the accelerate config; moe_lm takes it from {where[name]}"
+                )
         os.environ["ACCELERATE_CONFIG_DS_FIELDS"] = ""
 
     def parallelize(self, model: MoETransformer) -> None:
@@ -191,7 +216,7 @@ class DeepSpeedBackend(Backend):
         return self.torch_optimizer
 
     def _optim_keys(self) -> list[str]:
-        state = next(iter(self._base_optimizer().state.values()), {})
+        state: dict[str, Any] = next(iter(self._base_optimizer().state.values()), {})
         return sorted(k for k, v in state.items() if torch.is_tensor(v) and v.dim())
 
     def _weights_to_save(self) -> dict[str, torch.Tensor]:
@@ -235,7 +260,9 @@ class DeepSpeedBackend(Backend):
         if not any(self._fragmented(p) for p in self.raw_model.parameters()):
             super()._load_optimizer_state(named)
             return
-        per_param = {n: _stack_expert_state(named, n, self.expert_range) for n, _ in self.raw_model.named_parameters()}
+        per_param = {
+            n: _stack_expert_state(named, n, self.expert_range) for n, _ in self.raw_model.named_parameters()
+        }
         sample = next((s for s in per_param.values() if s is not None), None)
         if sample is None:
             return
@@ -266,6 +293,3 @@ class DeepSpeedBackend(Backend):
             if mapping is not None:
                 flat = base.param_groups[mapping.param_group_index]["params"][0]
                 mapping.set_optim_state_fragment(flat, base.state[flat])
-
-
-__all__ = ["DeepSpeedBackend", "deepspeed_config", "launch_hint", "warm_deepspeed_ops"]

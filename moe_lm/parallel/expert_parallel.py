@@ -54,10 +54,16 @@ class EPStats:
 
 
 def _exchange(
-    x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup, stats: EPStats
+    x: torch.Tensor,
+    out_splits: list[int],
+    in_splits: list[int],
+    group: dist.ProcessGroup,
+    stats: EPStats | None,
 ) -> torch.Tensor:
     out = x.new_empty((sum(out_splits), *x.shape[1:]))
-    if x.is_cuda:
+    if stats is None:
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    elif x.is_cuda:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
@@ -82,7 +88,7 @@ class _AllToAll(torch.autograd.Function):
         out_splits: list[int],
         in_splits: list[int],
         group: dist.ProcessGroup,
-        stats: EPStats,
+        stats: EPStats | None,
     ) -> torch.Tensor:
         ctx.splits, ctx.group, ctx.stats = (out_splits, in_splits), group, stats
         return _exchange(x, out_splits, in_splits, group, stats)
@@ -129,10 +135,13 @@ class AllToAllDispatcher:
         # The one host sync of the layer: collectives need the split sizes on the host.
         send_splits = send_counts_RE.sum(1).tolist()
         recv_splits = recv_counts_RE.sum(1).tolist()
-        self.stats.tokens_received += sum(recv_splits)
+        # Training passes only: evaluation and sampling (no grad) would skew the per-step numbers.
+        stats = self.stats if torch.is_grad_enabled() else None
+        if stats is not None:
+            stats.tokens_received += sum(recv_splits)
 
         x_SH = x_TH[plan.token_idx]
-        x_recv_NH = _AllToAll.apply(x_SH, recv_splits, send_splits, self.group, self.stats)
+        x_recv_NH = _AllToAll.apply(x_SH, recv_splits, send_splits, self.group, stats)
         order_N = source_to_expert_order(recv_counts_RE)
         y_NH = experts(x_recv_NH[order_N], recv_counts_RE.sum(0))
         if x_recv_NH.requires_grad and not y_NH.requires_grad:
@@ -141,7 +150,7 @@ class AllToAllDispatcher:
             y_NH = y_NH + x_recv_NH.sum() * 0
         unorder_N = torch.empty_like(order_N)
         unorder_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
-        y_SH = _AllToAll.apply(y_NH[unorder_N], send_splits, recv_splits, self.group, self.stats)
+        y_SH = _AllToAll.apply(y_NH[unorder_N], send_splits, recv_splits, self.group, stats)
         return combine(y_SH, plan, topk_weight_TK, x_TH.shape[0]), plan.dropped
 
 

@@ -42,6 +42,7 @@ class StateBackend(Protocol):
     def save_state(self, directory: Path) -> None: ...
     def load_state(self, directory: Path, weights_only: bool = False) -> None: ...
     def barrier(self) -> None: ...
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor: ...
 
 
 def _sha256(path: Path) -> str:
@@ -229,6 +230,20 @@ def _write_error(e: BaseException) -> str | None:
     return None
 
 
+def _raise_write_error(error: BaseException | None, final: Path, root: Path) -> None:
+    if error is None:
+        raise UserError(f"another process failed to write checkpoint {final.name} in {root}; see its error")
+    reason = _write_error(error)
+    if reason is None:
+        raise error
+    pointer = root / "latest"
+    kept = f"{pointer.read_text().strip()} is intact" if pointer.is_file() else "no earlier checkpoint exists"
+    raise UserError(
+        f"cannot write checkpoint {final.name} in {root}: {reason}; {kept} — free disk space "
+        "(or lower checkpoint.keep_last) and resume with train.resume=latest"
+    ) from None
+
+
 def save_checkpoint(
     cfg: Config,
     backend: StateBackend,
@@ -244,7 +259,22 @@ def save_checkpoint(
     root = cfg.output_dir / "checkpoints"
     final = root / f"step-{step}"
     tmp = root / f"{TMP_PREFIX}step-{step}"
-    try:
+
+    def phase(work: Any) -> None:
+        """Run one rank's share of a phase; every rank learns whether any rank failed, so a full disk
+        on one rank cannot leave the others waiting at a barrier forever."""
+        error: BaseException | None = None
+        try:
+            work()
+        except Exception as e:
+            error = e
+        failed = float(backend.all_reduce(torch.tensor([0.0 if error is None else 1.0]), "sum")[0])
+        if failed:
+            if backend.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            _raise_write_error(error, final, root)
+
+    def own_files() -> None:
         if backend.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -252,7 +282,8 @@ def save_checkpoint(
         backend.save_state(tmp)
         torch.save({**rank_state, "rng": rng_state()}, tmp / f"rank{backend.rank}.pt")
         faults.hit("ckpt_files", step, tmp)
-        backend.barrier()
+
+    def seal() -> None:
         if backend.is_main:
             (tmp / "config.yaml").write_text(cfg.to_yaml())
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
@@ -262,21 +293,9 @@ def save_checkpoint(
                 _discard(final)
             os.replace(tmp, final)
             _fsync_dir(root)
-    except Exception as e:
-        reason = _write_error(e)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if reason is None:
-            raise
-        pointer = root / "latest"
-        kept = (
-            f"{pointer.read_text().strip()} is intact"
-            if pointer.is_file()
-            else "no earlier checkpoint exists"
-        )
-        raise UserError(
-            f"cannot write checkpoint {final.name} in {root}: {reason}; {kept} — free disk space "
-            "(or lower checkpoint.keep_last) and resume with train.resume=latest"
-        ) from None
+
+    phase(own_files)
+    phase(seal)
     if backend.is_main:
         faults.hit("ckpt_renamed", step)
         write_pointer(root, final.name)

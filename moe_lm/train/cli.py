@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import torch
 
 from moe_lm.config import load_config
+from moe_lm.errors import ArgumentParser
 
 
 def train_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="moe-lm train", description="Pretrain from a YAML config.")
+    parser = ArgumentParser(prog="moe-lm train", description="Pretrain from a YAML config.")
     parser.add_argument("config", help="YAML run config, e.g. configs/tiny-shakespeare.yaml")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=100")
     args = parser.parse_args(argv)
@@ -41,7 +41,7 @@ def _load(path: str, device: str) -> tuple:
 
 
 def eval_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="moe-lm eval", description="Validation loss and perplexity.")
+    parser = ArgumentParser(prog="moe-lm eval", description="Validation loss and perplexity.")
     parser.add_argument("checkpoint", help="a checkpoint directory or a run directory (its latest)")
     parser.add_argument(
         "--data", nargs="+", help="text/JSON/parquet files to evaluate on (default: the run's val split)"
@@ -72,7 +72,7 @@ def eval_main(argv: list[str]) -> int:
 
 
 def generate_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="moe-lm generate", description="Sample text with a KV cache.")
+    parser = ArgumentParser(prog="moe-lm generate", description="Sample text with a KV cache.")
     parser.add_argument("checkpoint", help="a checkpoint directory or a run directory (its latest)")
     parser.add_argument("--prompt", default="")
     parser.add_argument("--max-new-tokens", type=int, default=100)

@@ -115,6 +115,8 @@ class Trainer:
         self.log = MetricsLogger(cfg, self.step, resumed_from is not None) if b.is_main else NullLogger()
         self.nonfinite_in_row = 0
         self.collapse_streak = 0
+        self.saved_step = self.step if resumed_from is not None else -1
+        self.last_good_checkpoint: Path | None = resumed_from
 
     # ---- one optimizer step -------------------------------------------------------------------
 
@@ -163,10 +165,10 @@ class Trainer:
         if self.nonfinite_in_row >= self.cfg.train.max_nonfinite_steps:
             from moe_lm.errors import UserError
 
-            latest = ckpt.find_latest(self.cfg.output_dir / "checkpoints", warn=False)
             raise UserError(
                 f"training diverged: {self.nonfinite_in_row} non-finite steps in a row ending at step {self.step}; "
-                f"last good checkpoint: {latest or 'none'}; lower optim.lr or raise optim.warmup_steps and resume"
+                f"last good checkpoint: {self.last_good_checkpoint or 'none'}; lower optim.lr or raise "
+                "optim.warmup_steps and resume from it"
             )
 
     def _record(self, result: dict[str, Any], elapsed: float) -> dict[str, Any]:
@@ -248,6 +250,9 @@ class Trainer:
         }
         rank_state = {"loader": self.loader.state_dict(), "world_size": self.backend.world_size}
         path = ckpt.save_checkpoint(self.cfg, self.backend, self.step, rank_state, trainer_state)
+        self.saved_step = self.step
+        if self.nonfinite_in_row == 0:
+            self.last_good_checkpoint = path
         self.log.message(f"saved checkpoint {path}")
         return path
 
@@ -261,7 +266,6 @@ class Trainer:
         cfg = self.cfg
         if self.resumed_from is not None:
             self.log.message(f"resumed from {self.resumed_from} at step {self.step}")
-        saved_at = self.step if self.resumed_from is not None else -1
         with StopRequested() as stop:
             while not self._done():
                 start = time.perf_counter()
@@ -287,9 +291,11 @@ class Trainer:
                     self._eval_and_log()
                 if cfg.train.sample_every and self.step % cfg.train.sample_every == 0:
                     self._sample_and_log()
-                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                # Not while steps are being skipped (that state is suspect), and not at the end:
+                # the final checkpoint is written after the final eval so it carries its val loss.
+                periodic = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0
+                if periodic and self.nonfinite_in_row == 0 and not self._done():
                     self.save()
-                    saved_at = self.step
                 if stop.requested or (cfg.train.stop_at_step and self.step >= cfg.train.stop_at_step):
                     if stop.requested:
                         self.log.message(
@@ -301,9 +307,8 @@ class Trainer:
         if finished:
             summary.update(self._eval_and_log())
             summary["sample"] = self._sample_and_log()
-        if saved_at != self.step:
-            summary["checkpoint"] = str(self.save())
-        final = ckpt.find_latest(cfg.output_dir / "checkpoints", warn=False)
+        final = self.save() if self.saved_step != self.step else None
+        summary["checkpoint"] = str(final or self.last_good_checkpoint)
         if finished and cfg.hub.push_at_end and self.backend.is_main and final is not None:
             from moe_lm.hf.hub import push_at_end
 

@@ -2,7 +2,8 @@
 
 Process start-up dominates (≈3 s per launch, ≈10 s with DeepSpeed), so the runs are grouped:
 one 1-process reference, one 2-process DDP launch (EP=2 dropless and with capacity, DDP without
-EP, resume from the EP=1 checkpoint), one launch per ZeRO stage, one 1-process resume launch.
+EP, resume from the EP=1 checkpoint; step times ride along), one launch per ZeRO stage, one
+1-process resume launch.
 Measured errors and step times are collected in MEASURED and printed at the end of the session.
 """
 
@@ -18,6 +19,7 @@ from tests.dist.harness import run_workers
 STEPS, SAVE_AT, CLIP = 5, 3, 1.0
 DROPLESS: dict[str, Any] = {"aux_free_bias": True}
 CAPACITY: dict[str, Any] = {"capacity_factor": 1.0}
+TIMING: dict[str, Any] = {"batch": 16, "steps": 3}  # tiny-shakespeare shape, 16 × 128 tokens per step
 MEASURED: dict[str, float] = {}
 
 
@@ -48,17 +50,23 @@ def reference(ckpt_dirs: dict[str, Path]) -> dict[str, Any]:
     one = {"ep_size": 1, "accum": 2}
     jobs = {
         "dropless": _job(
-            "equivalence", cfg={**one, **DROPLESS}, steps=STEPS, clip=CLIP, save_at=SAVE_AT, save_dir=str(ckpt_dirs["ep1"])
+            "equivalence",
+            cfg={**one, **DROPLESS},
+            steps=STEPS,
+            clip=CLIP,
+            save_at=SAVE_AT,
+            save_dir=str(ckpt_dirs["ep1"]),
         ),
         "capacity": _job("equivalence", cfg={**one, **CAPACITY}, steps=STEPS, clip=CLIP),
+        "step_time": _job("step_time", ep_size=1, **TIMING),
     }
     return run_workers("tests.dist.scenarios:many", 1, jobs)[0]
 
 
 @pytest.fixture(scope="session")
 def ddp_runs(reference: dict[str, Any], ckpt_dirs: dict[str, Path]) -> list[dict[str, Any]]:
-    """Two processes: EP=2 (dropless, saving a checkpoint; capacity), DDP without EP, and EP=2
-    resumed from the one-process checkpoint."""
+    """Two processes: EP=2 (dropless, saving a checkpoint; capacity), DDP without EP, EP=2
+    resumed from the one-process checkpoint, and the step timings."""
     jobs = {
         "dropless": _job(
             "equivalence",
@@ -71,8 +79,15 @@ def ddp_runs(reference: dict[str, Any], ckpt_dirs: dict[str, Path]) -> list[dict
         "capacity": _job("equivalence", cfg={"ep_size": 2, **CAPACITY}, steps=STEPS, clip=CLIP),
         "ddp_no_ep": _job("equivalence", cfg={"ep_size": 1, **DROPLESS}, steps=STEPS, clip=CLIP),
         "resume_from_ep1": _job(
-            "resume", cfg={"ep_size": 2, **DROPLESS}, load_dir=str(ckpt_dirs["ep1"]), first=SAVE_AT, steps=STEPS, clip=CLIP
+            "resume",
+            cfg={"ep_size": 2, **DROPLESS},
+            load_dir=str(ckpt_dirs["ep1"]),
+            first=SAVE_AT,
+            steps=STEPS,
+            clip=CLIP,
         ),
+        "step_time_ep1": _job("step_time", ep_size=1, **TIMING),
+        "step_time_ep2": _job("step_time", ep_size=2, **TIMING),
     }
     return run_workers("tests.dist.scenarios:many", 2, jobs)
 
@@ -86,33 +101,32 @@ def deepspeed_ops() -> None:
     warm_deepspeed_ops()
 
 
-def _deepspeed(stage: int, ckpt_dirs: dict[str, Path], save: bool) -> list[dict[str, Any]]:
-    args: dict[str, Any] = {"cfg": {"ep_size": 2, "zero_stage": stage, **DROPLESS}, "steps": STEPS, "clip": CLIP}
-    args.update(save_at=SAVE_AT, save_dir=str(ckpt_dirs["zero2"]) if save else None)
-    return run_workers("tests.dist.scenarios:deepspeed_run", 2, args)
+def _deepspeed(stage: int, **args: Any) -> list[dict[str, Any]]:
+    cfg = {"ep_size": 2, "zero_stage": stage, **DROPLESS}
+    return run_workers(
+        "tests.dist.scenarios:deepspeed_run",
+        2,
+        dict(cfg=cfg, steps=STEPS, clip=CLIP, save_at=SAVE_AT, **args),
+    )
 
 
 @pytest.fixture(scope="session")
 def zero1(deepspeed_ops: None, reference: dict[str, Any], ckpt_dirs: dict[str, Path]) -> list[dict[str, Any]]:
-    """ZeRO-1, EP=2, resumed from the one-process EP=1 (DDP) checkpoint after SAVE_AT steps."""
-    args = {"cfg": {"ep_size": 2, "zero_stage": 1, **DROPLESS}, "steps": STEPS, "clip": CLIP}
-    args.update(load_dir=str(ckpt_dirs["ep1"]), first=SAVE_AT)
-    return run_workers("tests.dist.scenarios:deepspeed_resume", 2, args)
+    """ZeRO-1, EP=2, from scratch; then the same engine resumes the one-process EP=1 (DDP)
+    checkpoint written at step SAVE_AT."""
+    return _deepspeed(1, load_dir=str(ckpt_dirs["ep1"]))
 
 
 @pytest.fixture(scope="session")
 def zero2(deepspeed_ops: None, ckpt_dirs: dict[str, Path]) -> list[dict[str, Any]]:
     """ZeRO-2, EP=2, from scratch; saves a checkpoint (gathered through DeepSpeed) after SAVE_AT."""
-    return _deepspeed(2, ckpt_dirs, save=True)
+    return _deepspeed(2, save_dir=str(ckpt_dirs["zero2"]))
 
 
 @pytest.fixture(scope="session")
-def zero1_scratch(deepspeed_ops: None, ckpt_dirs: dict[str, Path]) -> list[dict[str, Any]]:
-    return _deepspeed(1, ckpt_dirs, save=False)
-
-
-@pytest.fixture(scope="session")
-def one_proc_resumes(ddp_runs: list[dict[str, Any]], zero2: list[dict[str, Any]], ckpt_dirs: dict[str, Path]) -> dict[str, Any]:
+def one_proc_resumes(
+    ddp_runs: list[dict[str, Any]], zero2: list[dict[str, Any]], ckpt_dirs: dict[str, Path]
+) -> dict[str, Any]:
     """One process (EP=1, DDP backend) resuming the EP=2 checkpoints of DDP and of ZeRO-2."""
     one = {"ep_size": 1, "accum": 2, **DROPLESS}
     jobs = {

@@ -27,7 +27,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _entry(rank: int, nprocs: int, port: int, target: str, args: dict[str, Any], out: str, env: dict[str, str]) -> None:
+def _entry(
+    rank: int, nprocs: int, port: int, target: str, args: dict[str, Any], out: str, env: dict[str, str]
+) -> None:
     os.environ.update(env)
     if nprocs > 1:
         os.environ.update(

@@ -21,7 +21,9 @@ from tests.conftest import tiny_model_config
 MICRO, SEQ, SHARDS = 4, 16, 2
 
 
-def make_cfg(ep_size: int = 1, backend: str = "ddp", zero_stage: int = 0, accum: int = 1, **model: Any) -> Config:
+def make_cfg(
+    ep_size: int = 1, backend: str = "ddp", zero_stage: int = 0, accum: int = 1, **model: Any
+) -> Config:
     return Config(
         model=tiny_model_config(**model),
         train=TrainConfig(micro_batch_size=MICRO, grad_accum_steps=accum, mixed_precision="no"),
@@ -65,7 +67,7 @@ def train(backend: Backend, model: MoETransformer, first: int, last: int, clip: 
             with backend.accumulate(sync=i == len(shards) - 1):
                 out = backend.model(ids.to(backend.device), labels.to(backend.device))
                 backend.backward(out.loss / len(shards))
-            losses.append(float(out.loss))
+            losses.append(float(out.loss.detach()))
             counts = out.expert_counts_LE if counts is None else counts + out.expert_counts_LE
         backend.step(clip)
         if model.cfg.aux_free_bias and counts is not None:  # as the trainer does: the global load
@@ -75,18 +77,19 @@ def train(backend: Backend, model: MoETransformer, first: int, last: int, clip: 
 
 def probe(backend: Backend, model: MoETransformer) -> dict[str, Any]:
     """Step-0 forward outputs and the finished gradients, without stepping."""
-    shards, logits, losses = my_shards(backend), [], []
+    shards, logits, losses, dropped = my_shards(backend), [], [], []
     for i, shard in enumerate(shards):
         ids, labels = batch(0, shard, model.cfg.vocab_size)
         with backend.accumulate(sync=i == len(shards) - 1):
             out = backend.model(ids, labels)
             backend.backward(out.loss / len(shards))
         logits.append(out.logits.detach().clone())
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
+        dropped.append(int(out.dropped_L.sum()))
     norm = float(backend.reduce_gradients())
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     backend.optimizer.zero_grad(set_to_none=True)
-    return {"logits": logits, "losses": losses, "grads": grads, "norm": norm}
+    return {"logits": logits, "losses": losses, "dropped": dropped, "grads": grads, "norm": norm}
 
 
 def snapshot(backend: Backend, model: MoETransformer) -> dict[str, Any]:
@@ -134,14 +137,13 @@ def many(rank: int, args: dict[str, Any]) -> dict[str, Any]:
 
 
 def step_time(rank: int, args: dict[str, Any]) -> dict[str, Any]:
-    """Mean seconds per optimizer step on the tiny-shakespeare model shape (for the closing note)."""
+    """Mean seconds per optimizer step on the tiny-shakespeare model shape (global batch
+    `batch` × 128 tokens split over the processes), plus the EP load metrics of the last step."""
     shape = dict(vocab_size=2048, hidden_size=128, intermediate_size=256, num_layers=4, max_seq_len=256)
-    cfg = make_cfg(ep_size=args["ep_size"], **shape)
-    backend, model = build(cfg)
-    g = torch.Generator().manual_seed(rank)
+    backend, model = build(make_cfg(ep_size=args["ep_size"], **shape))
     per_rank = args["batch"] // backend.world_size
-    ids = torch.randint(0, 2048, (per_rank, 129), generator=g)
-    times = []
+    ids = torch.randint(0, 2048, (per_rank, 129), generator=torch.Generator().manual_seed(rank))
+    times, metrics = [], {}
     for i in range(args["steps"] + 1):
         t0 = time.perf_counter()
         out = backend.model(ids[:, :-1], ids[:, 1:])
@@ -149,31 +151,38 @@ def step_time(rank: int, args: dict[str, Any]) -> dict[str, Any]:
         backend.step(1.0)
         if i:  # the first step pays for allocation
             times.append(time.perf_counter() - t0)
-    return {"step_s": sum(times) / len(times), "metrics": backend.extra_metrics()}
+        if i == args["steps"]:
+            with torch.no_grad():  # an evaluation pass must not count as training load
+                backend.raw_model(ids[:, :-1])
+        metrics = backend.extra_metrics()  # collective; counters cover this step only
+    return {"step_s": sum(times) / len(times), "metrics": metrics}
 
 
 def deepspeed_run(rank: int, args: dict[str, Any]) -> dict[str, Any]:
-    """ZeRO-1/2 with EP from scratch (one DeepSpeed engine per process: accelerate allows one
-    DeepSpeed plugin per process); optionally saves a checkpoint after `save_at` steps."""
+    """ZeRO-1/2 with EP from scratch, optionally saving a checkpoint after `save_at` steps; then,
+    optionally, the same engine loads `load_dir` (written at step `save_at` by another backend and
+    EP size) and trains on from there. One DeepSpeed engine per process: accelerate allows one
+    DeepSpeed plugin per process."""
     backend, model = build(make_cfg(backend="deepspeed", **args["cfg"]))
     t0 = time.perf_counter()
     losses = train(backend, model, 0, args["save_at"], args["clip"])
+    saved = None
     if args.get("save_dir"):
         Path(args["save_dir"]).mkdir(parents=True, exist_ok=True)
         backend.save_state(Path(args["save_dir"]))
         backend.barrier()
+        saved = _ds_state(backend)
     losses += train(backend, model, args["save_at"], args["steps"], args["clip"])
     seconds = (time.perf_counter() - t0) / args["steps"]
-    return {"losses_run": losses, "expert_range": backend.expert_range, "step_s": seconds, **_ds_state(backend)}
-
-
-def deepspeed_resume(rank: int, args: dict[str, Any]) -> dict[str, Any]:
-    """ZeRO with EP resuming a checkpoint written by the DDP backend at another EP size."""
-    backend, model = build(make_cfg(backend="deepspeed", **args["cfg"]))
-    backend.load_state(Path(args["load_dir"]))
-    loaded = _ds_state(backend)
-    losses = train(backend, model, args["first"], args["steps"], args["clip"])
-    return {"loaded": loaded, "losses_run": losses, "expert_range": backend.expert_range, **_ds_state(backend)}
+    result = {"losses_run": losses, "expert_range": backend.expert_range, "step_s": seconds, "saved": saved}
+    result.update(_ds_state(backend))
+    if args.get("load_dir"):
+        backend.load_state(Path(args["load_dir"]))
+        loaded = _ds_state(backend)
+        losses = train(backend, model, args["save_at"], args["steps"], args["clip"])
+        resumed = {"loaded": loaded, "losses_run": losses, "expert_range": backend.expert_range}
+        result["resumed"] = {**resumed, **_ds_state(backend)}
+    return result
 
 
 def _ds_state(backend: Backend) -> dict[str, Any]:
@@ -184,3 +193,50 @@ def _ds_state(backend: Backend) -> dict[str, Any]:
         "optim": {n: {k: v.clone() for k, v in s.items()} for n, s in optim.items()},
         "lr": [g["lr"] for g in backend.scheduler.optimizer.param_groups],
     }
+
+
+def dispatcher_case(rank: int, args: dict[str, Any]) -> dict[str, Any]:
+    """AllToAllDispatcher alone on hand-picked routing (e.g. nothing reaches one rank's experts):
+    outputs and gradients, to compare with LocalDispatcher over all experts in one process."""
+    import torch.distributed as dist
+
+    from moe_lm.parallel.expert_parallel import AllToAllDispatcher, EPStats
+    from moe_lm.parallel.mesh import build_mesh
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    mesh = build_mesh(2, args["experts"])
+    experts, x_TH, idx_TK, w_TK = dispatcher_inputs(rank, args)
+    start, end = mesh.expert_range(args["experts"])
+    with torch.no_grad():
+        for p in (experts.gate_up_proj, experts.down_proj):
+            p.data = p.data[start:end].clone()
+    experts.num_experts = end - start
+    assert mesh.ep_group is not None
+    dispatch = AllToAllDispatcher(mesh.ep_group, 2, EPStats())
+    y_TH, dropped = dispatch(x_TH, idx_TK, w_TK, experts, args["experts"], args.get("capacity"))
+    (y_TH * y_TH).sum().backward()
+    grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in experts.named_parameters()}
+    return {
+        "y": y_TH.detach(),
+        "x_grad": x_TH.grad,
+        "grads": grads,
+        "dropped": int(dropped),
+        "received": dispatch.stats.tokens_received,
+    }
+
+
+def dispatcher_inputs(
+    rank: int, args: dict[str, Any]
+) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from moe_lm.model.experts import Experts
+
+    torch.manual_seed(0)
+    experts = Experts(args["experts"], 8, 12, "loop")
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.3)
+    torch.nn.init.normal_(experts.down_proj, std=0.3)
+    g = torch.Generator().manual_seed(rank)
+    x_TH = torch.randn(args["tokens"][rank], 8, generator=g).requires_grad_()
+    idx_TK = torch.tensor(args["routes"][rank], dtype=torch.long).view(-1, 2)
+    w_TK = torch.softmax(torch.randn(idx_TK.shape, generator=g), dim=-1)
+    return experts, x_TH, idx_TK, w_TK

@@ -243,11 +243,6 @@ ROWS: list[tuple[str, Callable[[Ctx], tuple[list[str], Path]], list[str]]] = [
     ("hub-push-without-token", hub_push, ["no Hugging Face token", "set HF_TOKEN or run `hf auth login`"]),
 ]
 MARKS = {
-    "unknown-flag": pytest.mark.xfail(
-        strict=True,
-        reason="argparse prints a usage line before its error line (and exits by SystemExit): the parsers "
-        "in moe_lm/train/cli.py and moe_lm/hf/cli.py need an error() that raises UserError",
-    ),
     "hub-push-without-token": pytest.mark.skipif(
         importlib.util.find_spec("moe_lm.hf.hub") is None, reason="moe_lm/hf/hub.py not written yet"
     ),

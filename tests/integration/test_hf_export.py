@@ -13,6 +13,7 @@ import yaml
 from moe_lm.cli import main
 from moe_lm.config import Config, config_from_dict
 from moe_lm.model import MoETransformer
+from moe_lm.train.checkpoint import write_manifest
 from moe_lm.train.weights import load_pretrained, save_weights
 from tests.integration.conftest import run_config_dict
 
@@ -72,6 +73,7 @@ def make_checkpoint(run: Path, cfg: Config, ep_size: int = 2) -> tuple[Path, MoE
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     state = {"step": STEP, "tokens": STEP * 128, "last_metrics": records[-2], "val_loss": 4.5}
     (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    write_manifest(ckpt)  # as the trainer does: eval/export only trust verified checkpoints
     (run / "checkpoints" / "latest").write_text(ckpt.name)
     return ckpt, model
 

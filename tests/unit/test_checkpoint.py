@@ -22,8 +22,9 @@ REPO = Path(__file__).resolve().parents[2]
 class FakeBackend:
     rank, world_size, is_main = 0, 1, True
 
-    def __init__(self, fail: BaseException | None = None) -> None:
+    def __init__(self, fail: BaseException | None = None, others_failing: int = 0) -> None:
         self.fail = fail
+        self.others_failing = others_failing  # failures reported by the (simulated) other ranks
 
     def save_state(self, directory: Path) -> None:
         (directory / "model-ep0-of-1.safetensors").write_bytes(b"w" * 1000)
@@ -36,6 +37,9 @@ class FakeBackend:
 
     def barrier(self) -> None:
         pass
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        return tensor + self.others_failing
 
 
 def cfg_at(tmp_path: Path, keep_last: int = 2) -> Config:
@@ -274,3 +278,15 @@ def test_a_huge_config_warns_and_a_tiny_one_does_not(capsys):
     assert capsys.readouterr().err == message + "\n"
     assert check_memory(tiny(), 2, torch.device("cpu"), available=gpu) is None
     assert check_memory(tiny(), 2, torch.device("cpu")) is None  # this machine's real RAM
+
+
+def test_write_failure_on_another_rank_stops_every_rank(tmp_path: Path) -> None:
+    # Regression: a full disk on one rank raised there while the others waited at a barrier forever.
+    cfg = cfg_at(tmp_path)
+    ckpt.save_checkpoint(cfg, FakeBackend(), 1, {}, {"step": 1})
+    with pytest.raises(UserError, match="another process failed to write checkpoint step-2"):
+        ckpt.save_checkpoint(cfg, FakeBackend(others_failing=1), 2, {}, {"step": 2})
+    root = cfg.output_dir / "checkpoints"
+    assert (root / "latest").read_text() == "step-1"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-1"]
+    assert ckpt.verify(root / "step-1") is None
