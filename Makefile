@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup train test check lint bench clean
+.PHONY: setup train train-ep2 test check lint bench clean
 
 setup: $(STAMP)
 
@@ -20,11 +20,19 @@ $(STAMP): pyproject.toml
 	  else python3 -m venv $(VENV); fi; fi
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	@# DeepSpeed compiles a comm op on first start (~100 s on 2 cores); do it once here, not in a test.
+	$(PY) -c "from moe_lm.parallel.deepspeed_backend import warm_deepspeed_ops; warm_deepspeed_ops()"
 	@touch $@
 
 train: setup
-	$(VENV)/bin/accelerate launch --config_file configs/accelerate/cpu-1proc.yaml \
+	$(VENV)/bin/accelerate launch --config_file configs/accelerate/cpu-1proc.yaml --num_cpu_threads_per_process $(shell nproc) \
 	  -m moe_lm.cli train configs/tiny-shakespeare.yaml train.overwrite=true $(ARGS)
+
+# Two CPU processes, experts split across them (EP=2): the multi-process path on one machine.
+train-ep2: setup
+	$(VENV)/bin/accelerate launch --config_file configs/accelerate/cpu-2proc.yaml --num_cpu_threads_per_process 1 \
+	  -m moe_lm.cli train configs/tiny-shakespeare.yaml parallel.ep_size=2 \
+	  train.output_dir=runs/tiny-shakespeare-ep2 train.overwrite=true $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc

@@ -125,7 +125,7 @@ class TrainConfig:
 class ParallelConfig:
     backend: Literal["ddp", "deepspeed"] = "ddp"  # ddp: accelerate + torch DDP; deepspeed: ZeRO
     ep_size: int = 1  # expert-parallel size: experts split over this many consecutive ranks
-    zero_stage: int = 0  # DeepSpeed ZeRO stage 0/1/2 (3 is refused with ep_size > 1)
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0/1/2 (3 is refused: it would shard the experts' weights)
     deepspeed_config: str | None = None  # a DeepSpeed JSON to use instead of the generated one
 
 
@@ -393,15 +393,13 @@ def validate(cfg: Config) -> None:
             f"model.num_experts = {m.num_experts} is not divisible by parallel.ep_size = {p.ep_size}; "
             "choose an ep_size that divides it"
         )
-    if p.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"parallel.zero_stage = {p.zero_stage} must be 0, 1, 2 or 3")
+    if p.zero_stage not in (0, 1, 2):
+        raise ConfigError(
+            f"parallel.zero_stage = {p.zero_stage} is not supported: use 0, 1 or 2 (ZeRO-3 partitions every "
+            "weight over all ranks, which defeats expert parallelism and our any-topology checkpoints)"
+        )
     if p.backend == "ddp" and p.zero_stage:
         raise ConfigError("parallel.zero_stage needs parallel.backend: deepspeed")
-    if p.backend == "deepspeed" and p.zero_stage == 3 and p.ep_size > 1:
-        raise ConfigError(
-            "parallel.zero_stage = 3 with parallel.ep_size > 1 is not supported: ZeRO-3 partitions and "
-            "replicates expert weights across all ranks, defeating expert parallelism; use zero_stage 1 or 2"
-        )
     _positive("data.seq_len", d.seq_len)
     _positive("data.num_proc", d.num_proc)
     if not d.train_files:

@@ -156,6 +156,7 @@ def test_bad_override_syntax() -> None:
         (["model.capacity_factor=0"], "model.capacity_factor"),
         (["model.num_shared_experts=-1"], "model.num_shared_experts"),
         (["parallel.backend=deepspeed", "parallel.zero_stage=3", "parallel.ep_size=2"], "zero_stage = 3"),
+        (["parallel.backend=deepspeed", "parallel.zero_stage=3", "parallel.ep_size=1"], "defeats expert"),
         (["parallel.zero_stage=1"], "parallel.backend"),  # ZeRO needs DeepSpeed
         (["data.seq_len=8192"], "model.max_seq_len"),  # default max_seq_len 4096
         (["train.resume=latest", "train.init_from=runs/x/ckpt"], "train.init_from"),
@@ -178,11 +179,11 @@ def test_possible_neighbours_of_impossible_combinations() -> None:
             "parallel.ep_size=8",
             "data.seq_len=4096",
             "parallel.backend=deepspeed",
-            "parallel.zero_stage=3",
+            "parallel.zero_stage=2",
             "parallel.ep_size=1",
         ],
     )
-    assert cfg.model.top_k == 8 and cfg.parallel.zero_stage == 3
+    assert cfg.model.top_k == 8 and cfg.parallel.zero_stage == 2
     cfg = config_from_dict(
         {}, ["model.hidden_size=100", "model.num_heads=6", "model.num_kv_heads=3", "model.head_dim=16"]
     )
