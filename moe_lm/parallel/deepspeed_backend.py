@@ -20,7 +20,8 @@ Design:
   and written in the DDP backend's format (safetensors, experts by global index), and scattered
   back on load (`safe_set_full_*`). One format for every backend, ZeRO stage and EP size;
   export reads any checkpoint.
-- ZeRO-3 with ep_size > 1 is refused: it partitions and replicates expert weights over all ranks.
+- ZeRO-3 is refused (config validation and here): it partitions every weight over all ranks, which
+  defeats expert parallelism and the whole-parameter checkpoints above.
 """
 
 from __future__ import annotations

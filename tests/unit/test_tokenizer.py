@@ -213,5 +213,5 @@ def test_cli_train_and_ensure(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "300 tokens (model.vocab_size = 512)" in capsys.readouterr().out
     with pytest.raises(UserError, match="set model.vocab_size=300"):
         tokenizer_main(["ensure", "--config", str(config), "model.vocab_size=299"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="--vocab-size must be at least 260"):
         tokenizer_main(["train", "--input", str(corpus), "--vocab-size", "100", "--out", str(out)])
