@@ -125,6 +125,11 @@ def test_eval_and_generate_commands(make_config, tmp_path, capsys):
     assert ppl == pytest.approx(torch.tensor(loss).exp().item(), rel=1e-3)
     last_eval = records(cfg.output_dir, "eval")[-1]
     assert loss == pytest.approx(last_eval["val_loss"], abs=1e-3)  # the same batches the trainer evaluated
+    # --data evaluates other files: text unlike the training corpus scores worse than its val split
+    other = tmp_path / "other.txt"
+    other.write_text("".join(f"{i * 7919 % 10007} zq xv {i}\n" for i in range(400)))
+    assert main(["eval", str(cfg.output_dir), "--data", str(other)]) == 0
+    assert float(capsys.readouterr().out.strip().splitlines()[-1].split()[1]) > loss + 0.1
     assert (
         main(["generate", str(cfg.output_dir), "--prompt", "KING", "--max-new-tokens", "12", "--seed", "3"])
         == 0
