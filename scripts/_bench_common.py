@@ -23,7 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -62,7 +62,13 @@ def header(device: str) -> str:
         lines.append(f"gpu: {torch.cuda.get_device_name()}")
     if hasattr(os, "getloadavg"):
         # Other jobs on a small shared machine move absolute times a lot; ratios are the result.
-        lines.append("load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+        load = os.getloadavg()
+        lines.append("load average at start: {:.2f} {:.2f} {:.2f}".format(*load))
+        if load[0] > 0.5 * (os.cpu_count() or 1) and torch.get_num_threads() > 1:
+            lines.append(
+                "warning: machine busy; multi-threaded wall times stall on descheduled threads. "
+                "For stable ratios run with --threads 1 --clock cpu."
+            )
     lines.append("command: " + shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]))
     return "\n".join(lines)
 
@@ -72,10 +78,21 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def clock(kind: str) -> Callable[[], float]:
+    """ "wall", or "cpu": this process's CPU time, which on a busy shared machine with one torch
+    thread is close to what the wall time would be on an idle one (waiting for a core not counted)."""
+    return time.process_time if kind == "cpu" else time.perf_counter
+
+
 def time_alternating(
-    fns: dict[str, Callable[[], object]], rounds: int, warmup: int, device: str = "cpu"
+    fns: Mapping[str, Callable[[], object]],
+    rounds: int,
+    warmup: int,
+    device: str = "cpu",
+    clock_kind: str = "wall",
 ) -> dict[str, float]:
     """Median seconds per call of each fn, run round-robin with a rotating start."""
+    now = clock(clock_kind)
     names = list(fns)
     for _ in range(warmup):
         for name in names:
@@ -86,10 +103,10 @@ def time_alternating(
         for i in range(len(names)):
             name = names[(r + i) % len(names)]
             sync(device)
-            t0 = time.perf_counter()
+            t0 = now()
             fns[name]()
             sync(device)
-            samples[name].append(time.perf_counter() - t0)
+            samples[name].append(now() - t0)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
@@ -104,7 +121,12 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     out = ["| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |"]
     out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     # First column (names) left-aligned, numbers right-aligned.
-    out += ["| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |" for r in cells]
+    out += [
+        "| "
+        + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        + " |"
+        for r in cells
+    ]
     return "\n".join(out)
 
 

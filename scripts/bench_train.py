@@ -52,8 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
-    p.add_argument("--steps", type=int, default=8, help="timed steps per implementation (median)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=6, help="timed steps per implementation (median)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps (after one step at build)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--hidden", type=int, default=256)
@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--impls", default=",".join(HF_IMPLS), help="transformers experts implementations to try")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--clock", default="wall", choices=["wall", "cpu"], help="cpu: process CPU time (busy machine)"
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the per-implementation memory runs")
     p.add_argument("--child-mem-gb", type=float, default=8.0, help="address-space cap of a CPU memory run")
     p.add_argument("--quick", action="store_true", help="tiny config and few steps: a smoke test")
@@ -104,7 +107,7 @@ def hf_model(cfg: ModelConfig, impl: str, ours: MoETransformer) -> torch.nn.Modu
         num_local_experts=cfg.num_experts,
         num_experts_per_tok=cfg.top_k,
         max_position_embeddings=cfg.max_seq_len,
-        rope_theta=cfg.rope_theta,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         rms_norm_eps=cfg.rms_norm_eps,
         tie_word_embeddings=cfg.tie_embeddings,
         output_router_logits=True,
@@ -154,7 +157,9 @@ def batch(cfg: ModelConfig, a: argparse.Namespace) -> tuple[torch.Tensor, torch.
     return ids.to(a.device), labels.to(a.device)
 
 
-def make_step(kind: str, model: torch.nn.Module, data: tuple[torch.Tensor, torch.Tensor], compile_: bool) -> Callable[[], None]:
+def make_step(
+    kind: str, model: torch.nn.Module, data: tuple[torch.Tensor, torch.Tensor], compile_: bool
+) -> Callable[[], None]:
     ids, labels = data
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)  # the trainer's optimizer (foreach off)
     fwd = torch.compile(model) if compile_ else model
@@ -183,8 +188,11 @@ def parity(models: dict[str, torch.nn.Module], data: tuple[torch.Tensor, torch.T
             continue
         o = m(input_ids=ids, labels=ids, use_cache=False)
         aux = o.aux_loss.float().item()
-        lm = o.loss.float().item() - m.config.router_aux_loss_coef * aux
-        rows.append([f"hf {kind}", f"{lm:.6f}", f"{abs(lm - ref_lm):.1e}", f"{aux:.6f}", f"{abs(aux - ref_aux):.1e}"])
+        coef: float = getattr(m, "config").router_aux_loss_coef  # noqa: B009 - nn.Module typing
+        lm = o.loss.float().item() - coef * aux
+        rows.append(
+            [f"hf {kind}", f"{lm:.6f}", f"{abs(lm - ref_lm):.1e}", f"{aux:.6f}", f"{abs(aux - ref_aux):.1e}"]
+        )
     return rows
 
 
@@ -213,10 +221,113 @@ def child_args(a: argparse.Namespace, kind: str) -> list[str]:
 
 
 def cuda_peak(step: Callable[[], None]) -> int:
+    """Peak allocated bytes during the second step (the first one creates the optimizer state)."""
+    step()
+    sync("cuda")
     torch.cuda.reset_peak_memory_stats()
     step()
     sync("cuda")
     return torch.cuda.max_memory_allocated()
+
+
+def step_flops(cfg: ModelConfig, batch_size: int, seq: int) -> float:
+    """Matmul FLOPs of one train step: 3 x forward (2 per multiply-add), causal attention halved."""
+    hd, h = cfg.resolved_head_dim, cfg.hidden_size
+    attn = h * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+    ffn = cfg.num_experts * h + cfg.top_k * 3 * h * cfg.expert_intermediate_size
+    per_token = cfg.num_layers * (attn + ffn) + h * cfg.vocab_size
+    scores = cfg.num_layers * 2 * cfg.num_heads * seq * seq * hd * 0.5 * batch_size  # QK^T and PV
+    return 3 * 2 * (per_token * batch_size * seq + scores)
+
+
+def gemm_rate(device: str, dtype: torch.dtype, tokens: int, hidden: int, clock_kind: str) -> float:
+    """FLOP/s of one plain [tokens, H] x [H, 4H] GEMM right now, for the roofline line."""
+    a = torch.randn(tokens, hidden, device=device, dtype=dtype)
+    b = torch.randn(hidden, 4 * hidden, device=device, dtype=dtype)
+    out = torch.empty(tokens, 4 * hidden, device=device, dtype=dtype)
+    secs = time_alternating(
+        {"mm": lambda: torch.mm(a, b, out=out)}, rounds=15, warmup=3, device=device, clock_kind=clock_kind
+    )
+    return 2 * tokens * hidden * 4 * hidden / secs["mm"]
+
+
+def cpu_memory(a: argparse.Namespace, kinds: list[str], skipped: dict[str, str]) -> dict[str, float]:
+    """Train peak RSS (MiB) per candidate, each in a fresh process; failures go to `skipped`."""
+    mem: dict[str, float] = {}
+    for kind in kinds:
+        r = run_child(child_args(a, kind))
+        if "error" in r:
+            skipped[kind] = str(r["error"])
+        else:
+            mem[kind] = (float(r["peak"]) - float(r["base"])) / MIB  # type: ignore[arg-type]
+    return mem
+
+
+def build_steps(
+    a: argparse.Namespace, cfg: ModelConfig, kinds: list[str], data: tuple[torch.Tensor, torch.Tensor],
+    skipped: dict[str, str], mem: dict[str, float], measure_mem: bool,
+) -> dict[str, Callable[[], None]]:  # fmt: skip
+    """A train-step closure per candidate that runs here; a failing one is skipped with its error."""
+    steps: dict[str, Callable[[], None]] = {}
+    for kind in kinds:
+        if kind in skipped:
+            continue
+        try:
+            steps[kind] = make_step(kind, build(kind, cfg, a), data, a.compile)
+            if a.device == "cuda" and measure_mem:
+                mem[kind] = cuda_peak(steps[kind]) / MIB
+            else:
+                steps[kind]()  # fails here rather than inside the timing loop
+        except (RuntimeError, ValueError, MemoryError) as e:
+            skipped[kind] = f"{type(e).__name__}: {str(e).strip()[:150]}"
+            steps.pop(kind, None)
+            gc.collect()
+            if a.device == "cuda":
+                torch.cuda.empty_cache()
+    return steps
+
+
+def report(
+    a: argparse.Namespace,
+    cfg: ModelConfig,
+    secs: dict[str, float],
+    mem: dict[str, float],
+    skipped: dict[str, str],
+) -> None:
+    tokens = a.batch * a.seq
+    flops = step_flops(cfg, a.batch, a.seq)
+    best = min((k for k in secs if k != OURS), key=secs.__getitem__, default=None)
+    rows = []
+    for kind, s in secs.items():
+        name = OURS if kind == OURS else f"hf {kind}" + (" (best)" if kind == best else "")
+        m = f"{mem[kind]:.0f}" if kind in mem else "-"
+        mratio = f"{mem[OURS] / mem[kind]:.2f}" if kind in mem and OURS in mem else "-"
+        speed = f"{secs[kind] / secs[OURS]:.2f}x"  # >1: moe_lm faster
+        rows.append(
+            [name, f"{tokens / s:,.0f}", f"{s * 1e3:.0f}", f"{flops / s / 1e9:.0f}", speed, m, mratio]
+        )
+    mem_what = "peak alloc MiB" if a.device == "cuda" else "train peak RSS MiB"
+    print("\n## Train step (fwd + bwd + AdamW)\n")
+    cols = ["model", "tokens/s", "step ms", "GFLOP/s", "moe_lm speed-up", mem_what, "moe_lm mem / this"]
+    print(markdown_table(cols, rows))
+    for kind, why in skipped.items():
+        print(f"- skipped {'hf ' if kind != OURS else ''}{kind}: {why}")
+    if best is not None:
+        ratio_m = f"{mem[OURS] / mem[best]:.2f}x" if OURS in mem and best in mem else "-"
+        print(
+            f"\nmoe_lm / best transformers ({best}): {secs[best] / secs[OURS]:.2f}x tokens/s, {ratio_m} peak memory"
+        )
+    rate = gemm_rate(a.device, DTYPES[a.dtype], tokens, cfg.hidden_size, a.clock)
+    print(
+        f"roofline: {flops / 1e9:.1f} GFLOP of matmuls per step; a plain {tokens}x{cfg.hidden_size}x"
+        f"{4 * cfg.hidden_size} GEMM runs at {rate / 1e9:.0f} GFLOP/s here, so no step can take less than "
+        f"~{flops / rate * 1e3:.0f} ms ({tokens * rate / flops:,.0f} tokens/s)."
+    )
+    if a.device == "cpu":
+        print(
+            "memory: RSS high-water of a fresh process per model during 2 steps, minus RSS after "
+            "building it (grads + AdamW state + activations)."
+        )
 
 
 def main() -> None:
@@ -227,80 +338,28 @@ def main() -> None:
         return
     print(header(a.device))
     cfg = model_config(a)
-    tokens = a.batch * a.seq
     print(
         f"config: hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, {cfg.num_layers} layers, "
         f"{cfg.num_experts} experts top-{cfg.top_k}, heads {cfg.num_heads}/{cfg.num_kv_heads}, vocab "
-        f"{cfg.vocab_size}; batch {a.batch} x {a.seq} = {tokens} tokens; {a.dtype} on {a.device}"
-        f"{', compiled' if a.compile else ''}; AdamW; median of {a.steps} steps after {a.warmup} warm-up\n"
+        f"{cfg.vocab_size}; batch {a.batch} x {a.seq} = {a.batch * a.seq} tokens; {a.dtype} on {a.device}"
+        f"{', compiled' if a.compile else ''}; AdamW; median of {a.steps} steps after {a.warmup} warm-up, "
+        f"{a.clock} clock\n"
     )
     kinds = [OURS] + [k for k in a.impls.split(",") if k]
     skipped: dict[str, str] = {}
-    mem: dict[str, float] = {}
     measure_mem = not a.no_memory and (a.device == "cuda" or rss_supported())
-    if measure_mem and a.device == "cpu":
-        for kind in kinds:  # fresh process each; also tells which implementations run at all
-            r = run_child(child_args(a, kind))
-            if "error" in r:
-                skipped[kind] = str(r["error"])
-            else:
-                mem[kind] = (float(r["peak"]) - float(r["base"])) / MIB  # type: ignore[arg-type]
+    mem = cpu_memory(a, kinds, skipped) if measure_mem and a.device == "cpu" else {}
     data = batch(cfg, a)
-    models: dict[str, torch.nn.Module] = {}
-    steps: dict[str, Callable[[], None]] = {}
-    for kind in kinds:
-        if kind in skipped:
-            continue
-        try:
-            models[kind] = build(kind, cfg, a)
-            steps[kind] = make_step(kind, models[kind], data, a.compile)
-            if a.device == "cuda":
-                mem[kind] = cuda_peak(steps[kind]) / MIB if measure_mem else float("nan")
-            else:
-                steps[kind]()  # fails here rather than inside the timing loop
-        except (RuntimeError, ValueError, MemoryError) as e:
-            skipped[kind] = f"{type(e).__name__}: {str(e).strip()[:150]}"
-            models.pop(kind, None)
-            steps.pop(kind, None)
-            gc.collect()
-            if a.device == "cuda":
-                torch.cuda.empty_cache()
+    steps = build_steps(a, cfg, kinds, data, skipped, mem, measure_mem)
     if OURS not in steps:
         sys.exit(f"bench_train: moe_lm itself failed: {skipped.get(OURS)}")
-
-    # Parity on fresh weights, before the warm-up steps above moved them apart.
-    fresh = {k: build(k, cfg, a) for k in models}
+    # Parity on fresh weights: the steps above already moved the benchmarked models apart.
     print("## Step-0 parity (same weights, same batch)\n")
+    fresh = {k: build(k, cfg, a) for k in steps}
     print(markdown_table(["model", "LM loss", "|diff|", "HF-form aux loss", "|diff|"], parity(fresh, data)))
     del fresh
-
-    secs = time_alternating(steps, rounds=a.steps, warmup=a.warmup, device=a.device)
-    hf = [k for k in secs if k != OURS]
-    best = min(hf, key=secs.__getitem__) if hf else None
-    rows = []
-    for kind, s in secs.items():
-        m = mem.get(kind, float("nan"))
-        speed = secs[kind] / secs[OURS]  # >1: moe_lm faster
-        mratio = mem[OURS] / m if kind in mem and OURS in mem else float("nan")
-        name = OURS if kind == OURS else f"hf {kind}" + (" (best)" if kind == best else "")
-        rows.append([name, f"{tokens / s:,.0f}", f"{s * 1e3:.0f}", f"{speed:.2f}x", f"{m:.0f}", f"{mratio:.2f}"])
-    mem_what = "peak alloc MiB" if a.device == "cuda" else "train peak RSS MiB"
-    print("\n## Train step (fwd + bwd + AdamW)\n")
-    cols = ["model", "tokens/s", "step ms", "moe_lm speed-up", mem_what, "moe_lm mem / this"]
-    print(markdown_table(cols, rows))
-    for kind, why in skipped.items():
-        print(f"- skipped hf {kind}: {why}")
-    if best is not None:
-        ratio_m = mem[OURS] / mem[best] if OURS in mem and best in mem else float("nan")
-        print(
-            f"\nmoe_lm / best transformers ({best}): {secs[best] / secs[OURS]:.2f}x tokens/s, "
-            f"{ratio_m:.2f}x peak memory"
-        )
-    if a.device == "cpu":
-        print(
-            "\nmemory: RSS high-water of a fresh process per model during 2 steps, minus RSS after "
-            "building it (grads + AdamW state + activations)."
-        )
+    secs = time_alternating(steps, rounds=a.steps, warmup=a.warmup, device=a.device, clock_kind=a.clock)
+    report(a, cfg, secs, mem, skipped)
 
 
 if __name__ == "__main__":

@@ -79,5 +79,9 @@ class LocalDispatcher:
         capacity: int | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         plan = plan_routing(topk_idx_TK, num_experts, capacity)
+        if isinstance(experts, Experts) and not experts.uses_grouped_mm(x_TH):
+            # Gather, experts and weighted combine in one Function: no [k*T, H] temporaries.
+            weight_S = topk_weight_TK.t().reshape(-1)[plan.order]
+            return experts.forward_combined(x_TH, plan.token_idx, plan.counts_E, weight_S), plan.dropped
         y_SH = experts(x_TH[plan.token_idx], plan.counts_E)
         return combine(y_SH, plan, topk_weight_TK, x_TH.shape[0]), plan.dropped

@@ -2,10 +2,22 @@
 
 Weights use transformers' in-memory Mixtral layout so conversion is a rename:
 gate_up_proj [E, 2I, H] (first I rows gate, next I up), down_proj [E, H, I].
+
+On CPU the experts run as a loop of per-expert GEMMs inside hand-written autograd Functions:
+- autograd through `w[e]` slices gives every expert a SelectBackward that zero-fills a full
+  [E, ...] gradient (E memsets of the whole weight per weight per layer); here each expert's
+  gradient is written straight into its slice of one buffer.
+- only the gate/up pre-activation h [N, 2I] is saved; silu(gate) * up is recomputed in backward
+  (one elementwise pass), instead of autograd keeping silu(gate) and the product as well.
+- `forward_combined` (used by LocalDispatcher) also fuses the gather of tokens and the weighted
+  scatter back: it saves neither the gathered input nor the expert output, and works on one
+  expert's rows at a time in small reused buffers, so no [k*T, H] temporary exists at all. Big
+  short-lived tensors are expensive on CPU: each one is a fresh mmap whose pages fault in.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,7 +27,7 @@ from torch import nn
 
 def _grouped_mm_available(x: torch.Tensor) -> bool:
     # torch's grouped GEMM is one kernel on CUDA (bf16); on CPU it is a loop of GEMMs that saves
-    # more for backward than _LoopExperts does, so the hand-written loop is used there.
+    # more for backward than the Functions below, so the hand-written loop is used there.
     return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
 
 
@@ -23,81 +35,239 @@ def _silu_mul(h_N2I: torch.Tensor, inter: int) -> torch.Tensor:
     return F.silu(h_N2I[:, :inter]) * h_N2I[:, inter:]
 
 
-class _LoopExperts(torch.autograd.Function):
-    """Per-expert GEMMs on contiguous row blocks, with a hand-written backward.
+# Rows per elementwise pass. Experts sorted next to each other are processed as one group of
+# contiguous rows: enough rows that per-op overhead (dispatch, OpenMP fork/join) is amortised when
+# experts are small (many experts, few tokens), few enough that the scratch buffers stay small and
+# are reused (a big short-lived tensor is a fresh mmap whose pages fault in on CPU).
+GROUP_ROWS = 1024
 
-    Why not autograd through `w[e]` slices: every `w[e]` is a SelectBackward whose gradient is a
-    zero-filled [E, ...] tensor per expert (E full-size memsets per weight per layer). Here each
-    expert's weight gradient is written straight into its slice of one buffer. Only x and the
-    gate/up pre-activation are saved; silu(gate) * up is recomputed in backward (one elementwise
-    pass), which saves the [N, I] activation and the [N, I] silu output autograd would keep.
+
+@dataclass
+class _Group:
+    start: int  # first row, in expert-sorted order
+    rows: int
+    experts: list[tuple[int, int, int]]  # (expert, first row within the group, rows)
+
+
+def _groups(counts: list[int]) -> list[_Group]:
+    groups: list[_Group] = []
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        if not groups or groups[-1].rows >= GROUP_ROWS:
+            groups.append(_Group(start, 0, []))
+        groups[-1].experts.append((e, groups[-1].rows, n))
+        groups[-1].rows += n
+        start += n
+    return groups
+
+
+class _Buffers:
+    """Scratch rows sized for the largest group and reused by every group."""
+
+    def __init__(self, like: torch.Tensor, rows: int, hidden: int, inter: int) -> None:
+        self.a_nH, self.b_nH = like.new_empty(rows, hidden), like.new_empty(rows, hidden)
+        self.silu_nI, self.act_nI, self.dact_nI = (like.new_empty(rows, inter) for _ in range(3))
+        self.dh_n2I = like.new_empty(rows, 2 * inter)
+
+
+def _group_forward(
+    grp: _Group, x_nH: torch.Tensor, w_gu: torch.Tensor, w_down: torch.Tensor, h_n2I: torch.Tensor,
+    act_nI: torch.Tensor, y_nH: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """y = down(silu(gate) * up) for a group's rows; h (saved for backward) and y written in place."""
+    inter = act_nI.shape[-1]
+    for e, o, n in grp.experts:
+        torch.mm(x_nH[o : o + n], w_gu[e].t(), out=h_n2I[o : o + n])
+    torch.ops.aten.silu.out(h_n2I[:, :inter], out=act_nI).mul_(h_n2I[:, inter:])
+    for e, o, n in grp.experts:
+        torch.mm(act_nI[o : o + n], w_down[e].t(), out=y_nH[o : o + n])
+    return y_nH
+
+
+def _group_backward(
+    grp: _Group, g_nH: torch.Tensor, x_nH: torch.Tensor | None, h_n2I: torch.Tensor, w_gu: torch.Tensor,
+    w_down: torch.Tensor, buf: _Buffers, weight_n1: torch.Tensor | None, dweight_n: torch.Tensor | None,
+    dw_gu: torch.Tensor | None, dw_down: torch.Tensor | None, dx_nH: torch.Tensor | None,
+) -> None:  # fmt: skip
+    """Gradients for a group's rows, optionally with outputs scaled by per-row gate weights.
+
+    x_nH is only read when dw_gu is asked for; g_nH may be the same memory as dx_nH (it is read
+    for the last time before dx is written).
     """
+    inter, m = buf.act_nI.shape[-1], grp.rows
+    silu, act, dact, dh = buf.silu_nI[:m], buf.act_nI[:m], buf.dact_nI[:m], buf.dh_n2I[:m]
+    torch.ops.aten.silu.out(h_n2I[:, :inter], out=silu)
+    torch.mul(silu, h_n2I[:, inter:], out=act)  # recomputed instead of saved
+    for e, o, n in grp.experts:
+        torch.mm(g_nH[o : o + n], w_down[e], out=dact[o : o + n])  # gradient of the unweighted activation
+    if dweight_n is not None:
+        # d out / d weight_s = <g_s, y_s> = <g_s @ W_down, act_s>: y itself is never kept.
+        torch.linalg.vecdot(dact, act, out=dweight_n)
+    if weight_n1 is not None:
+        act.mul_(weight_n1)
+        dact.mul_(weight_n1)
+    if dw_down is not None:
+        for e, o, n in grp.experts:
+            torch.mm(g_nH[o : o + n].t(), act[o : o + n], out=dw_down[e])
+    # SwiGLU backward into the two halves of dh.
+    torch.mul(dact, silu, out=dh[:, inter:])
+    dact.mul_(h_n2I[:, inter:])
+    torch.ops.aten.silu_backward.grad_input(dact, h_n2I[:, :inter], grad_input=dh[:, :inter])
+    for e, o, n in grp.experts:
+        if dw_gu is not None:
+            assert x_nH is not None
+            torch.mm(dh[o : o + n].t(), x_nH[o : o + n], out=dw_gu[e])
+        if dx_nH is not None:
+            torch.mm(dh[o : o + n], w_gu[e], out=dx_nH[o : o + n])
+
+
+def _grad_buffers(
+    ctx: Any, w_gu: torch.Tensor, w_down: torch.Tensor, counts: list[int]
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Weight-gradient buffers for the weights that need one; experts without rows get zeros."""
+    grads = []
+    for need, w in zip(ctx.needs_input_grad[1:3], (w_gu, w_down)):
+        g = torch.empty_like(w) if need else None
+        if g is not None:
+            for e, n in enumerate(counts):
+                if n == 0:
+                    g[e].zero_()
+        grads.append(g)
+    return grads[0], grads[1]
+
+
+def _max_rows(groups: list[_Group]) -> int:
+    return max((g.rows for g in groups), default=0)
+
+
+class _LoopExperts(torch.autograd.Function):
+    """y_NH = experts(x_NH) for rows sorted by expert; saves x and h."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, x_NH: torch.Tensor, w_gu_E2IH: torch.Tensor, w_down_EHI: torch.Tensor, counts: list[int]
     ) -> torch.Tensor:
         inter = w_down_EHI.shape[-1]
+        groups = _groups(counts)
         h_N2I = x_NH.new_empty(x_NH.shape[0], 2 * inter)
         y_NH = x_NH.new_empty(x_NH.shape)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                torch.mm(x_NH[start : start + n], w_gu_E2IH[e].t(), out=h_N2I[start : start + n])
-            start += n
-        act_NI = _silu_mul(h_N2I, inter)  # one elementwise pass over all experts at once
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                torch.mm(act_NI[start : start + n], w_down_EHI[e].t(), out=y_NH[start : start + n])
-            start += n
+        act_nI = x_NH.new_empty(_max_rows(groups), inter)
+        for g in groups:
+            rows = slice(g.start, g.start + g.rows)
+            _group_forward(g, x_NH[rows], w_gu_E2IH, w_down_EHI, h_N2I[rows], act_nI[: g.rows], y_NH[rows])
         ctx.save_for_backward(x_NH, h_N2I, w_gu_E2IH, w_down_EHI)
         ctx.counts = counts
         return y_NH
 
     @staticmethod
     def backward(ctx: Any, dy_NH: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        x_NH, h_N2I, w_gu_E2IH, w_down_EHI = ctx.saved_tensors
+        x_NH, h_N2I, w_gu, w_down = ctx.saved_tensors
         counts: list[int] = ctx.counts
-        inter = w_down_EHI.shape[-1]
+        groups = _groups(counts)
         dy_NH = dy_NH.contiguous()
-        gate_NI, up_NI = h_N2I[:, :inter], h_N2I[:, inter:]
-        silu_NI = F.silu(gate_NI)
-        act_NI = silu_NI * up_NI
-        # d(act) per expert, and the down-projection weight gradient.
-        dact_NI = torch.empty_like(act_NI)
-        dw_down = torch.empty_like(w_down_EHI)
-        start = 0
-        for e, n in enumerate(counts):
-            rows = slice(start, start + n)
-            if n:
-                torch.mm(dy_NH[rows], w_down_EHI[e], out=dact_NI[rows])
-                torch.mm(dy_NH[rows].t(), act_NI[rows], out=dw_down[e])
-            else:
-                dw_down[e].zero_()
-            start += n
-        # SwiGLU backward, written into the two halves of one [N, 2I] buffer.
-        dh_N2I = torch.empty_like(h_N2I)
-        torch.mul(dact_NI, silu_NI, out=dh_N2I[:, inter:])
-        dact_NI.mul_(up_NI)
-        torch.ops.aten.silu_backward.grad_input(dact_NI, gate_NI, grad_input=dh_N2I[:, :inter])
+        buf = _Buffers(x_NH, _max_rows(groups), 0, w_down.shape[-1])
         dx_NH = torch.empty_like(x_NH) if ctx.needs_input_grad[0] else None
-        dw_gu = torch.empty_like(w_gu_E2IH)
-        start = 0
-        for e, n in enumerate(counts):
-            rows = slice(start, start + n)
-            if n:
-                torch.mm(dh_N2I[rows].t(), x_NH[rows], out=dw_gu[e])
-                if dx_NH is not None:
-                    torch.mm(dh_N2I[rows], w_gu_E2IH[e], out=dx_NH[rows])
-            else:
-                dw_gu[e].zero_()
-            start += n
+        dw_gu, dw_down = _grad_buffers(ctx, w_gu, w_down, counts)
+        for g in groups:
+            rows = slice(g.start, g.start + g.rows)
+            _group_backward(
+                g, dy_NH[rows], x_NH[rows], h_N2I[rows], w_gu, w_down, buf, None, None, dw_gu, dw_down,
+                None if dx_NH is None else dx_NH[rows],
+            )  # fmt: skip
         return dx_NH, dw_gu, dw_down, None
 
 
+class _GatherExpertsCombine(torch.autograd.Function):
+    """out_TH[t] = sum over sorted rows s of token t: weight_S[s] * expert_s(x_TH[t]).
+
+    Saves x_TH (the router keeps it anyway), h [S, 2I] and the small index/weight vectors.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x_TH: torch.Tensor,
+        w_gu_E2IH: torch.Tensor,
+        w_down_EHI: torch.Tensor,
+        weight_S: torch.Tensor,
+        token_idx_S: torch.Tensor,
+        counts: list[int],
+    ) -> torch.Tensor:
+        inter = w_down_EHI.shape[-1]
+        groups = _groups(counts)
+        buf = _Buffers(x_TH, _max_rows(groups), x_TH.shape[-1], inter)
+        h_S2I = x_TH.new_empty(token_idx_S.shape[0], 2 * inter)
+        out_TH = torch.zeros_like(x_TH)
+        w_S1 = weight_S.to(x_TH.dtype)[:, None]
+        for g in groups:
+            rows, m = slice(g.start, g.start + g.rows), g.rows
+            x_n = torch.index_select(x_TH, 0, token_idx_S[rows], out=buf.a_nH[:m])
+            y_n = _group_forward(g, x_n, w_gu_E2IH, w_down_EHI, h_S2I[rows], buf.act_nI[:m], buf.b_nH[:m])
+            out_TH.index_add_(0, token_idx_S[rows], y_n.mul_(w_S1[rows]))
+        ctx.save_for_backward(x_TH, w_gu_E2IH, w_down_EHI, weight_S, token_idx_S, h_S2I)
+        ctx.counts = counts
+        return out_TH
+
+    @staticmethod
+    def backward(ctx: Any, g_TH: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x_TH, w_gu, w_down, weight_S, token_idx_S, h_S2I = ctx.saved_tensors
+        counts: list[int] = ctx.counts
+        groups = _groups(counts)
+        g_TH = g_TH.contiguous()
+        buf = _Buffers(x_TH, _max_rows(groups), x_TH.shape[-1], w_down.shape[-1])
+        dx_TH = torch.zeros_like(x_TH) if ctx.needs_input_grad[0] else None
+        dw_gu, dw_down = _grad_buffers(ctx, w_gu, w_down, counts)
+        dweight_S = x_TH.new_empty(weight_S.shape) if ctx.needs_input_grad[3] else None
+        w_S1 = weight_S.to(x_TH.dtype)[:, None]
+        for g in groups:
+            rows, m = slice(g.start, g.start + g.rows), g.rows
+            idx = token_idx_S[rows]
+            g_n = torch.index_select(g_TH, 0, idx, out=buf.a_nH[:m])
+            x_n = None if dw_gu is None else torch.index_select(x_TH, 0, idx, out=buf.b_nH[:m])
+            _group_backward(
+                g, g_n, x_n, h_S2I[rows], w_gu, w_down, buf, w_S1[rows],
+                None if dweight_S is None else dweight_S[rows], dw_gu, dw_down,
+                None if dx_TH is None else g_n,  # dx rows overwrite g rows, then scatter-add
+            )  # fmt: skip
+            if dx_TH is not None:
+                dx_TH.index_add_(0, idx, g_n)
+        if dweight_S is not None:
+            dweight_S = dweight_S.to(weight_S.dtype)
+        return dx_TH, dw_gu, dw_down, dweight_S, None, None
+
+
+def _counts(counts_E: torch.Tensor, rows: int) -> list[int]:
+    # The one host sync of the loop path: the split sizes.
+    counts = counts_E.tolist()
+    if sum(counts) != rows:
+        raise ValueError(f"Experts: counts_E sums to {sum(counts)} but there are {rows} rows")
+    return counts
+
+
+# Data-dependent Python loops: torch.compile would specialise (and recompile) on every new set of
+# counts, so the loop paths always run eagerly; the rest of the model still compiles around them.
+@torch.compiler.disable
+def _loop_experts(
+    x_NH: torch.Tensor, w_gu: torch.Tensor, w_down: torch.Tensor, counts_E: torch.Tensor
+) -> torch.Tensor:
+    return _LoopExperts.apply(x_NH.contiguous(), w_gu, w_down, _counts(counts_E, x_NH.shape[0]))
+
+
+@torch.compiler.disable
+def _gather_experts_combine(
+    x_TH: torch.Tensor, w_gu: torch.Tensor, w_down: torch.Tensor, weight_S: torch.Tensor,
+    token_idx_S: torch.Tensor, counts_E: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    counts = _counts(counts_E, token_idx_S.shape[0])
+    return _GatherExpertsCombine.apply(x_TH.contiguous(), w_gu, w_down, weight_S, token_idx_S, counts)
+
+
 class Experts(nn.Module):
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, impl: str = "auto") -> None:
+    def __init__(
+        self, num_experts: int, hidden_size: int, intermediate_size: int, impl: str = "auto"
+    ) -> None:
         super().__init__()
         self.num_experts = num_experts  # experts held here (num_experts / ep_size under EP)
         self.intermediate_size = intermediate_size
@@ -105,20 +275,25 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
+    def uses_grouped_mm(self, x: torch.Tensor) -> bool:
+        return self.impl == "grouped_mm" or (self.impl == "auto" and _grouped_mm_available(x))
+
     def forward(self, x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_NH: tokens sorted by expert; counts_E: how many rows belong to each expert, in order."""
-        use_grouped = self.impl == "grouped_mm" or (self.impl == "auto" and _grouped_mm_available(x_NH))
-        if use_grouped:
+        if self.uses_grouped_mm(x_NH):
             return self._grouped(x_NH, counts_E)
-        return self._loop(x_NH, counts_E)
+        return _loop_experts(x_NH, self.gate_up_proj, self.down_proj, counts_E)
 
-    def _loop(self, x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        # One host sync for the split sizes; on CPU the loop of contiguous GEMMs beats padding to a
-        # batched matmul (see scripts/bench_moe_layer.py).
-        counts = counts_E.tolist()
-        if sum(counts) != x_NH.shape[0]:
-            raise ValueError(f"Experts: counts_E sums to {sum(counts)} but x_NH has {x_NH.shape[0]} rows")
-        return _LoopExperts.apply(x_NH.contiguous(), self.gate_up_proj, self.down_proj, counts)
+    def forward_combined(
+        self, x_TH: torch.Tensor, token_idx_S: torch.Tensor, counts_E: torch.Tensor, weight_S: torch.Tensor
+    ) -> torch.Tensor:
+        """Loop path of gather -> experts -> weighted scatter-add, in one Function (see module doc).
+
+        Equals `zeros(T, H).index_add_(0, token_idx_S, forward(x_TH[token_idx_S], counts_E) * weight_S)`.
+        """
+        return _gather_experts_combine(
+            x_TH, self.gate_up_proj, self.down_proj, weight_S, token_idx_S, counts_E
+        )
 
     def _grouped(self, x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         offs = torch.cumsum(counts_E, dim=0).to(torch.int32)

@@ -34,8 +34,12 @@ class MoELayer(nn.Module):
         self.num_experts = cfg.num_experts
         self.top_k = cfg.top_k
         self.capacity_factor = cfg.capacity_factor
-        self.router = Router(cfg.hidden_size, cfg.num_experts, cfg.top_k, cfg.router_jitter, cfg.aux_free_bias)
-        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size, cfg.experts_impl)
+        self.router = Router(
+            cfg.hidden_size, cfg.num_experts, cfg.top_k, cfg.router_jitter, cfg.aux_free_bias
+        )
+        self.experts = Experts(
+            cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size, cfg.experts_impl
+        )
         self.shared = (
             SwiGLU(cfg.hidden_size, cfg.expert_intermediate_size * cfg.num_shared_experts)
             if cfg.num_shared_experts
@@ -55,7 +59,12 @@ class MoELayer(nn.Module):
         num_tokens = x_TH.shape[0]
         route = self.router(x_TH)
         y_TH, dropped = self.dispatcher(
-            x_TH, route.topk_idx_TK, route.topk_weight_TK, self.experts, self.num_experts, self.capacity(num_tokens)
+            x_TH,
+            route.topk_idx_TK,
+            route.topk_weight_TK,
+            self.experts,
+            self.num_experts,
+            self.capacity(num_tokens),
         )
         if self.shared is not None:
             y_TH = y_TH + self.shared(x_TH)
