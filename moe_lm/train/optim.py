@@ -41,9 +41,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def optimizer_factory(cfg: OptimConfig) -> Callable[[list[dict[str, Any]]], torch.optim.Optimizer]:
     def make(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-        # foreach=False keeps the update order per parameter fixed, so resumes are bit-identical.
+        # The fused kernel: one pass per parameter (7x faster than the default on CPU, see
+        # scripts/bench_train.py) and still deterministic, so resumes stay bit-identical.
         return torch.optim.AdamW(
-            groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay
+            groups,
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            fused=True,
         )
 
     return make
