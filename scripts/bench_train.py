@@ -161,7 +161,7 @@ def make_step(
     kind: str, model: torch.nn.Module, data: tuple[torch.Tensor, torch.Tensor], compile_: bool
 ) -> Callable[[], None]:
     ids, labels = data
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)  # the trainer's optimizer (foreach off)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the trainer's optimizer, for both
     fwd = torch.compile(model) if compile_ else model
 
     def step() -> None:

@@ -266,6 +266,8 @@ class Trainer:
         cfg = self.cfg
         if self.resumed_from is not None:
             self.log.message(f"resumed from {self.resumed_from} at step {self.step}")
+        if self.step == 0 and cfg.train.eval_every:
+            self._eval_and_log()  # the starting point, so the log shows how far validation loss fell
         with StopRequested() as stop:
             while not self._done():
                 start = time.perf_counter()

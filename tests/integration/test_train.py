@@ -66,7 +66,7 @@ def test_trains_logs_every_field_and_checkpoints(make_config, tmp_path):
         assert r["tokens"] == r["step"] * 4 * 32
     assert train_recs[-1]["loss"] < train_recs[0]["loss"] - 0.5
     evals = records(run, "eval")
-    assert [e["step"] for e in evals] == [15, 30]
+    assert [e["step"] for e in evals] == [0, 15, 30]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
     assert evals[-1]["val_ppl"] == pytest.approx(torch.tensor(evals[-1]["val_loss"]).exp().item(), rel=1e-6)
     assert records(run, "sample")[-1]["text"]
