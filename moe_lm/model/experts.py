@@ -25,10 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _grouped_mm_available(x: torch.Tensor) -> bool:
+def _grouped_mm_available(x: torch.Tensor, hidden: int, inter: int) -> bool:
     # torch's grouped GEMM is one kernel on CUDA (bf16); on CPU it is a loop of GEMMs that saves
-    # more for backward than the Functions below, so the hand-written loop is used there.
-    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+    # more for backward than the Functions below, so the hand-written loop is used there. It needs
+    # every row stride to be a multiple of 16 bytes, or it raises: such shapes take the loop too.
+    aligned = all((n * x.element_size()) % 16 == 0 for n in (hidden, inter, 2 * inter))
+    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") and aligned
 
 
 def _silu_mul(h_N2I: torch.Tensor, inter: int) -> torch.Tensor:
@@ -276,7 +278,10 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def uses_grouped_mm(self, x: torch.Tensor) -> bool:
-        return self.impl == "grouped_mm" or (self.impl == "auto" and _grouped_mm_available(x))
+        hidden = self.gate_up_proj.shape[-1]
+        return self.impl == "grouped_mm" or (
+            self.impl == "auto" and _grouped_mm_available(x, hidden, self.intermediate_size)
+        )
 
     def forward(self, x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_NH: tokens sorted by expert; counts_E: how many rows belong to each expert, in order."""
