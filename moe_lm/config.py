@@ -11,7 +11,6 @@ import contextlib
 import copy
 import dataclasses
 import difflib
-import math
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from moe_lm.errors import ConfigError
+from moe_lm.validation import validate
 
 
 @dataclass(frozen=True)
@@ -325,120 +325,3 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         )
     data.setdefault("name", path.stem)
     return config_from_dict(data, overrides)
-
-
-def _positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    if (
-        value < 0
-        or (value == 0 and not allow_zero)
-        or (isinstance(value, float) and not math.isfinite(value))
-    ):
-        need = "≥ 0" if allow_zero else "> 0"
-        raise ConfigError(f"{key} = {value} must be {need}")
-
-
-def validate(cfg: Config) -> None:
-    """Impossible combinations, each named by its key with the fix."""
-    m, d, t, o, p = cfg.model, cfg.data, cfg.train, cfg.optim, cfg.parallel
-    for name in (
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_layers",
-        "num_heads",
-        "num_kv_heads",
-        "max_seq_len",
-        "num_experts",
-        "top_k",
-        "moe_layer_freq",
-        "head_dim",
-        "moe_intermediate_size",
-    ):
-        _positive(f"model.{name}", getattr(m, name))
-    for name in ("rope_theta", "rms_norm_eps", "init_std"):
-        _positive(f"model.{name}", getattr(m, name))
-    for name in (
-        "num_shared_experts",
-        "first_dense_layers",
-        "aux_loss_coef",
-        "z_loss_coef",
-        "router_jitter",
-        "aux_free_update_rate",
-    ):
-        _positive(f"model.{name}", getattr(m, name), allow_zero=True)
-    _positive("model.capacity_factor", m.capacity_factor)
-    if m.top_k > m.num_experts:
-        raise ConfigError(f"model.top_k = {m.top_k} exceeds model.num_experts = {m.num_experts}; lower top_k")
-    if m.head_dim is None and m.hidden_size % m.num_heads:
-        raise ConfigError(
-            f"model.num_heads = {m.num_heads} does not divide model.hidden_size = {m.hidden_size}; "
-            "pick a divisor or set model.head_dim"
-        )
-    if m.num_heads % m.num_kv_heads:
-        raise ConfigError(
-            f"model.num_kv_heads = {m.num_kv_heads} does not divide model.num_heads = {m.num_heads}"
-        )
-    if m.resolved_head_dim % 2:
-        raise ConfigError(
-            f"head dim {m.resolved_head_dim} must be even for rotary embeddings; change model.num_heads"
-        )
-    if m.router_jitter >= 1:
-        raise ConfigError(f"model.router_jitter = {m.router_jitter} must be < 1")
-    if p.ep_size < 1:
-        raise ConfigError(f"parallel.ep_size = {p.ep_size} must be ≥ 1")
-    if m.num_experts % p.ep_size:
-        raise ConfigError(
-            f"model.num_experts = {m.num_experts} is not divisible by parallel.ep_size = {p.ep_size}; "
-            "choose an ep_size that divides it"
-        )
-    if p.zero_stage not in (0, 1, 2):
-        raise ConfigError(
-            f"parallel.zero_stage = {p.zero_stage} is not supported: use 0, 1 or 2 (ZeRO-3 partitions every "
-            "weight over all ranks, which defeats expert parallelism and our any-topology checkpoints)"
-        )
-    if p.backend == "ddp" and p.zero_stage:
-        raise ConfigError("parallel.zero_stage needs parallel.backend: deepspeed")
-    _positive("data.seq_len", d.seq_len)
-    _positive("data.num_proc", d.num_proc)
-    if not d.train_files:
-        raise ConfigError("data.train_files is empty; list at least one text, JSON(L) or parquet file")
-    if not 0 <= d.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction = {d.val_fraction} must be in [0, 1)")
-    if d.seq_len > m.max_seq_len:
-        raise ConfigError(f"data.seq_len = {d.seq_len} exceeds model.max_seq_len = {m.max_seq_len}")
-    for name in (
-        "micro_batch_size",
-        "grad_accum_steps",
-        "max_steps",
-        "eval_batches",
-        "collapse_patience",
-        "max_nonfinite_steps",
-    ):
-        _positive(f"train.{name}", getattr(t, name))
-    for name in ("eval_every", "sample_every", "sample_tokens"):
-        _positive(f"train.{name}", getattr(t, name), allow_zero=True)
-    _positive("train.max_tokens", t.max_tokens)
-    _positive("train.stop_at_step", t.stop_at_step)
-    _positive("train.collapse_ratio", t.collapse_ratio)
-    if t.resume and t.init_from:
-        raise ConfigError(
-            "train.resume and train.init_from are exclusive: resume continues a run, "
-            "init_from starts a new one from weights"
-        )
-    _positive("optim.lr", o.lr)
-    _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
-    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
-    _positive("optim.grad_clip", o.grad_clip, allow_zero=True)
-    _positive("optim.eps", o.eps)
-    if not 0 <= o.min_lr_ratio <= 1:
-        raise ConfigError(f"optim.min_lr_ratio = {o.min_lr_ratio} must be in [0, 1]")
-    for name in ("beta1", "beta2"):
-        if not 0 <= getattr(o, name) < 1:
-            raise ConfigError(f"optim.{name} = {getattr(o, name)} must be in [0, 1)")
-    _positive("logging.log_every", cfg.logging.log_every)
-    _positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
-    _positive("checkpoint.keep_last", cfg.checkpoint.keep_last, allow_zero=True)
-    if cfg.hub.push_at_end and not cfg.hub.repo_id:
-        raise ConfigError("hub.push_at_end needs hub.repo_id (OWNER/NAME)")

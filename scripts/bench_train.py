@@ -94,50 +94,20 @@ def model_config(a: argparse.Namespace) -> ModelConfig:
 
 
 def hf_model(cfg: ModelConfig, impl: str, ours: MoETransformer) -> torch.nn.Module:
-    from transformers import MixtralConfig, MixtralForCausalLM
+    """transformers' Mixtral with our weights, through the same conversion `moe-lm export` uses."""
+    from transformers import MixtralForCausalLM
 
-    hc = MixtralConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.expert_intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.resolved_head_dim,
-        num_local_experts=cfg.num_experts,
-        num_experts_per_tok=cfg.top_k,
-        max_position_embeddings=cfg.max_seq_len,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        rms_norm_eps=cfg.rms_norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings,
-        output_router_logits=True,
-        use_cache=False,
-    )
+    from moe_lm.hf.convert import to_hf_config, to_hf_state_dict
+
+    hc = to_hf_config(cfg)
+    hc.output_router_logits = True  # so its aux loss is computed too, as ours is
+    hc.use_cache = False
     model = MixtralForCausalLM(hc)
-    model.load_state_dict(to_hf_state_dict(ours.state_dict()), strict=True)
+    # Cloned: both models train in this process and must not share storage.
+    state = {k: v.detach().clone() for k, v in to_hf_state_dict(ours.state_dict(), cfg).items()}
+    model.load_state_dict(state, strict=True)
     model.set_experts_implementation(impl)
     return model.train()
-
-
-def to_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """moe_lm names -> transformers' in-memory Mixtral names (same tensors, cloned)."""
-    renames = (
-        ("attn_norm.", "input_layernorm."),
-        ("ffn_norm.", "post_attention_layernorm."),
-        ("attn.", "self_attn."),
-        ("ffn.router.", "mlp.gate."),
-        ("ffn.experts.", "mlp.experts."),
-    )
-    out: dict[str, torch.Tensor] = {}
-    for name, t in sd.items():
-        if name.startswith("layers."):
-            for ours, theirs in renames:
-                name = name.replace(ours, theirs, 1) if ours in name else name
-            name = "model." + name
-        elif name.startswith(("embed.", "norm.")):
-            name = "model." + name.replace("embed.", "embed_tokens.", 1)
-        out[name] = t.detach().clone()
-    return out
 
 
 def build(kind: str, cfg: ModelConfig, a: argparse.Namespace) -> torch.nn.Module:
