@@ -77,8 +77,7 @@ class Trainer:
         model = MoETransformer(cfg.model)
         model.activation_checkpointing = cfg.train.activation_checkpointing
         self.counts = count_params(cfg.model)
-        if hasattr(b, "parallelize"):
-            b.parallelize(model)
+        b.parallelize(model)  # shard experts over the EP group before groups and freezing see them
         apply_freeze(model, cfg.train.freeze)
         b.prepare(
             model,
