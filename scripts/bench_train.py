@@ -136,7 +136,7 @@ def make_step(
 
     def step() -> None:
         if kind == OURS:
-            loss = fwd(ids, labels=labels).loss
+            loss = fwd(ids, labels=labels, return_logits=False).loss  # as the trainer calls it
         else:
             loss = fwd(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()

@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from moe_lm.config import ModelConfig
 from moe_lm.model.attention import Attention, KVCache
 from moe_lm.model.experts import Experts
+from moe_lm.model.fused_ce import chunked_linear_cross_entropy
 from moe_lm.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
 from moe_lm.model.losses import hf_load_balance_loss
 from moe_lm.model.moe import MoELayer, MoEStats
@@ -114,8 +115,13 @@ class MoETransformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: list[KVCache] | None = None,
+        return_logits: bool = True,
     ) -> CausalLMOutput:
-        """labels are aligned with input_ids (no shift inside); -100 is ignored."""
+        """labels are aligned with input_ids (no shift inside); -100 is ignored.
+
+        return_logits=False (the trainer) lets a training step with labels compute the head and the
+        loss in chunks without ever holding the [tokens, vocab] logits; `logits` is then None.
+        """
         b, t = input_ids.shape
         past_len = cache[0][0].shape[2] if cache else 0
         if position_ids is None:
@@ -136,14 +142,26 @@ class MoETransformer(nn.Module):
                 all_stats.append(stats)
         x_BTH = self.norm(x_BTH)
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        logits_BTV = F.linear(x_BTH, head)
-        out = CausalLMOutput(logits=logits_BTV, cache=new_cache)
+        chunked = (
+            labels is not None
+            and not return_logits
+            and torch.is_grad_enabled()
+            and x_BTH.dtype == torch.float32
+            and not torch.is_autocast_enabled(x_BTH.device.type)
+        )
+        out = CausalLMOutput(cache=new_cache)
         if all_stats:
             self._add_router_losses(out, all_stats)
+        if labels is not None and chunked:
+            out.lm_loss = chunked_linear_cross_entropy(x_BTH.reshape(b * t, -1), head, labels.reshape(-1))
+        else:
+            out.logits = F.linear(x_BTH, head)
         if labels is not None:
-            out.lm_loss = F.cross_entropy(
-                logits_BTV.float().view(b * t, -1), labels.reshape(-1), ignore_index=-100
-            )
+            if out.logits is not None:
+                out.lm_loss = F.cross_entropy(
+                    out.logits.float().view(b * t, -1), labels.reshape(-1), ignore_index=-100
+                )
+            assert out.lm_loss is not None
             out.loss = out.lm_loss
             if out.aux_loss is not None and out.z_loss is not None:
                 out.loss = (

@@ -130,7 +130,7 @@ class Trainer:
             input_ids, labels = self.loader.next_batch()
             input_ids, labels = input_ids.to(b.device), labels.to(b.device)
             with b.accumulate(sync=micro == accum - 1), b.autocast():
-                out = b.model(input_ids, labels=labels)
+                out = b.model(input_ids, labels=labels, return_logits=False)
                 b.backward(faults.poison(out.loss, self.step + 1) / accum)
             for key in ("loss", "lm_loss", "aux_loss", "hf_aux_loss", "z_loss"):
                 value = getattr(out, key)
