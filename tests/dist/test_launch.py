@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from moe_lm.train.weights import load_pretrained
+from tests.integration.conftest import run_config_dict
 
 REPO = Path(__file__).resolve().parents[2]
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
@@ -29,28 +30,15 @@ def run_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     corpus = root / "corpus.txt"
     corpus.write_text((REPO / "data" / "tinyshakespeare.txt").read_text()[:60_000])
     tokenizer = train_tokenizer([str(corpus)], 384, root / "tokenizer")
-    cfg = {
-        "name": "ep-launch",
-        "model": dict(
-            vocab_size=384,
-            hidden_size=48,
-            intermediate_size=64,
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=2,
-            max_seq_len=64,
-            rope_theta=10000.0,
-            num_experts=4,
-            top_k=2,
-        ),
-        "data": dict(
-            train_files=[str(corpus)], tokenizer=str(tokenizer), seq_len=32, cache_dir=str(root / "cache")
-        ),
-        "optim": dict(lr=3e-3, warmup_steps=2),
-        "train": dict(micro_batch_size=4, max_steps=4, eval_every=0, eval_batches=2, sample_tokens=8),
-        "logging": dict(log_every=1, progress_bar=False),
-        "checkpoint": dict(every=2, keep_last=2),
-    }
+    # The integration tests' recipe; every launch below passes its own train.output_dir.
+    cfg = run_config_dict(
+        corpus,
+        tokenizer,
+        root / "unused-output",
+        train={"max_steps": 4},
+        checkpoint={"every": 2, "keep_last": 2},
+    )
+    cfg["name"] = "ep-launch"
     path = root / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
