@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -29,6 +28,7 @@ import sentencepiece as spm
 
 from moe_lm.data.dataset import file_format, iter_texts, resolve_files
 from moe_lm.errors import ArgumentParser, UserError
+from moe_lm.fsutil import replace_dir
 
 if TYPE_CHECKING:
     from moe_lm.config import Config
@@ -208,11 +208,7 @@ def _write_dir(model_bytes: bytes, out_dir: Path) -> None:
             for k in ("local_files_only", "is_local"):
                 hf_cfg.pop(k, None)
             cfg_path.write_text(json.dumps(hf_cfg, indent=2, ensure_ascii=False) + "\n")
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        if out_dir.exists():
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

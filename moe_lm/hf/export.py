@@ -22,6 +22,7 @@ import yaml
 
 from moe_lm.config import Config, ModelConfig, config_from_dict, load_config
 from moe_lm.errors import UserError
+from moe_lm.fsutil import replace_dir
 from moe_lm.hf.convert import (
     check_exportable,
     check_upcycle_config,
@@ -78,11 +79,7 @@ def staged_dir(
     try:
         yield tmp
         _default_permissions(tmp)
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
