@@ -124,26 +124,34 @@ def find_latest(ckpt_root: Path, warn: bool = True) -> Path | None:
     return found
 
 
-def resolve_resume(spec: str, run_dir: Path) -> Path:
-    """`latest` (in this run's directory) or an explicit checkpoint path -> a verified checkpoint dir."""
-    if spec == "latest":
-        found = find_latest(run_dir / "checkpoints")
+def resolve_resume(spec: str, run_dir: Path, key: str | None = "train.resume") -> Path:
+    """A verified checkpoint dir from: `latest` (this run's newest complete one), a run directory,
+    its checkpoints/ directory, or a checkpoint directory. `key` names the setting in errors
+    (train.resume, train.init_from), or None for a command-line argument."""
+    what = f"{key}={spec}" if key else f"'{spec}'"
+    path = Path(spec)
+    root = None
+    if key and spec == "latest":
+        root = run_dir / "checkpoints"
+    elif (path / "checkpoints").is_dir():
+        root = path / "checkpoints"
+    elif (path / "latest").is_file() or any(path.glob("step-*")):
+        root = path
+    if root is not None:
+        found = find_latest(root)
         if found is None:
+            fix = f"start without {key}" if key else "train longer"
             raise UserError(
-                f"train.resume=latest but {run_dir / 'checkpoints'} holds no complete checkpoint; "
-                "start without train.resume or point it at a checkpoint directory"
+                f"{what} but {root} holds no complete checkpoint; {fix} or point it at a checkpoint directory"
             )
         return found
-    path = Path(spec)
-    if (path / "checkpoints").is_dir():
-        return resolve_resume("latest", path)
     if not path.is_dir():
         raise UserError(
-            f"train.resume={spec}: no such checkpoint directory; use latest or a checkpoints/step-N path"
+            f"{what}: no such checkpoint directory; use latest, a run directory or a checkpoints/step-N path"
         )
     if not (path / MANIFEST).is_file() and not any(path.glob("model-ep*-of-*.safetensors")):
         raise UserError(
-            f"train.resume={spec}: that directory holds no checkpoint (no {MANIFEST}, no model weights); "
+            f"{what}: that directory holds no checkpoint (no {MANIFEST}, no model weights); "
             "use latest, a run directory or a RUN/checkpoints/step-N directory"
         )
     problem = verify(path)

@@ -95,7 +95,7 @@ class Trainer:
         self.step, self.tokens = 0, 0
         self.records: list[dict[str, Any]] = []
         if cfg.train.init_from:
-            init = ckpt.resolve_resume(cfg.train.init_from, cfg.output_dir)
+            init = ckpt.resolve_resume(cfg.train.init_from, cfg.output_dir, key="train.init_from")
             ckpt.load_checkpoint(cfg, b, init, weights_only=True)
         if resumed_from is not None:
             state = ckpt.load_checkpoint(cfg, b, resumed_from)

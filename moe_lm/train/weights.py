@@ -103,27 +103,11 @@ def load_model_state(directory: Path, expert_range: tuple[int, int] | None = Non
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A verified checkpoint directory from: a checkpoint dir, or a run / checkpoints dir (its newest
+    """A verified checkpoint directory from a checkpoint dir, or a run / checkpoints dir (its newest
     complete checkpoint, falling back past damaged ones with a warning)."""
-    from moe_lm.train.checkpoint import find_latest, verify
+    from moe_lm.train.checkpoint import resolve_resume
 
-    p = Path(path)
-    for root in (p / "checkpoints", p):
-        if (root / "latest").is_file() or any(root.glob("step-*")):
-            found = find_latest(root)
-            if found is None:
-                raise UserError(
-                    f"'{path}' holds no complete checkpoint; train longer or point at another run"
-                )
-            return found
-    if (p / "config.yaml").is_file() and any(p.glob("model-ep*-of-*.safetensors")):
-        problem = verify(p)
-        if problem is not None:
-            raise UserError(f"checkpoint '{p}' is not usable: {problem}; use an earlier one")
-        return p
-    raise UserError(
-        f"'{path}' is not a moe_lm checkpoint or run directory (no config.yaml + model weights, no latest)"
-    )
+    return resolve_resume(str(path), Path(path), key=None)
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):  # -> tuple[Config, MoETransformer]

@@ -290,3 +290,13 @@ def test_write_failure_on_another_rank_stops_every_rank(tmp_path: Path) -> None:
     assert (root / "latest").read_text() == "step-1"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-1"]
     assert ckpt.verify(root / "step-1") is None
+
+
+def test_resolution_errors_name_the_setting_they_came_from(tmp_path):
+    # Regression: a bad train.init_from was reported as train.resume.
+    with pytest.raises(UserError, match=r"^train.init_from=.*nope: no such checkpoint directory"):
+        ckpt.resolve_resume(str(tmp_path / "nope"), tmp_path, key="train.init_from")
+    from moe_lm.train.weights import resolve_checkpoint  # the eval / export path: a CLI argument
+
+    with pytest.raises(UserError, match=r"^'.*nope': no such checkpoint directory"):
+        resolve_checkpoint(tmp_path / "nope")
