@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import yaml
 
+from moe_lm.analysis.stats import LATEST_PNG, load_records, plot_latest
 from moe_lm.config import Config, ModelConfig, config_from_dict, load_config
 from moe_lm.errors import UserError
 from moe_lm.fsutil import replace_dir
@@ -32,10 +33,9 @@ from moe_lm.hf.convert import (
     upcycle_state_dict,
 )
 from moe_lm.hf.model_card import render_model_card
-from moe_lm.hf.stats import LATEST_PNG, load_records, plot_latest
 from moe_lm.model.params import build_meta_model
-from moe_lm.train.checkpoint import write_manifest
-from moe_lm.train.weights import load_model_state, resolve_checkpoint, save_weights
+from moe_lm.state.checkpoint import write_manifest
+from moe_lm.state.weights import load_model_state, resolve_checkpoint, save_weights
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Files a transformers tokenizer folder may hold; anything else in the tokenizer dir stays behind.

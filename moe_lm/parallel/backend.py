@@ -13,7 +13,7 @@ norm is global: dense gradients (identical everywhere) counted once, expert grad
 the EP group.
 
 Checkpoint layout (both backends): `model-ep{r}-of-{n}.safetensors` with experts under their
-global index (moe_lm/train/weights.py) and `optim-ep{r}-of-{n}.pt` with optimizer state by
+global index (moe_lm/state/weights.py) and `optim-ep{r}-of-{n}.pt` with optimizer state by
 parameter name, experts split per global index; written by expert-data-parallel rank 0 of each
 EP group, read by every rank for what it holds, so any EP size and either backend can resume it.
 """
@@ -41,7 +41,7 @@ from moe_lm.parallel.expert_parallel import (
     is_expert_param,
 )
 from moe_lm.parallel.mesh import Mesh, build_mesh
-from moe_lm.train.weights import load_model_state, save_weights
+from moe_lm.state.weights import load_model_state, save_weights
 
 _EXPERT_SUFFIXES = ("ffn.experts.gate_up_proj", "ffn.experts.down_proj")
 NamedState = dict[str, dict[str, torch.Tensor]]

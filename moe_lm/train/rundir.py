@@ -14,7 +14,7 @@ from pathlib import Path
 
 from moe_lm.config import Config, load_config
 from moe_lm.errors import UserError
-from moe_lm.train import checkpoint as ckpt
+from moe_lm.state import checkpoint as ckpt
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")
 

@@ -16,14 +16,14 @@ from typing import Any
 
 import torch
 
+from moe_lm import faults
 from moe_lm.config import Config
 from moe_lm.data.dataset import load_blocks
 from moe_lm.data.loader import ResumableLoader, eval_batches
 from moe_lm.data.tokenizer import Tokenizer, check_vocab, ensure_tokenizer
 from moe_lm.model import MoETransformer
 from moe_lm.model.params import count_params
-from moe_lm.train import checkpoint as ckpt
-from moe_lm.train import faults
+from moe_lm.state import checkpoint as ckpt
 from moe_lm.train.metrics import MetricsLogger, NullLogger, flops_per_token, peak_flops, router_metrics
 from moe_lm.train.optim import apply_freeze, lr_lambda, optimizer_factory, param_groups
 from moe_lm.train.preflight import check_memory

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from moe_lm.train.weights import load_pretrained
+from moe_lm.state.weights import load_pretrained
 from tests.integration.conftest import run_config_dict
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,6 +1,6 @@
 """Crash safety, graceful stop and numerical guards, through real training runs.
 
-A subprocess trains with `MOE_LM_FAULT=<point>:<step>` (moe_lm/train/faults.py) and SIGKILLs itself
+A subprocess trains with `MOE_LM_FAULT=<point>:<step>` (moe_lm/faults.py) and SIGKILLs itself
 at that exact point; the test then resumes in-process with `train.resume=latest` and checks that
 the finished run equals one uninterrupted run bit for bit (same topology: one CPU process).
 """
@@ -22,9 +22,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from moe_lm.cli import main
+from moe_lm.state.checkpoint import find_latest, verify, write_manifest
+from moe_lm.state.weights import load_model_state
 from moe_lm.train import preflight
-from moe_lm.train.checkpoint import find_latest, verify, write_manifest
-from moe_lm.train.weights import load_model_state
 from tests.integration.conftest import run_config_dict
 
 STEPS, EVERY, KEEP = 8, 2, 2

@@ -11,7 +11,7 @@ import yaml
 
 from moe_lm.cli import main
 from moe_lm.config import Config
-from moe_lm.train.weights import load_model_state
+from moe_lm.state.weights import load_model_state
 
 TRAIN_FIELDS = {
     "step",

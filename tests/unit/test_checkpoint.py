@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from moe_lm import faults
 from moe_lm.config import Config, config_from_dict, load_config
 from moe_lm.errors import UserError
-from moe_lm.train import checkpoint as ckpt
-from moe_lm.train import faults
+from moe_lm.state import checkpoint as ckpt
 from moe_lm.train.preflight import GIB, check_memory, estimate_memory
 
 REPO = Path(__file__).resolve().parents[2]
@@ -296,7 +296,7 @@ def test_resolution_errors_name_the_setting_they_came_from(tmp_path):
     # Regression: a bad train.init_from was reported as train.resume.
     with pytest.raises(UserError, match=r"^train.init_from=.*nope: no such checkpoint directory"):
         ckpt.resolve_resume(str(tmp_path / "nope"), tmp_path, key="train.init_from")
-    from moe_lm.train.weights import resolve_checkpoint  # the eval / export path: a CLI argument
+    from moe_lm.state.weights import resolve_checkpoint  # the eval / export path: a CLI argument
 
     with pytest.raises(UserError, match=r"^'.*nope': no such checkpoint directory"):
         resolve_checkpoint(tmp_path / "nope")

@@ -105,7 +105,7 @@ def load_model_state(directory: Path, expert_range: tuple[int, int] | None = Non
 def resolve_checkpoint(path: str | Path) -> Path:
     """A verified checkpoint directory from a checkpoint dir, or a run / checkpoints dir (its newest
     complete checkpoint, falling back past damaged ones with a warning)."""
-    from moe_lm.train.checkpoint import resolve_resume
+    from moe_lm.state.checkpoint import resolve_resume
 
     return resolve_resume(str(path), Path(path), key=None)
 

@@ -26,9 +26,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from moe_lm import faults
 from moe_lm.config import Config, load_config
 from moe_lm.errors import UserError
-from moe_lm.train import faults
 
 MANIFEST = "MANIFEST.json"
 TMP_PREFIX = ".tmp-"

@@ -12,7 +12,7 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def stats_main(argv: list[str]) -> int:
-    from moe_lm.hf.stats import load_records, load_table, moe_layers_of, write_stats
+    from moe_lm.analysis.stats import load_records, load_table, moe_layers_of, write_stats
 
     p = _parser("stats", "Expert-load heatmaps (PNG) of the latest record and of load over time.")
     p.add_argument("path", metavar="RUN_OR_CHECKPOINT")

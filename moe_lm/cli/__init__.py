@@ -13,20 +13,20 @@ from moe_lm.errors import UserError
 
 # subcommand -> (module, function taking argv and returning an exit code, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "train": ("moe_lm.train.cli", "train_main", "pretrain from a YAML config (also under accelerate launch)"),
+    "train": ("moe_lm.cli.train", "train_main", "pretrain from a YAML config (also under accelerate launch)"),
     "tokenizer": ("moe_lm.data.tokenizer", "tokenizer_main", "train or ensure a sentencepiece tokenizer"),
-    "info": ("moe_lm.info", "info_main", "parameter counts (total / active) and the resolved config"),
-    "eval": ("moe_lm.train.cli", "eval_main", "validation loss and perplexity of a checkpoint"),
-    "generate": ("moe_lm.train.cli", "generate_main", "sample text from a checkpoint"),
-    "stats": ("moe_lm.hf.cli", "stats_main", "expert-load heatmaps (PNG) from a run or checkpoint"),
+    "info": ("moe_lm.cli.info", "info_main", "parameter counts (total / active) and the resolved config"),
+    "eval": ("moe_lm.cli.train", "eval_main", "validation loss and perplexity of a checkpoint"),
+    "generate": ("moe_lm.cli.train", "generate_main", "sample text from a checkpoint"),
+    "stats": ("moe_lm.cli.hf", "stats_main", "expert-load heatmaps (PNG) from a run or checkpoint"),
     "export": (
-        "moe_lm.hf.cli",
+        "moe_lm.cli.hf",
         "export_main",
         "export a checkpoint as a transformers MixtralForCausalLM folder",
     ),
-    "import": ("moe_lm.hf.cli", "import_main", "import a local transformers Mixtral folder as a checkpoint"),
-    "upcycle": ("moe_lm.hf.cli", "upcycle_main", "turn a dense Llama-style folder into an MoE checkpoint"),
-    "push": ("moe_lm.hf.cli", "push_main", "upload an exported folder to the Hugging Face Hub"),
+    "import": ("moe_lm.cli.hf", "import_main", "import a local transformers Mixtral folder as a checkpoint"),
+    "upcycle": ("moe_lm.cli.hf", "upcycle_main", "turn a dense Llama-style folder into an MoE checkpoint"),
+    "push": ("moe_lm.cli.hf", "push_main", "upload an exported folder to the Hugging Face Hub"),
 }
 
 
@@ -62,6 +62,3 @@ def run() -> None:
         os._exit(code)
     sys.exit(code)
 
-
-if __name__ == "__main__":
-    run()

@@ -33,7 +33,7 @@ def train_main(argv: list[str]) -> int:
 
 def _load(path: str, device: str) -> tuple:
     from moe_lm.data.tokenizer import Tokenizer
-    from moe_lm.train.weights import load_pretrained
+    from moe_lm.state.weights import load_pretrained
 
     cfg, model = load_pretrained(path, device)
     model.eval()

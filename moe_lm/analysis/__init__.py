@@ -1,0 +1,1 @@
+"""What a run tells about itself: its metric records, expert-load heatmaps and tables."""
