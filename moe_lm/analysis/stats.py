@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_lm.errors import UserError
-from moe_lm.state.weights import resolve_checkpoint
+from moe_lm.state.resolve import resolve_checkpoint
 
 LATEST_PNG = "expert_load.png"
 OVER_TIME_PNG = "expert_load_over_time.png"

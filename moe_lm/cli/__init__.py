@@ -61,4 +61,3 @@ def run() -> None:
     if os.environ.get("MOE_LM_HARD_EXIT"):  # set by the trainer for gloo workers (see moe_lm/parallel)
         os._exit(code)
     sys.exit(code)
-

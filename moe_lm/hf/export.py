@@ -33,9 +33,9 @@ from moe_lm.hf.convert import (
     upcycle_state_dict,
 )
 from moe_lm.hf.model_card import render_model_card
-from moe_lm.model.params import build_meta_model
-from moe_lm.state.checkpoint import write_manifest
-from moe_lm.state.weights import load_model_state, resolve_checkpoint, save_weights
+from moe_lm.state.checkpoint import write_weights_checkpoint
+from moe_lm.state.resolve import resolve_checkpoint
+from moe_lm.state.weights import check_state, load_model_state
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Files a transformers tokenizer folder may hold; anything else in the tokenizer dir stays behind.
@@ -132,22 +132,6 @@ def copy_tokenizer(src: Path, dst: Path) -> Any:
         raise UserError(f"the tokenizer in '{src}' does not load with transformers: {e}") from None
 
 
-def check_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str) -> None:
-    """Every tensor our model needs, with its shape, and nothing else (one line on a mismatch)."""
-    expected = {k: tuple(v.shape) for k, v in build_meta_model(cfg).state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise UserError(
-            f"{source} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
-    for key, shape in expected.items():
-        if tuple(state[key].shape) != shape:
-            raise UserError(
-                f"{source}: '{key}' has shape {tuple(state[key].shape)} but the config needs {shape}"
-            )
-
-
 def export_checkpoint(
     checkpoint: str | Path,
     out: str | Path,
@@ -219,16 +203,6 @@ def _set_generation_config(model: Any, bos: int | None, eos: int | None) -> None
 
 # ---------------------------------------------------------------------------------------------
 # Import and upcycle: transformers folders -> moe_lm checkpoints
-
-
-def write_checkpoint(tmp: Path, cfg: Config, state: dict[str, torch.Tensor]) -> None:
-    """A step-0 checkpoint that `load_pretrained` and `train.init_from` accept."""
-    check_state(cfg.model, state, "the converted weights")
-    (tmp / "config.yaml").write_text(cfg.to_yaml())
-    save_weights(tmp, state)
-    trainer_state = {"step": 0, "tokens": 0, "world_size": 1, "last_metrics": {}, "val_loss": None}
-    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-    write_manifest(tmp)  # train.init_from only accepts a checkpoint whose manifest verifies
 
 
 def _hf_config(path: Path, kinds: tuple[str, ...]) -> Any:
@@ -320,7 +294,7 @@ def import_hf(
     cfg = _import_config(model_cfg, src, config, Path(out).name)
     check_exportable(cfg.model)  # a Mixtral checkpoint cannot need anything export refuses
     with staged_dir(out, overwrite, lambda p: False, "--overwrite") as tmp:
-        write_checkpoint(tmp, cfg, from_hf_state_dict(_hf_weights(src), cfg.model))
+        write_weights_checkpoint(tmp, cfg, from_hf_state_dict(_hf_weights(src), cfg.model))
     return Path(out)
 
 
@@ -334,5 +308,5 @@ def upcycle_dense(
     check_upcycle_config(cfg.model, dense)
     generator = torch.Generator().manual_seed(seed)
     with staged_dir(out, overwrite, lambda p: False, "--overwrite") as tmp:
-        write_checkpoint(tmp, cfg, upcycle_state_dict(_hf_weights(src), cfg.model, generator))
+        write_weights_checkpoint(tmp, cfg, upcycle_state_dict(_hf_weights(src), cfg.model, generator))
     return Path(out)

@@ -1,6 +1,9 @@
-"""Parameter counts: total, active per token, and a per-component breakdown.
+"""What a parameter is, by name: which ones are routed experts; counts per component.
 
-Counted on a model built on the meta device, so the real Mixtral 8x7B shape costs no memory.
+The names come from the model's module tree (`layers.L.ffn.experts.gate_up_proj` is
+`MoETransformer.layers[L].ffn.experts`), so the one answer to "is this an expert parameter?" lives
+here, beside them: freezing, gradient reduction, checkpoint keys and these counts all ask it.
+Counts are made on a model built on the meta device, so the real Mixtral 8x7B shape costs no memory.
 """
 
 from __future__ import annotations
@@ -12,8 +15,18 @@ import torch
 from moe_lm.config import ModelConfig
 from moe_lm.model.transformer import MoETransformer
 
+# The routed experts' stacked tensors: [E, 2I, H] and [E, H, I] (moe_lm/model/experts.py).
+_EXPERTS = ".ffn.experts."
+
+
+def is_expert_param(name: str) -> bool:
+    """A routed expert's weight, by parameter or state-dict name (any prefix, such as DDP's
+    `module.`): stacked in memory (`layers.3.ffn.experts.down_proj`) or one expert per key as
+    checkpoints store them (`layers.3.ffn.experts.5.down_proj`). Shared experts are not routed."""
+    return _EXPERTS in name
+
+
 _COMPONENTS = (
-    ("experts", ".ffn.experts."),
     ("router", ".ffn.router."),
     ("shared_experts", ".ffn.shared."),
     ("dense_ffn", ".ffn."),
@@ -34,6 +47,9 @@ def count_params(cfg: ModelConfig) -> dict[str, object]:
     model = build_meta_model(cfg)
     components: dict[str, int] = defaultdict(int)
     for name, p in model.named_parameters():
+        if is_expert_param(name):
+            components["experts"] += p.numel()
+            continue
         for component, marker in _COMPONENTS:
             if marker in name:
                 components[component] += p.numel()

@@ -34,17 +34,11 @@ from torch import nn
 from moe_lm.config import Config
 from moe_lm.errors import UserError
 from moe_lm.model import MoETransformer
-from moe_lm.parallel.expert_parallel import (
-    EPStats,
-    apply_expert_parallel,
-    expert_param_names,
-    is_expert_param,
-)
+from moe_lm.model.params import is_expert_param
+from moe_lm.parallel.expert_parallel import EPStats, apply_expert_parallel
 from moe_lm.parallel.mesh import Mesh, build_mesh
+from moe_lm.state.optimizer import NamedState, load_optimizer_state, save_optimizer_state
 from moe_lm.state.weights import load_model_state, save_weights
-
-_EXPERT_SUFFIXES = ("ffn.experts.gate_up_proj", "ffn.experts.down_proj")
-NamedState = dict[str, dict[str, torch.Tensor]]
 
 
 def launch_hint(cfg: Config) -> str:
@@ -134,7 +128,7 @@ class Backend:
 
             # Each rank holds different experts: DDP must neither broadcast nor average them.
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                model, expert_param_names(model)
+                model, [n for n, _ in model.named_parameters() if is_expert_param(n)]
             )
             self._broadcast_experts(model)
         optimizer = make_optimizer(param_groups)
@@ -147,8 +141,8 @@ class Backend:
         # same for experts within the group of ranks that hold them.
         if self.mesh.edp_group is None:
             return
-        for p in model.parameters():
-            if is_expert_param(p):
+        for name, p in model.named_parameters():
+            if is_expert_param(name):
                 data = p.data.to(self.device)
                 dist.broadcast(data, src=self.mesh.edp_ranks[0], group=self.mesh.edp_group)
                 p.data.copy_(data)
@@ -172,10 +166,10 @@ class Backend:
         parallel group) and return the global norm. Called by `step`; tests call it to read the
         gradients one process would have. Collective under expert parallelism."""
         self.accelerator.unscale_gradients()
-        params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        params = [(n, p) for n, p in self.raw_model.named_parameters() if p.requires_grad]
         if self.ep_size > 1:
-            self._reduce_expert_grads([p for p in params if is_expert_param(p)])
-        return self._global_grad_norm([p for p in params if p.grad is not None])
+            self._reduce_expert_grads([p for n, p in params if is_expert_param(n)])
+        return self._global_grad_norm([(n, p) for n, p in params if p.grad is not None])
 
     def step(self, max_grad_norm: float) -> tuple[float, bool]:
         """Clip by the global norm and step; a non-finite norm skips the update. -> (norm, stepped)."""
@@ -209,9 +203,9 @@ class Backend:
                 g.copy_(reduced)
         torch._foreach_div_(grads, float(self.world_size))
 
-    def _global_grad_norm(self, params: list[nn.Parameter]) -> torch.Tensor:
-        dense = [p.grad for p in params if p.grad is not None and not is_expert_param(p)]
-        experts = [p.grad for p in params if p.grad is not None and is_expert_param(p)]
+    def _global_grad_norm(self, params: list[tuple[str, nn.Parameter]]) -> torch.Tensor:
+        dense = [p.grad for n, p in params if p.grad is not None and not is_expert_param(n)]
+        experts = [p.grad for n, p in params if p.grad is not None and is_expert_param(n)]
         sq = torch.zeros(2, dtype=torch.float32, device=self.device)
         if dense:
             sq[0] = torch.nn.utils.get_total_norm(dense).float() ** 2
@@ -275,7 +269,7 @@ class Backend:
     def _load_optimizer_state(self, named: NamedState) -> None:
         optimized = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
         for name, p in self.raw_model.named_parameters():
-            state = _stack_expert_state(named, name, self.expert_range)
+            state = named.get(name)
             if state is not None and id(p) in optimized:
                 self.optimizer.state[p] = {k: v.to(p.device) if v.dim() else v for k, v in state.items()}
 
@@ -287,15 +281,8 @@ class Backend:
         if self.mesh.edp_rank != 0:
             return
         save_weights(directory, weights, self.ep_rank, self.ep_size, self.expert_range[0])
-        if self.ep_rank != 0:  # the dense state is identical on every EP rank; EP rank 0 has it
-            named = {n: s for n, s in named.items() if n.endswith(_EXPERT_SUFFIXES)}
-        torch.save(
-            {
-                "optimizer": named,
-                "scheduler": {"last_epoch": self.scheduler.last_epoch},
-                "expert_range": self.expert_range,
-            },
-            Path(directory) / f"optim-ep{self.ep_rank}-of-{self.ep_size}.pt",
+        save_optimizer_state(
+            directory, named, self.scheduler.last_epoch, self.expert_range, self.ep_rank, self.ep_size
         )
 
     def load_state(self, directory: Path, weights_only: bool = False) -> None:
@@ -303,18 +290,7 @@ class Backend:
         self._load_weights(load_model_state(directory, self.expert_range))
         if weights_only:
             return
-        files = sorted(Path(directory).glob("optim-ep*-of-*.pt"))
-        if not files:
-            raise UserError(
-                f"checkpoint '{directory}' has no optimizer state (optim-ep*-of-*.pt); "
-                "use train.init_from to start from its weights only"
-            )
-        named: NamedState = {}
-        last_epoch = 0
-        for f in files:
-            blob = torch.load(f, map_location="cpu", weights_only=False)
-            named.update(_split_expert_state(blob["optimizer"], blob["expert_range"][0]))
-            last_epoch = int(blob["scheduler"]["last_epoch"])
+        named, last_epoch = load_optimizer_state(directory, self.expert_range)
         self._load_optimizer_state(named)
         self._restore_schedule(last_epoch)
 
@@ -336,33 +312,3 @@ class Backend:
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
-
-
-def _split_expert_state(state: NamedState, offset: int) -> NamedState:
-    """Optimizer state of stacked expert params -> one entry per global expert index."""
-    out: NamedState = {}
-    for name, entry in state.items():
-        if name.endswith(_EXPERT_SUFFIXES):
-            prefix, leaf = name.rsplit(".", 1)
-            n = next(v.shape[0] for v in entry.values() if v.dim())
-            for e in range(n):
-                out[f"{prefix}.{offset + e}.{leaf}"] = {k: v[e] if v.dim() else v for k, v in entry.items()}
-        else:
-            out[name] = entry
-    return out
-
-
-def _stack_expert_state(
-    named: NamedState, name: str, expert_range: tuple[int, int]
-) -> dict[str, torch.Tensor] | None:
-    if not name.endswith(_EXPERT_SUFFIXES):
-        return named.get(name)
-    prefix, leaf = name.rsplit(".", 1)
-    entries = [named.get(f"{prefix}.{e}.{leaf}") for e in range(*expert_range)]
-    if any(e is None for e in entries):
-        return None
-    first = entries[0]
-    assert first is not None
-    return {
-        k: torch.stack([e[k] for e in entries if e is not None]) if v.dim() else v for k, v in first.items()
-    }

@@ -39,8 +39,9 @@ from torch import nn
 from moe_lm.config import Config
 from moe_lm.errors import UserError
 from moe_lm.model import MoETransformer
-from moe_lm.parallel.backend import Backend, NamedState
+from moe_lm.parallel.backend import Backend
 from moe_lm.parallel.deepspeed_moe import mark_moe_layers
+from moe_lm.state.optimizer import NamedState
 
 
 def deepspeed_config(cfg: Config, precision: str) -> dict[str, Any]:
@@ -256,14 +257,10 @@ class DeepSpeedBackend(Backend):
     def _load_optimizer_state(self, named: NamedState) -> None:
         from deepspeed.utils import safe_set_full_optimizer_state
 
-        from moe_lm.parallel.backend import _stack_expert_state
-
         if not any(self._fragmented(p) for p in self.raw_model.parameters()):
             super()._load_optimizer_state(named)
             return
-        per_param = {
-            n: _stack_expert_state(named, n, self.expert_range) for n, _ in self.raw_model.named_parameters()
-        }
+        per_param = {n: named.get(n) for n, _ in self.raw_model.named_parameters()}
         sample = next((s for s in per_param.values() if s is not None), None)
         if sample is None:
             return

@@ -22,14 +22,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from moe_lm.model import MoETransformer
 from moe_lm.model.dispatch import combine, plan_routing
 from moe_lm.model.experts import Experts
 from moe_lm.parallel.mesh import Mesh
-
-EXPERT_PARAM_FLAG = "_moe_expert"
 
 
 @dataclass
@@ -154,14 +151,6 @@ class AllToAllDispatcher:
         return combine(y_SH, plan, topk_weight_TK, x_TH.shape[0]), plan.dropped
 
 
-def is_expert_param(p: torch.Tensor) -> bool:
-    return bool(getattr(p, EXPERT_PARAM_FLAG, False))
-
-
-def expert_param_names(model: nn.Module) -> list[str]:
-    return [n for n, p in model.named_parameters() if is_expert_param(p)]
-
-
 def expert_group_name(ep_size: int) -> str:
     """DeepSpeed keys its expert process groups and MoE optimizer groups by this name."""
     return f"ep_size_{ep_size}"
@@ -176,7 +165,7 @@ def _shard(experts: Experts, start: int, end: int) -> None:
 
 
 def apply_expert_parallel(model: MoETransformer, mesh: Mesh) -> EPStats:
-    """Shard experts by EP rank, mark them, and route tokens by all-to-all. Idempotent."""
+    """Shard experts by EP rank, mark them for DeepSpeed, and route tokens by all-to-all. Idempotent."""
     existing = getattr(model, "_ep_stats", None)
     if isinstance(existing, EPStats):
         return existing
@@ -189,7 +178,6 @@ def apply_expert_parallel(model: MoETransformer, mesh: Mesh) -> EPStats:
             _shard(layer.experts, start, end)
             layer.dispatcher = AllToAllDispatcher(mesh.ep_group, mesh.ep_size, stats)
         for p in layer.experts.parameters():
-            setattr(p, EXPERT_PARAM_FLAG, True)
             if mesh.ep_size > 1:
                 # DeepSpeed-MoE's markings: excluded from the dense all-reduce, reduced over the
                 # expert-data-parallel group registered under this name.

@@ -8,18 +8,17 @@ Layout of `RUN/checkpoints/step-N/`:
   trainer_state.json                step, tokens, last metrics
   MANIFEST.json                     size and sha256 of every file above; written last
 `RUN/checkpoints/latest` names the newest complete checkpoint (for tools; resuming scans the
-directories). A directory without a valid manifest is never picked: `find_latest` falls back to the
-previous complete one and says so. Anything named `.tmp-*` is an unfinished write or delete.
+directories). A directory without a valid manifest (manifest.py) is never picked: the resolver
+(resolve.py) falls back to the previous complete one and says so. Anything named `.tmp-*` is an
+unfinished write or delete.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,8 +28,10 @@ import torch
 from moe_lm import faults
 from moe_lm.config import Config, load_config
 from moe_lm.errors import UserError
+from moe_lm.state.manifest import MANIFEST, write_manifest
+from moe_lm.state.resolve import step_dirs
+from moe_lm.state.weights import check_state, save_weights
 
-MANIFEST = "MANIFEST.json"
 TMP_PREFIX = ".tmp-"
 
 
@@ -45,119 +46,12 @@ class StateBackend(Protocol):
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor: ...
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write_manifest(directory: Path) -> None:
-    files = {}
-    for f in sorted(directory.iterdir()):
-        if f.is_file() and f.name != MANIFEST:
-            with open(f, "rb") as handle:
-                os.fsync(handle.fileno())
-            files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
-    with open(directory / MANIFEST, "w") as out:
-        out.write(json.dumps({"files": files}, indent=1))
-        out.flush()
-        os.fsync(out.fileno())  # the manifest vouches for the rest: it must reach the disk before the rename
-
-
-def verify(directory: Path) -> str | None:
-    """None if the checkpoint is complete and intact, else what is wrong with it."""
-    manifest = directory / MANIFEST
-    if not manifest.is_file():
-        return f"no {MANIFEST} (the write did not finish)"
-    try:
-        files = {
-            str(name): (int(meta["size"]), str(meta["sha256"]))
-            for name, meta in json.loads(manifest.read_text())["files"].items()
-        }
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return f"{MANIFEST} is unreadable"
-    # Sizes first: a truncated file is found without hashing gigabytes.
-    for name, (size, _) in files.items():
-        f = directory / name
-        if not f.is_file():
-            return f"{name} is missing"
-        if f.stat().st_size != size:
-            return f"{name} has {f.stat().st_size} bytes, the manifest says {size} (truncated)"
-    for name, (_, digest) in files.items():
-        if _sha256(directory / name) != digest:
-            return f"{name} does not match its checksum (corrupted)"
-    return None
-
-
-def step_dirs(ckpt_root: Path) -> list[Path]:
-    """step-N directories, newest first."""
-    if not ckpt_root.is_dir():
-        return []
-    found = [p for p in ckpt_root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
-
-
-def find_latest(ckpt_root: Path, warn: bool = True) -> Path | None:
-    """Newest complete checkpoint; each damaged newer one is named on stderr with the fallback taken."""
-    damaged: list[tuple[Path, str]] = []
-    found = None
-    for candidate in step_dirs(ckpt_root):
-        problem = verify(candidate)
-        if problem is None:
-            found = candidate
-            break
-        damaged.append((candidate, problem))
-    if warn:
-        fallback = f"falling back to {found.name}" if found else "no earlier complete checkpoint"
-        for path, problem in damaged:
-            print(f"warning: checkpoint {path} is damaged ({problem}); {fallback}", file=sys.stderr)
-    return found
-
-
-def resolve_resume(spec: str, run_dir: Path, key: str | None = "train.resume") -> Path:
-    """A verified checkpoint dir from: `latest` (this run's newest complete one), a run directory,
-    its checkpoints/ directory, or a checkpoint directory. `key` names the setting in errors
-    (train.resume, train.init_from), or None for a command-line argument."""
-    what = f"{key}={spec}" if key else f"'{spec}'"
-    path = Path(spec)
-    root = None
-    if key and spec == "latest":
-        root = run_dir / "checkpoints"
-    elif (path / "checkpoints").is_dir():
-        root = path / "checkpoints"
-    elif (path / "latest").is_file() or any(path.glob("step-*")):
-        root = path
-    if root is not None:
-        found = find_latest(root)
-        if found is None:
-            fix = f"start without {key}" if key else "train longer"
-            raise UserError(
-                f"{what} but {root} holds no complete checkpoint; {fix} or point it at a checkpoint directory"
-            )
-        return found
-    if not path.is_dir():
-        raise UserError(
-            f"{what}: no such checkpoint directory; use latest, a run directory or a checkpoints/step-N path"
-        )
-    if not (path / MANIFEST).is_file() and not any(path.glob("model-ep*-of-*.safetensors")):
-        raise UserError(
-            f"{what}: that directory holds no checkpoint (no {MANIFEST}, no model weights); "
-            "use latest, a run directory or a RUN/checkpoints/step-N directory"
-        )
-    problem = verify(path)
-    if problem is not None:
-        raise UserError(f"checkpoint {path} is not usable: {problem}; resume from an earlier one")
-    return path
 
 
 def clean_temp(ckpt_root: Path) -> list[Path]:
@@ -356,3 +250,14 @@ def load_checkpoint(
         if rank_state.get("world_size") == backend.world_size:
             set_rng_state(rank_state["rng"])
     return {"trainer": trainer_state, "rank": rank_state}
+
+
+def write_weights_checkpoint(directory: Path, cfg: Config, state: dict[str, torch.Tensor]) -> None:
+    """A step-0 checkpoint of weights only (an import or an upcycle), which `load_pretrained` and
+    `train.init_from` accept."""
+    check_state(cfg.model, state, "the converted weights")
+    (directory / "config.yaml").write_text(cfg.to_yaml())
+    save_weights(directory, state)
+    trainer_state = {"step": 0, "tokens": 0, "world_size": 1, "last_metrics": {}, "val_loss": None}
+    (directory / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+    write_manifest(directory)  # train.init_from only accepts a checkpoint whose manifest verifies

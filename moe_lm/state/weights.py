@@ -1,60 +1,23 @@
-"""Model weights on disk: safetensors with experts keyed by their *global* index.
+"""Model weights on disk: safetensors with experts keyed by their *global* index (see experts.py).
 
-In memory an MoE layer holds its experts stacked (`layers.L.ffn.experts.gate_up_proj`, [E_local, 2I, H]).
-On disk every expert is its own tensor (`layers.L.ffn.experts.{e}.gate_up_proj`, [2I, H]) with e the
-global expert index, so a checkpoint written at any expert-parallel size loads at any other.
-Each EP rank writes `model-ep{r}-of-{n}.safetensors`; EP rank 0 also holds the non-expert weights.
+Each EP rank writes `model-ep{r}-of-{n}.safetensors` holding its experts; EP rank 0 also holds the
+non-expert weights. Reading merges every file, so any EP size loads a checkpoint of any other.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from moe_lm.config import Config, ModelConfig, load_config
 from moe_lm.errors import UserError
-
-_STACKED = re.compile(r"^(.*\.ffn\.experts)\.(gate_up_proj|down_proj)$")
-_PER_EXPERT = re.compile(r"^(.*\.ffn\.experts)\.(\d+)\.(gate_up_proj|down_proj)$")
-
-
-def split_experts(state: dict[str, torch.Tensor], expert_offset: int = 0) -> dict[str, torch.Tensor]:
-    """Stacked expert tensors -> one tensor per expert under its global index."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        m = _STACKED.match(key)
-        if m is None:
-            out[key] = value
-            continue
-        for e in range(value.shape[0]):
-            out[f"{m.group(1)}.{expert_offset + e}.{m.group(2)}"] = value[e]
-    return out
-
-
-def stack_experts(
-    state: dict[str, torch.Tensor], expert_range: tuple[int, int] | None = None
-) -> dict[str, torch.Tensor]:
-    """Per-expert tensors -> stacked tensors, keeping experts [start, end) (all when None)."""
-    out: dict[str, torch.Tensor] = {}
-    groups: dict[str, dict[int, torch.Tensor]] = {}
-    for key, value in state.items():
-        m = _PER_EXPERT.match(key)
-        if m is None:
-            out[key] = value
-            continue
-        groups.setdefault(f"{m.group(1)}.{m.group(3)}", {})[int(m.group(2))] = value
-    for key, experts in groups.items():
-        start, end = expert_range if expert_range is not None else (0, max(experts) + 1)
-        missing = [e for e in range(start, end) if e not in experts]
-        if missing:
-            raise UserError(
-                f"checkpoint lacks experts {missing} of '{key}'; it is incomplete, use another one"
-            )
-        out[key] = torch.stack([experts[e] for e in range(start, end)])
-    return out
+from moe_lm.model import MoETransformer
+from moe_lm.model.params import build_meta_model, is_expert_param
+from moe_lm.state.experts import split_experts, stack_experts
+from moe_lm.state.resolve import resolve_checkpoint
 
 
 def weight_file_name(ep_rank: int, ep_size: int) -> str:
@@ -69,9 +32,9 @@ def save_weights(
     expert_offset: int = 0,
 ) -> Path:
     """Write this EP rank's share. Non-expert weights are written by EP rank 0 only."""
-    per_expert = split_experts(state, expert_offset)
     if ep_rank != 0:
-        per_expert = {k: v for k, v in per_expert.items() if _PER_EXPERT.match(k)}
+        state = {k: v for k, v in state.items() if is_expert_param(k)}
+    per_expert = split_experts(state, expert_offset)
     path = Path(directory) / weight_file_name(ep_rank, ep_size)
     save_file({k: v.detach().contiguous().cpu() for k, v in per_expert.items()}, str(path))
     return path
@@ -102,19 +65,24 @@ def load_model_state(directory: Path, expert_range: tuple[int, int] | None = Non
     return stack_experts(load_weights(directory), expert_range)
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A verified checkpoint directory from a checkpoint dir, or a run / checkpoints dir (its newest
-    complete checkpoint, falling back past damaged ones with a warning)."""
-    from moe_lm.state.checkpoint import resolve_resume
+def check_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str) -> None:
+    """Every tensor our model needs, with its shape, and nothing else (one line on a mismatch)."""
+    expected = {k: tuple(v.shape) for k, v in build_meta_model(cfg).state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise UserError(
+            f"{source} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise UserError(
+                f"{source}: '{key}' has shape {tuple(state[key].shape)} but the config needs {shape}"
+            )
 
-    return resolve_resume(str(path), Path(path), key=None)
 
-
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):  # -> tuple[Config, MoETransformer]
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tuple[Config, MoETransformer]:
     """Config and a single-process model with every expert, from a checkpoint or run directory."""
-    from moe_lm.config import load_config
-    from moe_lm.model import MoETransformer
-
     ckpt = resolve_checkpoint(path)
     cfg = load_config(ckpt / "config.yaml")
     model = MoETransformer(cfg.model)

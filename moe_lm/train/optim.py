@@ -10,10 +10,7 @@ import torch
 from torch import nn
 
 from moe_lm.config import OptimConfig, TrainConfig
-
-
-def is_expert_param(name: str) -> bool:
-    return ".ffn.experts." in name
+from moe_lm.model.params import is_expert_param
 
 
 def apply_freeze(model: nn.Module, freeze: str) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from moe_lm.config import Config, load_config
 from moe_lm.errors import UserError
 from moe_lm.state import checkpoint as ckpt
+from moe_lm.state.resolve import resolve_resume
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")
 
@@ -30,7 +31,7 @@ def prepare_run_dir(cfg: Config, is_main: bool) -> Path | None:
         raise UserError(f"train.output_dir {run_dir} is a file; choose a directory")
     resume = None
     if cfg.train.resume:
-        resume = ckpt.resolve_resume(cfg.train.resume, run_dir)
+        resume = resolve_resume(cfg.train.resume, run_dir)
         # The model-shape check again happens on load; here it is cheap and comes before any write.
         ckpt.check_compatible(load_config(resume / "config.yaml"), cfg, resume)
     elif holds_a_run(run_dir) and not cfg.train.overwrite:

@@ -24,6 +24,7 @@ from moe_lm.data.tokenizer import Tokenizer, check_vocab, ensure_tokenizer
 from moe_lm.model import MoETransformer
 from moe_lm.model.params import count_params
 from moe_lm.state import checkpoint as ckpt
+from moe_lm.state.resolve import resolve_resume
 from moe_lm.train.metrics import MetricsLogger, NullLogger, flops_per_token, peak_flops, router_metrics
 from moe_lm.train.optim import apply_freeze, lr_lambda, optimizer_factory, param_groups
 from moe_lm.train.preflight import check_memory
@@ -95,7 +96,7 @@ class Trainer:
         self.step, self.tokens = 0, 0
         self.records: list[dict[str, Any]] = []
         if cfg.train.init_from:
-            init = ckpt.resolve_resume(cfg.train.init_from, cfg.output_dir, key="train.init_from")
+            init = resolve_resume(cfg.train.init_from, cfg.output_dir, key="train.init_from")
             ckpt.load_checkpoint(cfg, b, init, weights_only=True)
         if resumed_from is not None:
             state = ckpt.load_checkpoint(cfg, b, resumed_from)

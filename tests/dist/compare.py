@@ -6,12 +6,7 @@ from typing import Any
 
 import torch
 
-_EXPERT = (".ffn.experts.gate_up_proj", ".ffn.experts.down_proj")
-
-
-def is_expert(name: str) -> bool:
-    return name.endswith(_EXPERT)
-
+from moe_lm.model.params import is_expert_param
 
 def _sharded(runs: list[dict[str, Any]]) -> bool:
     return len(runs) > 1 and runs[0]["expert_range"] != runs[1]["expert_range"]
@@ -24,7 +19,7 @@ def gather(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
         return dict(first)
     out: dict[str, Any] = {}
     for name, value in first.items():
-        if not is_expert(name):
+        if not is_expert_param(name):
             out[name] = value
         elif isinstance(value, dict):
             out[name] = {
@@ -44,7 +39,7 @@ def shard(full: dict[str, Any], expert_range: tuple[int, int]) -> dict[str, Any]
 
     out: dict[str, Any] = {}
     for name, value in full.items():
-        if is_expert(name):
+        if is_expert_param(name):
             out[name] = {k: cut(v) for k, v in value.items()} if isinstance(value, dict) else cut(value)
         else:
             out[name] = value

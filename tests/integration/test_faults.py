@@ -22,7 +22,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from moe_lm.cli import main
-from moe_lm.state.checkpoint import find_latest, verify, write_manifest
+from moe_lm.state.manifest import verify, write_manifest
+from moe_lm.state.resolve import find_latest
 from moe_lm.state.weights import load_model_state
 from moe_lm.train import preflight
 from tests.integration.conftest import run_config_dict

@@ -13,7 +13,7 @@ import yaml
 from moe_lm.cli import main
 from moe_lm.config import Config, config_from_dict
 from moe_lm.model import MoETransformer
-from moe_lm.state.checkpoint import write_manifest
+from moe_lm.state.manifest import write_manifest
 from moe_lm.state.weights import load_pretrained, save_weights
 from tests.integration.conftest import run_config_dict
 
@@ -214,7 +214,7 @@ def test_sharded_export_writes_an_index_and_reloads(
 def test_import_gives_back_the_exact_weights(
     trained: tuple[Path, MoETransformer], exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from moe_lm.state.checkpoint import resolve_resume
+    from moe_lm.state.resolve import resolve_resume
 
     _, ours = trained
     out = tmp_path / "imported"

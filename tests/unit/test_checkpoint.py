@@ -14,6 +14,8 @@ from moe_lm import faults
 from moe_lm.config import Config, config_from_dict, load_config
 from moe_lm.errors import UserError
 from moe_lm.state import checkpoint as ckpt
+from moe_lm.state.manifest import verify
+from moe_lm.state.resolve import find_latest, resolve_checkpoint, resolve_resume
 from moe_lm.train.preflight import GIB, check_memory, estimate_memory
 
 REPO = Path(__file__).resolve().parents[2]
@@ -72,7 +74,7 @@ def test_save_writes_manifest_pointer_and_keeps_last_n(tmp_path):
         "trainer_state.json",
     }
     assert manifest["optim-ep0-of-1.pt"]["size"] == 2000
-    assert ckpt.verify(root / "step-4") is None
+    assert verify(root / "step-4") is None
     assert torch.load(root / "step-4" / "rank0.pt", weights_only=False)["loader"] == 4
     assert load_config(root / "step-4" / "config.yaml") == cfg
 
@@ -105,14 +107,14 @@ def test_damaged_newest_is_skipped_with_a_message_naming_the_fallback(tmp_path, 
         save(cfg, step)
     root = cfg.output_dir / "checkpoints"
     damage(root / "step-3")
-    assert ckpt.verify(root / "step-3") == problem
+    assert verify(root / "step-3") == problem
     capsys.readouterr()
-    assert ckpt.find_latest(root) == root / "step-2"
+    assert find_latest(root) == root / "step-2"
     err = capsys.readouterr().err
     assert err == f"warning: checkpoint {root / 'step-3'} is damaged ({problem}); falling back to step-2\n"
-    assert ckpt.resolve_resume("latest", cfg.output_dir) == root / "step-2"
+    assert resolve_resume("latest", cfg.output_dir) == root / "step-2"
     with pytest.raises(UserError, match=r"step-3 is not usable: .*; resume from an earlier one"):
-        ckpt.resolve_resume(str(root / "step-3"), cfg.output_dir)
+        resolve_resume(str(root / "step-3"), cfg.output_dir)
 
 
 def test_no_complete_checkpoint_at_all(tmp_path, capsys):
@@ -120,10 +122,10 @@ def test_no_complete_checkpoint_at_all(tmp_path, capsys):
     save(cfg, 1)
     root = cfg.output_dir / "checkpoints"
     _truncate(root / "step-1")
-    assert ckpt.find_latest(root) is None
+    assert find_latest(root) is None
     assert "no earlier complete checkpoint" in capsys.readouterr().err
     with pytest.raises(UserError, match="holds no complete checkpoint; start without train.resume"):
-        ckpt.resolve_resume("latest", cfg.output_dir)
+        resolve_resume("latest", cfg.output_dir)
 
 
 @pytest.mark.parametrize(
@@ -181,7 +183,7 @@ def test_resave_of_a_step_replaces_it(tmp_path):
     (cfg.output_dir / "checkpoints" / "step-3" / "stray").write_text("from the run that crashed")
     save(cfg, 3)
     assert "stray" not in names(cfg.output_dir / "checkpoints" / "step-3")
-    assert ckpt.verify(cfg.output_dir / "checkpoints" / "step-3") is None
+    assert verify(cfg.output_dir / "checkpoints" / "step-3") is None
 
 
 def test_clean_temp_removes_only_unfinished_work(tmp_path):
@@ -197,10 +199,10 @@ def test_clean_temp_removes_only_unfinished_work(tmp_path):
 
 def test_resolve_resume_rejects_what_is_not_a_checkpoint(tmp_path):
     with pytest.raises(UserError, match="no such checkpoint directory; use latest"):
-        ckpt.resolve_resume(str(tmp_path / "nope"), tmp_path)
+        resolve_resume(str(tmp_path / "nope"), tmp_path)
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no checkpoint .* use latest, a run directory"):
-        ckpt.resolve_resume(str(tmp_path / "empty"), tmp_path)
+        resolve_resume(str(tmp_path / "empty"), tmp_path)
 
 
 def test_fault_points_are_inert_unless_armed_and_typos_fail(monkeypatch):
@@ -289,14 +291,13 @@ def test_write_failure_on_another_rank_stops_every_rank(tmp_path: Path) -> None:
     root = cfg.output_dir / "checkpoints"
     assert (root / "latest").read_text() == "step-1"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-1"]
-    assert ckpt.verify(root / "step-1") is None
+    assert verify(root / "step-1") is None
 
 
 def test_resolution_errors_name_the_setting_they_came_from(tmp_path):
     # Regression: a bad train.init_from was reported as train.resume.
     with pytest.raises(UserError, match=r"^train.init_from=.*nope: no such checkpoint directory"):
-        ckpt.resolve_resume(str(tmp_path / "nope"), tmp_path, key="train.init_from")
-    from moe_lm.state.weights import resolve_checkpoint  # the eval / export path: a CLI argument
-
+        resolve_resume(str(tmp_path / "nope"), tmp_path, key="train.init_from")
+    # the eval / export path: a CLI argument
     with pytest.raises(UserError, match=r"^'.*nope': no such checkpoint directory"):
         resolve_checkpoint(tmp_path / "nope")
