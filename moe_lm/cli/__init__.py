@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "info": ("moe_lm.cli.info", "info_main", "parameter counts (total / active) and the resolved config"),
     "eval": ("moe_lm.cli.train", "eval_main", "validation loss and perplexity of a checkpoint"),
     "generate": ("moe_lm.cli.train", "generate_main", "sample text from a checkpoint"),
-    "stats": ("moe_lm.cli.hf", "stats_main", "expert-load heatmaps (PNG) from a run or checkpoint"),
+    "stats": ("moe_lm.cli.stats", "stats_main", "expert-load heatmaps (PNG) from a run or checkpoint"),
     "export": (
         "moe_lm.cli.hf",
         "export_main",

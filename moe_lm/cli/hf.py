@@ -1,4 +1,4 @@
-"""`moe-lm stats | export | import | upcycle | push`: argument parsing only; the work is in moe_lm.hf."""
+"""`moe-lm export | import | upcycle | push`: argument parsing only; the work is in moe_lm.hf."""
 
 from __future__ import annotations
 
@@ -9,22 +9,6 @@ from moe_lm.errors import ArgumentParser
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     return ArgumentParser(prog=f"moe-lm {prog}", description=description)
-
-
-def stats_main(argv: list[str]) -> int:
-    from moe_lm.analysis.stats import load_records, load_table, moe_layers_of, write_stats
-
-    p = _parser("stats", "Expert-load heatmaps (PNG) of the latest record and of load over time.")
-    p.add_argument("path", metavar="RUN_OR_CHECKPOINT")
-    p.add_argument("--out", required=True, metavar="DIR")
-    args = p.parse_args(argv)
-    for path in write_stats(args.path, args.out):
-        print(f"wrote {path}")
-    records = load_records(args.path)
-    if records.latest and records.latest.get("expert_load"):
-        print(f"expert load at step {records.latest.get('step', '?')}:")
-        print(load_table(records.latest["expert_load"], moe_layers_of(records)))
-    return 0
 
 
 def export_main(argv: list[str]) -> int:
@@ -55,7 +39,7 @@ def export_main(argv: list[str]) -> int:
 
 
 def import_main(argv: list[str]) -> int:
-    from moe_lm.hf.export import import_hf
+    from moe_lm.hf.importing import import_hf
 
     p = _parser("import", "Import a local transformers Mixtral folder as a moe_lm checkpoint (step 0).")
     p.add_argument("hf_dir", metavar="HF_DIR")
@@ -70,7 +54,7 @@ def import_main(argv: list[str]) -> int:
 
 def upcycle_main(argv: list[str]) -> int:
     from moe_lm.hf.convert import UPCYCLE_ROUTER_STD_SCALE
-    from moe_lm.hf.export import upcycle_dense
+    from moe_lm.hf.importing import upcycle_dense
 
     p = _parser(
         "upcycle", "Turn a dense Llama-style folder into an MoE checkpoint (every expert = the dense MLP)."

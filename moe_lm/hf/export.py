@@ -1,39 +1,27 @@
-"""Folders in and out: export a checkpoint as a transformers folder; import Mixtral or upcycle Llama.
+"""Export a checkpoint as a transformers `MixtralForCausalLM` folder: weights, config, tokenizer,
+generation config, model card and expert-load heatmap.
 
-Every output directory is built under a temporary name beside its destination and renamed into
-place at the end, so an interrupted command never leaves a half-written folder behind.
+The folder is built under a temporary name beside its destination and renamed into place at the
+end (moe_lm.fsutil.staged_dir), so an interrupted export never leaves a half-written folder.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 import shutil
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from moe_lm.analysis.stats import LATEST_PNG, load_records, plot_latest
-from moe_lm.config import Config, ModelConfig, config_from_dict, load_config
+from moe_lm.analysis.expert_load import LATEST_PNG, plot_latest
+from moe_lm.analysis.records import load_records
+from moe_lm.config import Config, load_config
 from moe_lm.errors import UserError
-from moe_lm.fsutil import replace_dir
-from moe_lm.hf.convert import (
-    check_exportable,
-    check_upcycle_config,
-    from_hf_config,
-    from_hf_state_dict,
-    to_hf_model,
-    upcycle_state_dict,
-)
+from moe_lm.fsutil import staged_dir
+from moe_lm.hf.convert import check_exportable, to_hf_model
 from moe_lm.hf.model_card import render_model_card
-from moe_lm.state.checkpoint import write_weights_checkpoint
 from moe_lm.state.resolve import resolve_checkpoint
 from moe_lm.state.weights import check_state, load_model_state
 
@@ -48,10 +36,6 @@ TOKENIZER_FILES = (
 )
 
 
-# ---------------------------------------------------------------------------------------------
-# Output directories
-
-
 def _is_export(path: Path) -> bool:
     """A folder this module wrote before: a Mixtral config.json and our model card."""
     try:
@@ -60,41 +44,6 @@ def _is_export(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return config.get("model_type") == "mixtral" and "- moe_lm" in readme
-
-
-@contextmanager
-def staged_dir(
-    out: str | Path, overwrite: bool, replaceable: Callable[[Path], bool], flag: str
-) -> Iterator[Path]:
-    """Yield a temp dir that becomes `out` on success; refuse a non-empty `out` that is not ours."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"'{out}' is a file; choose a directory for --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite and not replaceable(out):
-        raise UserError(
-            f"'{out}' is not empty and was not written by this command; choose another --out or pass {flag}"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        _default_permissions(tmp)
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _default_permissions(root: Path) -> None:
-    """mkdtemp makes the dir private (0700) and some writers make files 0600; give the result the
-    permissions of a directory made with mkdir under the user's umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [root, *root.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-# ---------------------------------------------------------------------------------------------
-# Export
 
 
 def find_tokenizer(cfg: Config, checkpoint: Path, override: str | None = None) -> Path | None:
@@ -199,114 +148,3 @@ def _set_generation_config(model: Any, bos: int | None, eos: int | None) -> None
 
     # No pad token exists (training packs documents); generate() pads finished rows with EOS.
     model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
-
-
-# ---------------------------------------------------------------------------------------------
-# Import and upcycle: transformers folders -> moe_lm checkpoints
-
-
-def _hf_config(path: Path, kinds: tuple[str, ...]) -> Any:
-    from transformers import AutoConfig
-
-    if not (path / "config.json").is_file():
-        raise UserError(f"'{path}' is not a transformers model folder (no config.json)")
-    try:
-        hf = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read '{path / 'config.json'}': {e}") from None
-    if hf.model_type not in kinds:
-        raise UserError(f"'{path}' holds a '{hf.model_type}' model; expected {' or '.join(kinds)}")
-    return hf
-
-
-def _hf_weights(path: Path) -> dict[str, torch.Tensor]:
-    from transformers import AutoModelForCausalLM
-
-    try:
-        # dtype="auto" keeps the stored precision; loading into our fp32 model upcasts later.
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", local_files_only=True)
-    except Exception as e:
-        raise UserError(f"cannot load the weights in '{path}': {e}") from None
-    return {k: v.detach() for k, v in model.state_dict().items()}
-
-
-# Architecture keys: an import's config must agree with the HF model on these.
-_ARCH_KEYS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_layers",
-    "num_heads",
-    "num_kv_heads",
-    "head_dim",
-    "max_seq_len",
-    "rope_theta",
-    "rms_norm_eps",
-    "tie_embeddings",
-    "num_experts",
-    "top_k",
-    "moe_intermediate_size",
-    "moe_layer_freq",
-    "first_dense_layers",
-    "num_shared_experts",
-    "capacity_factor",
-    "aux_free_bias",
-)
-
-
-def _import_config(model: ModelConfig, hf_dir: Path, config: str | None, name: str) -> Config:
-    """The run config of an import: the HF architecture, the rest from --config (or defaults).
-
-    Architecture keys set in --config must agree with the HF model; other model keys (aux loss
-    coefficient, jitter, init std) follow the HF config unless --config sets them.
-    """
-    hf_values = dataclasses.asdict(model)
-    if config is None:
-        data: dict[str, Any] = {
-            "name": name,
-            "model": hf_values,
-            "data": {"seq_len": min(256, model.max_seq_len)},
-        }
-        if (hf_dir / "tokenizer.model").is_file():
-            data["data"]["tokenizer"] = str(hf_dir.resolve())
-        return config_from_dict(data)
-    base = load_config(config)  # the config file's own errors first
-    given = (yaml.safe_load(Path(config).read_text()) or {}).get("model") or {}
-    data = base.to_dict()
-    for key, value in hf_values.items():
-        if key in _ARCH_KEYS and key in given and getattr(base.model, key) != value:
-            raise UserError(
-                f"model.{key} = {getattr(base.model, key)} in '{config}' but the imported model has "
-                f"{value}; remove it from the config or set model.{key}={value}"
-            )
-        if key in _ARCH_KEYS or key not in given:
-            data["model"][key] = value
-    return config_from_dict(data)
-
-
-def import_hf(
-    hf_dir: str | Path, out: str | Path, config: str | None = None, overwrite: bool = False
-) -> Path:
-    """A local transformers Mixtral folder -> a moe_lm checkpoint (step 0)."""
-    src = Path(hf_dir)
-    hf = _hf_config(src, ("mixtral",))
-    model_cfg = from_hf_config(hf)
-    cfg = _import_config(model_cfg, src, config, Path(out).name)
-    check_exportable(cfg.model)  # a Mixtral checkpoint cannot need anything export refuses
-    with staged_dir(out, overwrite, lambda p: False, "--overwrite") as tmp:
-        write_weights_checkpoint(tmp, cfg, from_hf_state_dict(_hf_weights(src), cfg.model))
-    return Path(out)
-
-
-def upcycle_dense(
-    dense_dir: str | Path, config: str, out: str | Path, overwrite: bool = False, seed: int = 0
-) -> Path:
-    """A dense Llama-style folder -> an MoE checkpoint whose experts all start as the dense MLP."""
-    src = Path(dense_dir)
-    cfg = load_config(config)
-    dense = _hf_config(src, ("llama", "mistral"))
-    check_upcycle_config(cfg.model, dense)
-    generator = torch.Generator().manual_seed(seed)
-    with staged_dir(out, overwrite, lambda p: False, "--overwrite") as tmp:
-        write_weights_checkpoint(tmp, cfg, upcycle_state_dict(_hf_weights(src), cfg.model, generator))
-    return Path(out)

@@ -8,7 +8,8 @@ from typing import Any
 
 import yaml
 
-from moe_lm.analysis.stats import LATEST_PNG, RunRecords, load_table
+from moe_lm.analysis.expert_load import LATEST_PNG, load_table
+from moe_lm.analysis.records import RunRecords
 from moe_lm.config import Config
 from moe_lm.model.params import count_params, human
 

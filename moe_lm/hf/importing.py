@@ -1,0 +1,134 @@
+"""transformers folders in: import a Mixtral folder, or upcycle a dense Llama-style one, as a
+moe_lm checkpoint (step 0, weights only) for `train.init_from`.
+
+The checkpoint is built under a temporary name beside its destination and renamed into place at
+the end (moe_lm.fsutil.staged_dir), so an interrupted command never leaves a half-written one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from moe_lm.config import Config, ModelConfig, config_from_dict, load_config
+from moe_lm.errors import UserError
+from moe_lm.fsutil import staged_dir
+from moe_lm.hf.convert import (
+    check_exportable,
+    check_upcycle_config,
+    from_hf_config,
+    from_hf_state_dict,
+    upcycle_state_dict,
+)
+from moe_lm.state.checkpoint import write_weights_checkpoint
+
+
+def _hf_config(path: Path, kinds: tuple[str, ...]) -> Any:
+    from transformers import AutoConfig
+
+    if not (path / "config.json").is_file():
+        raise UserError(f"'{path}' is not a transformers model folder (no config.json)")
+    try:
+        hf = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read '{path / 'config.json'}': {e}") from None
+    if hf.model_type not in kinds:
+        raise UserError(f"'{path}' holds a '{hf.model_type}' model; expected {' or '.join(kinds)}")
+    return hf
+
+
+def _hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        # dtype="auto" keeps the stored precision; loading into our fp32 model upcasts later.
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", local_files_only=True)
+    except Exception as e:
+        raise UserError(f"cannot load the weights in '{path}': {e}") from None
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+# Architecture keys: an import's config must agree with the HF model on these.
+_ARCH_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "max_seq_len",
+    "rope_theta",
+    "rms_norm_eps",
+    "tie_embeddings",
+    "num_experts",
+    "top_k",
+    "moe_intermediate_size",
+    "moe_layer_freq",
+    "first_dense_layers",
+    "num_shared_experts",
+    "capacity_factor",
+    "aux_free_bias",
+)
+
+
+def _import_config(model: ModelConfig, hf_dir: Path, config: str | None, name: str) -> Config:
+    """The run config of an import: the HF architecture, the rest from --config (or defaults).
+
+    Architecture keys set in --config must agree with the HF model; other model keys (aux loss
+    coefficient, jitter, init std) follow the HF config unless --config sets them.
+    """
+    hf_values = dataclasses.asdict(model)
+    if config is None:
+        data: dict[str, Any] = {
+            "name": name,
+            "model": hf_values,
+            "data": {"seq_len": min(256, model.max_seq_len)},
+        }
+        if (hf_dir / "tokenizer.model").is_file():
+            data["data"]["tokenizer"] = str(hf_dir.resolve())
+        return config_from_dict(data)
+    base = load_config(config)  # the config file's own errors first
+    given = (yaml.safe_load(Path(config).read_text()) or {}).get("model") or {}
+    data = base.to_dict()
+    for key, value in hf_values.items():
+        if key in _ARCH_KEYS and key in given and getattr(base.model, key) != value:
+            raise UserError(
+                f"model.{key} = {getattr(base.model, key)} in '{config}' but the imported model has "
+                f"{value}; remove it from the config or set model.{key}={value}"
+            )
+        if key in _ARCH_KEYS or key not in given:
+            data["model"][key] = value
+    return config_from_dict(data)
+
+
+def import_hf(
+    hf_dir: str | Path, out: str | Path, config: str | None = None, overwrite: bool = False
+) -> Path:
+    """A local transformers Mixtral folder -> a moe_lm checkpoint (step 0)."""
+    src = Path(hf_dir)
+    hf = _hf_config(src, ("mixtral",))
+    model_cfg = from_hf_config(hf)
+    cfg = _import_config(model_cfg, src, config, Path(out).name)
+    check_exportable(cfg.model)  # a Mixtral checkpoint cannot need anything export refuses
+    with staged_dir(out, overwrite, lambda p: False, "--overwrite") as tmp:
+        write_weights_checkpoint(tmp, cfg, from_hf_state_dict(_hf_weights(src), cfg.model))
+    return Path(out)
+
+
+def upcycle_dense(
+    dense_dir: str | Path, config: str, out: str | Path, overwrite: bool = False, seed: int = 0
+) -> Path:
+    """A dense Llama-style folder -> an MoE checkpoint whose experts all start as the dense MLP."""
+    src = Path(dense_dir)
+    cfg = load_config(config)
+    dense = _hf_config(src, ("llama", "mistral"))
+    check_upcycle_config(cfg.model, dense)
+    generator = torch.Generator().manual_seed(seed)
+    with staged_dir(out, overwrite, lambda p: False, "--overwrite") as tmp:
+        write_weights_checkpoint(tmp, cfg, upcycle_state_dict(_hf_weights(src), cfg.model, generator))
+    return Path(out)
