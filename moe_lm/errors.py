@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import NoReturn
 
 
@@ -19,3 +20,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UserError(f"{message}; run `{self.prog} --help` for usage")
+
+
+def report(e: UserError) -> int:
+    """Print a user error as the one line the CLI promises (stderr) and return its exit code, 2."""
+    print(f"error: {e}", file=sys.stderr)
+    return 2

@@ -6,10 +6,9 @@ Every user error (bad config, data, checkpoint or flag) is printed as one line a
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 
-from moe_lm.errors import UserError
+from moe_lm.errors import UserError, report
 
 # subcommand -> (module, function taking argv and returning an exit code, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -51,13 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         func = getattr(importlib.import_module(module_name), func_name)
         return int(func(rest) or 0)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
 
 
 def run() -> None:
     code = main()
     sys.stdout.flush()
-    if os.environ.get("MOE_LM_HARD_EXIT"):  # set by the trainer for gloo workers (see moe_lm/parallel)
-        os._exit(code)
     sys.exit(code)

@@ -1,13 +1,23 @@
-"""`moe-lm train`, `moe-lm eval` and `moe-lm generate`."""
+"""`moe-lm train`, `moe-lm eval` and `moe-lm generate`.
+
+The trainer, accelerate and the Hub client are imported inside the command that needs them, so
+`eval` and `generate` do not pay for them and a config error is reported before they load.
+"""
 
 from __future__ import annotations
 
 import math
+import os
+import sys
+from typing import TYPE_CHECKING
 
 import torch
 
-from moe_lm.config import load_config
-from moe_lm.errors import ArgumentParser
+from moe_lm.config import Config, load_config
+from moe_lm.errors import ArgumentParser, UserError, report
+
+if TYPE_CHECKING:
+    from moe_lm.parallel.layout import Layout
 
 
 def train_main(argv: list[str]) -> int:
@@ -16,14 +26,36 @@ def train_main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=100")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    from moe_lm.parallel.layout import start_processes
+
+    layout = start_processes(cfg)
+    if layout.world_size == 1:
+        return _train(cfg, layout)
+    # gloo workers sometimes abort in interpreter teardown even after destroy_process_group, so a
+    # worker of a multi-process run leaves here, with the exit code `moe-lm` would have returned.
+    try:
+        code = _train(cfg, layout)
+    except UserError as e:
+        code = report(e)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _train(cfg: Config, layout: Layout) -> int:
     from moe_lm.train.trainer import Trainer
 
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, layout)
     try:
         summary = trainer.fit()
     finally:
-        trainer.backend.shutdown()
-    if trainer.backend.is_main:
+        layout.shutdown()
+    final = summary["final_checkpoint"]
+    if summary["finished"] and final is not None and cfg.hub.push_at_end and layout.is_main:
+        from moe_lm.hf.hub import push_at_end
+
+        push_at_end(cfg, final)
+    if layout.is_main:
         print(
             f"done: step {summary['step']}, {summary['tokens']} tokens"
             + (f", val_loss {summary['val_loss']:.4f}" if "val_loss" in summary else "")

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from moe_lm.config import Config
+from moe_lm.parallel.layout import resolve_precision
 
 GIB = 1024**3
 
@@ -83,9 +84,7 @@ def estimate_memory(cfg: Config, world_size: int, device_type: str = "cpu") -> M
         + trainable_experts // (expert_dp if p.zero_stage >= 2 else 1)
     )
 
-    precision = t.mixed_precision
-    if precision == "auto":
-        precision = "bf16" if device_type == "cuda" else "no"
+    precision = resolve_precision(t.mixed_precision, device_type)
     act_bytes = 4 if precision == "no" else 2
     tokens = t.micro_batch_size * cfg.data.seq_len
     all_layers, one_layer = _activation_elems_per_token(cfg)

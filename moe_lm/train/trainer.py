@@ -23,6 +23,8 @@ from moe_lm.data.loader import ResumableLoader, eval_batches
 from moe_lm.data.tokenizer import Tokenizer, check_vocab, ensure_tokenizer
 from moe_lm.model import MoETransformer
 from moe_lm.model.params import count_params
+from moe_lm.parallel.layout import Layout
+from moe_lm.parallel.parallelize import build_backend
 from moe_lm.state import checkpoint as ckpt
 from moe_lm.state.resolve import resolve_resume
 from moe_lm.train.metrics import MetricsLogger, NullLogger, flops_per_token, peak_flops, router_metrics
@@ -52,42 +54,41 @@ class StopRequested:
 
 
 class Trainer:
-    def __init__(self, cfg: Config) -> None:
-        from moe_lm.parallel.backend import Backend
-
+    def __init__(self, cfg: Config, layout: Layout) -> None:
         self.cfg = cfg
-        self.backend = Backend(cfg)
-        b = self.backend
-        resumed_from = prepare_run_dir(cfg, b.is_main)
-        if b.is_main:
-            check_memory(cfg, b.world_size, b.device)
-        b.barrier()
+        resumed_from = prepare_run_dir(cfg, layout.is_main)
+        if layout.is_main:
+            check_memory(cfg, layout.world_size, layout.device)
+        layout.barrier()
 
-        if b.is_main:
+        if layout.is_main:
             ensure_tokenizer(cfg)
-        b.barrier()
+        layout.barrier()
         self.tokenizer = Tokenizer.load(cfg.data.tokenizer)
         check_vocab(self.tokenizer, cfg.model.vocab_size)
-        self.train_blocks = load_blocks(cfg, self.tokenizer, "train", is_main=b.is_main, barrier=b.barrier)
+        self.train_blocks = load_blocks(
+            cfg, self.tokenizer, "train", is_main=layout.is_main, barrier=layout.barrier
+        )
         has_val = bool(cfg.data.val_files) or cfg.data.val_fraction > 0
         self.val_blocks = (
-            load_blocks(cfg, self.tokenizer, "val", is_main=b.is_main, barrier=b.barrier) if has_val else None
+            load_blocks(cfg, self.tokenizer, "val", is_main=layout.is_main, barrier=layout.barrier)
+            if has_val
+            else None
         )
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = MoETransformer(cfg.model)
-        model.activation_checkpointing = cfg.train.activation_checkpointing
         self.counts = count_params(cfg.model)
-        b.parallelize(model)  # shard experts over the EP group before groups and freezing see them
         apply_freeze(model, cfg.train.freeze)
-        b.prepare(
+        self.backend = build_backend(
+            cfg,
+            layout,
             model,
             param_groups(model, cfg.optim.weight_decay),
             optimizer_factory(cfg.optim),
             lr_lambda(cfg.optim, cfg.train),
         )
-        if cfg.train.compile:
-            b.model = torch.compile(b.model)  # type: ignore[assignment]
+        b = self.backend
         torch.manual_seed(cfg.train.seed + b.rank)  # per-rank streams (router jitter)
 
         self.loader = ResumableLoader(
@@ -311,10 +312,8 @@ class Trainer:
             summary["sample"] = self._sample_and_log()
         final = self.save() if self.saved_step != self.step else None
         summary["checkpoint"] = str(final or self.last_good_checkpoint)
-        if finished and cfg.hub.push_at_end and self.backend.is_main and final is not None:
-            from moe_lm.hf.hub import push_at_end
-
-            push_at_end(cfg, final)
+        summary["finished"] = finished
+        summary["final_checkpoint"] = final  # written at the end of this invocation (None: saved before)
         self.log.close()
         return summary
 

@@ -15,7 +15,9 @@ import torch
 
 from moe_lm.config import Config, ParallelConfig, TrainConfig
 from moe_lm.model import MoETransformer
-from moe_lm.parallel.backend import Backend
+from moe_lm.parallel.backend import Backend, DDPBackend
+from moe_lm.parallel.layout import start_processes
+from moe_lm.parallel.parallelize import build_backend
 from tests.conftest import tiny_model_config
 
 MICRO, SEQ, SHARDS = 4, 16, 2
@@ -42,15 +44,14 @@ def lr_lambda(step: int) -> float:
 
 
 def build(cfg: Config) -> tuple[Backend, MoETransformer]:
-    backend = Backend(cfg)
+    layout = start_processes(cfg)
     torch.manual_seed(0)
     model = MoETransformer(cfg.model)
-    backend.parallelize(model)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     rest = [p for n, p in model.named_parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
-    backend.prepare(model, groups, lambda g: torch.optim.AdamW(g, lr=1e-2, betas=(0.9, 0.95)), lr_lambda)
-    return backend, model
+    make = lambda g: torch.optim.AdamW(g, lr=1e-2, betas=(0.9, 0.95))  # noqa: E731
+    return build_backend(cfg, layout, model, groups, make, lr_lambda), model
 
 
 def my_shards(backend: Backend) -> list[int]:
@@ -86,6 +87,7 @@ def probe(backend: Backend, model: MoETransformer) -> dict[str, Any]:
         logits.append(out.logits.detach().clone())
         losses.append(float(out.loss.detach()))
         dropped.append(int(out.dropped_L.sum()))
+    assert isinstance(backend, DDPBackend)  # DeepSpeed reduces inside its step; no probe there
     norm = float(backend.reduce_gradients())
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     backend.optimizer.zero_grad(set_to_none=True)
@@ -187,9 +189,9 @@ def deepspeed_run(rank: int, args: dict[str, Any]) -> dict[str, Any]:
 
 def _ds_state(backend: Backend) -> dict[str, Any]:
     """fp32 master weights and full optimizer state, gathered the way checkpoints gather them."""
-    optim = backend._optimizer_state_by_name()
+    optim = backend.optimizer_state()
     return {
-        "weights": {k: v.detach().clone() for k, v in backend._weights_to_save().items()},
+        "weights": {k: v.detach().clone() for k, v in backend.model_state().items()},
         "optim": {n: {k: v.clone() for k, v in s.items()} for n, s in optim.items()},
         "lr": [g["lr"] for g in backend.scheduler.optimizer.param_groups],
     }

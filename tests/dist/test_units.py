@@ -11,7 +11,7 @@ import torch
 from moe_lm.config import Config, ParallelConfig
 from moe_lm.errors import UserError
 from moe_lm.model import MoETransformer
-from moe_lm.parallel.backend import Backend
+from moe_lm.parallel.layout import check_launch, ddp_accelerator
 from moe_lm.parallel.expert_parallel import source_to_expert_order
 from moe_lm.parallel.mesh import Mesh, expert_data_parallel_ranks, expert_parallel_ranks, validate_ep
 from tests.conftest import tiny_model_config
@@ -51,7 +51,7 @@ def _cfg(**parallel: object) -> Config:
 
 
 def test_deepspeed_config_is_generated_from_the_run_config() -> None:
-    from moe_lm.parallel.deepspeed_backend import deepspeed_config
+    from moe_lm.parallel.deepspeed_config import deepspeed_config
 
     ds = deepspeed_config(_cfg(backend="deepspeed", zero_stage=2, ep_size=2), "bf16")
     assert ds["zero_optimization"]["stage"] == 2
@@ -62,7 +62,7 @@ def test_deepspeed_config_is_generated_from_the_run_config() -> None:
 
 
 def test_deepspeed_refuses_zero3_with_ep_and_contradicting_json(tmp_path: Path) -> None:
-    from moe_lm.parallel.deepspeed_backend import deepspeed_config
+    from moe_lm.parallel.deepspeed_config import deepspeed_config
 
     with pytest.raises(UserError, match="ZeRO stage 3 with parallel.ep_size > 1"):
         deepspeed_config(_cfg(backend="deepspeed", zero_stage=3, ep_size=2), "no")
@@ -79,35 +79,30 @@ def test_deepspeed_refuses_zero3_with_ep_and_contradicting_json(tmp_path: Path) 
 
 
 def test_a_launch_that_came_up_single_process_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    backend = object.__new__(Backend)
-    backend.cfg, backend.world_size = _cfg(), 1
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="configs/accelerate/cpu-2proc.yaml") as info:
-        backend._check_launch()
+        check_launch(_cfg(), 1)
     assert "\n" not in str(info.value)
 
 
 def test_ddp_backend_refuses_a_deepspeed_launch(monkeypatch: pytest.MonkeyPatch) -> None:
-    backend = object.__new__(Backend)
-    backend.cfg = _cfg()
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(UserError, match="parallel.backend=deepspeed"):
-        backend._make_accelerator("no")
+        ddp_accelerator(_cfg(), "no")
 
 
 def test_deepspeed_backend_refuses_another_zero_stage_from_the_accelerate_config(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from moe_lm.parallel.deepspeed_backend import DeepSpeedBackend
+    from moe_lm.parallel.deepspeed_config import check_accelerate_fields
 
-    backend = object.__new__(DeepSpeedBackend)
-    backend.cfg = _cfg(backend="deepspeed", zero_stage=1)
+    cfg = _cfg(backend="deepspeed", zero_stage=1)
     monkeypatch.setenv("ACCELERATE_CONFIG_DS_FIELDS", "zero_stage,offload_param_device")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
     with pytest.raises(UserError, match="use configs/accelerate/deepspeed-zero1.yaml"):
-        backend._check_accelerate_fields()
+        check_accelerate_fields(cfg)
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "1")
-    backend._check_accelerate_fields()  # consumed: accelerate must not see them next to our JSON
+    check_accelerate_fields(cfg)  # consumed: accelerate must not see them next to our JSON
     assert __import__("os").environ["ACCELERATE_CONFIG_DS_FIELDS"] == ""
 
 

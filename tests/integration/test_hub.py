@@ -241,3 +241,19 @@ def test_push_at_end_exports_and_pushes(
     assert hub.repos["alice/final"]["visibility"] == "private"  # hub.private defaults to true
     assert hub.commits[0]["files"] == _snapshot(run / "export")
     assert "# alice/final" in (run / "export" / "README.md").read_text()
+
+
+def test_the_train_command_pushes_its_final_checkpoint_once_finished(
+    make_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import moe_lm.hf.hub
+
+    pushed: list[tuple[str, Path]] = []
+    monkeypatch.setattr(moe_lm.hf.hub, "push_at_end", lambda cfg, ckpt: pushed.append((cfg.name, Path(ckpt))))
+    cfg = make_config(train={"max_steps": 4}, hub={"push_at_end": True, "repo_id": "alice/final"})
+    path = tmp_path / "run.yaml"
+    path.write_text(cfg.to_yaml())
+    assert main(["train", str(path), "train.stop_at_step=2"]) == 0
+    assert pushed == []  # stopped early: not the end of training
+    assert main(["train", str(path), "train.resume=latest"]) == 0
+    assert pushed == [(cfg.name, cfg.output_dir / "checkpoints" / "step-4")]
