@@ -41,10 +41,12 @@ train-ep2: setup
 test: setup
 	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
+# lint-imports checks the layering in pyproject.toml ([tool.importlinter]): no upward imports, no cycles.
 lint: setup
 	$(VENV)/bin/ruff check moe_lm tests scripts
 	$(VENV)/bin/ruff format --check moe_lm tests scripts
 	$(VENV)/bin/mypy moe_lm
+	$(VENV)/bin/lint-imports
 
 check: lint test
 
@@ -54,4 +56,4 @@ bench: setup
 	$(PY) scripts/bench_scaling.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
