@@ -128,7 +128,8 @@ def push_folder(
 
 
 def push_at_end(cfg: Config, checkpoint_dir: str | Path | None, endpoint: str | None = None) -> str:
-    """For the trainer: export the final checkpoint to RUN/export/ and push it with `cfg.hub`."""
+    """For `moe-lm train` with hub.push_at_end: export the final checkpoint to RUN/export/ and push
+    it with `cfg.hub`."""
     from moe_lm.hf.export import export_checkpoint
 
     if checkpoint_dir is None:

@@ -1,1 +1,1 @@
-"""Training: the loop, optimizer and schedule, checkpoints, metrics and logging sinks."""
+"""Training: the loop, optimizer and schedule, the run directory, metrics and logging sinks."""
