@@ -8,7 +8,7 @@
                             expert-data-parallel group instead; DeepSpeed: MoE markers so the
                             engine builds its expert groups, expert optimizer groups split out
     4. optimizer + wrapping accelerate's `prepare` (DDP module or DeepSpeed engine), LR schedule
-    5. torch.compile        of the wrapped model, last, as before the split into this module
+    5. torch.compile        of the wrapped model: the module every forward goes through
 
 `build_backend` runs this and returns the backend that steps the result (the one place that
 chooses between DDP and DeepSpeed).
