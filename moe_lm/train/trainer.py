@@ -27,6 +27,7 @@ from moe_lm.train import faults
 from moe_lm.train.metrics import MetricsLogger, NullLogger, flops_per_token, peak_flops, router_metrics
 from moe_lm.train.optim import apply_freeze, lr_lambda, optimizer_factory, param_groups
 from moe_lm.train.preflight import check_memory
+from moe_lm.train.rng import TrainingRNG
 from moe_lm.train.rundir import commit_run_dir, prepare_run_dir
 
 
@@ -87,7 +88,7 @@ class Trainer:
         )
         if cfg.train.compile:
             b.model = torch.compile(b.model)  # type: ignore[assignment]
-        torch.manual_seed(cfg.train.seed + b.rank)  # per-rank streams (router jitter)
+        self.rng = TrainingRNG(cfg.train.seed + b.rank, b.device)  # per-rank streams (router jitter)
 
         self.loader = ResumableLoader(
             self.train_blocks, cfg.train.micro_batch_size, b.dp_rank, b.dp_size, cfg.train.seed
@@ -103,6 +104,9 @@ class Trainer:
             self.tokens = state["trainer"]["tokens"]
             if "loader" in state["rank"]:
                 self.loader.load_state_dict(state["rank"]["loader"])
+            # The RNG stream only continues exactly on the same topology; elsewhere it starts from the seed.
+            if "rng" in state["rank"] and state["rank"].get("world_size") == b.world_size:
+                self.rng.load_state_dict(state["rank"]["rng"])
         commit_run_dir(cfg, resumed_from, b.is_main)  # only now that every input has loaded
         b.barrier()
         self.resumed_from = resumed_from
@@ -120,6 +124,10 @@ class Trainer:
     # ---- one optimizer step -------------------------------------------------------------------
 
     def train_step(self) -> dict[str, Any]:
+        with self.rng.active():  # only the step draws from the training stream
+            return self._train_step()
+
+    def _train_step(self) -> dict[str, Any]:
         b, cfg = self.backend, self.cfg
         b.model.train()
         accum = cfg.train.grad_accum_steps
@@ -247,7 +255,11 @@ class Trainer:
             "last_metrics": last,
             "val_loss": getattr(self, "last_val_loss", None),
         }
-        rank_state = {"loader": self.loader.state_dict(), "world_size": self.backend.world_size}
+        rank_state = {
+            "loader": self.loader.state_dict(),
+            "rng": self.rng.state_dict(),
+            "world_size": self.backend.world_size,
+        }
         path = ckpt.save_checkpoint(self.cfg, self.backend, self.step, rank_state, trainer_state)
         self.saved_step = self.step
         if self.nonfinite_in_row == 0:
