@@ -138,7 +138,7 @@ class LoggingConfig:
     wandb_project: str = "moe_lm"  # wandb project
     wandb_entity: str | None = None  # wandb entity (team or user)
     wandb_run_name: str | None = None  # None: the config name
-    peak_tflops: float | None = None  # for MFU; None: a table for known GPUs, a measured matmul peak on CPU
+    peak_tflops: float | None = None  # per process, for MFU; None: known GPUs' bf16 peak, on CPU an estimate
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,14 @@ from moe_lm.model import MoETransformer
 from moe_lm.model.params import count_params
 from moe_lm.train import checkpoint as ckpt
 from moe_lm.train import faults
-from moe_lm.train.metrics import MetricsLogger, NullLogger, flops_per_token, peak_flops, router_metrics
+from moe_lm.train.metrics import (
+    MetricsLogger,
+    NullLogger,
+    flops_per_token,
+    mfu,
+    peak_flops,
+    router_metrics,
+)
 from moe_lm.train.optim import apply_freeze, lr_lambda, optimizer_factory, param_groups
 from moe_lm.train.preflight import check_memory
 from moe_lm.train.rng import TrainingRNG
@@ -113,6 +120,7 @@ class Trainer:
         self.tokens_per_step = (
             cfg.train.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps * b.dp_size
         )
+        # Both global: every process's tokens, and (in mfu()) every process's peak.
         self.flops_per_step = flops_per_token(cfg, int(self.counts["active_params"])) * self.tokens_per_step  # type: ignore[call-overload]
         self.peak = peak_flops(cfg, b.device)
         self.log = MetricsLogger(cfg, self.step, resumed_from is not None) if b.is_main else NullLogger()
@@ -189,7 +197,7 @@ class Trainer:
             "lr": self.backend.scheduler.get_last_lr()[0],
             "grad_norm": result["grad_norm"],
             "tokens_per_s": self.tokens_per_step / elapsed,
-            "mfu": self.flops_per_step / elapsed / self.peak,
+            "mfu": mfu(self.flops_per_step, elapsed, self.peak, b.world_size),
         }
         if result["counts_LE"] is not None:
             counts = b.all_reduce(result["counts_LE"].float(), "sum")
