@@ -224,14 +224,19 @@ class Trainer:
         assert self.val_blocks is not None
         model = b.raw_model
         model.eval()
-        total = torch.zeros(2, device=b.device)
+        # [sum of token losses, tokens], on the device; float64 so that the sum does not depend on
+        # how the blocks are split over ranks. train.eval_batches counts the batches of all ranks.
+        total = torch.zeros(2, dtype=torch.float64, device=b.device)
         for input_ids, labels in eval_batches(
             self.val_blocks, cfg.train.micro_batch_size, b.dp_rank, b.dp_size, cfg.train.eval_batches
         ):
             with b.autocast():
                 out = model(input_ids.to(b.device), labels=labels.to(b.device))
             assert out.lm_loss is not None
-            total += torch.stack([out.lm_loss.float() * labels.numel(), torch.tensor(float(labels.numel()))])
+            tokens = int((labels != -100).sum())  # labels are still on the CPU: no device sync
+            if tokens:
+                total[0] += out.lm_loss.double() * tokens
+                total[1] += tokens
         total = b.all_reduce(total, "sum")
         val_loss = float(total[0] / total[1])
         model.train()
