@@ -106,7 +106,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more time
     compile: bool = False  # torch.compile the model
     eval_every: int = 100  # steps between validation passes (0: only at the end)
-    eval_batches: int = 20  # validation micro-batches per pass, per process
+    eval_batches: int = 20  # validation micro-batches per pass, all processes together
     sample_every: int = 0  # 0: only at the end
     sample_prompt: str = "ROMEO:"  # prompt of the logged text samples
     sample_tokens: int = 64  # tokens generated per sample

@@ -258,3 +258,15 @@ def dispatcher_inputs(
     idx_TK = torch.tensor(args["routes"][rank], dtype=torch.long).view(-1, 2)
     w_TK = torch.softmax(torch.randn(idx_TK.shape, generator=g), dim=-1)
     return experts, x_TH, idx_TK, w_TK
+
+
+def trainer_evaluate(rank: int, args: dict[str, Any]) -> dict[str, Any]:
+    """The real Trainer's validation pass at step 0 (weights from the seed: the same everywhere)."""
+    from moe_lm.config import config_from_dict
+    from moe_lm.train.trainer import Trainer
+
+    trainer = Trainer(config_from_dict(args["cfg"]))
+    try:
+        return trainer.evaluate()
+    finally:
+        trainer.log.close()
