@@ -142,11 +142,11 @@ def eval_batches(
     max_batches: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Validation micro-batches in a fixed order: rank r of D reads blocks r, r+D, ... of the first
-    `count` blocks. `max_batches` counts the micro-batches of all ranks together, so 1 and D
-    processes evaluate the same max_batches × micro_batch_size blocks (and report the same loss).
-    `count` is a multiple of D (every rank gets the same number of batches, so collectives stay
-    matched; the last batch may be smaller): the whole split without max_batches, less its last
-    len % D blocks."""
+    per_rank × D blocks. `max_batches` counts the micro-batches of all ranks together, so 1 and D
+    processes evaluate the same max_batches × micro_batch_size blocks (and report the same loss;
+    the count is rounded down to a multiple of D). Every rank gets the same number of batches, so
+    collectives stay matched; the last batch may be smaller. Without max_batches: the whole split
+    less its last len % D blocks."""
     per_rank = len(blocks) // dp_size
     if per_rank == 0:
         raise UserError(
