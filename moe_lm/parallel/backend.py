@@ -87,6 +87,24 @@ class Backend(ABC):
         """Sync gradients, clip by the global norm and step; a non-finite norm skips the update.
         -> (norm, stepped)."""
 
+    def global_grad_norm(self, params: list[tuple[str, nn.Parameter]]) -> torch.Tensor:
+        """The norm of the whole model's gradient from finished (reduced) gradients: dense ones,
+        equal on every rank, counted once; expert ones summed over the EP group. Collective
+        under expert parallelism."""
+        dense = [p.grad for n, p in params if p.grad is not None and not is_expert_param(n)]
+        experts = [p.grad for n, p in params if p.grad is not None and is_expert_param(n)]
+        sq = torch.zeros(2, dtype=torch.float32, device=self.device)
+        if dense:
+            sq[0] = torch.nn.utils.get_total_norm(dense).float() ** 2
+        if experts:
+            sq[1] = torch.nn.utils.get_total_norm(experts).float() ** 2
+        mesh = self.layout.mesh
+        if mesh.ep_size > 1 and mesh.ep_group is not None:
+            part = sq[1:].clone()
+            dist.all_reduce(part, group=mesh.ep_group)
+            sq[1:] = part
+        return sq.sum().sqrt()
+
     # ---- collectives for metrics --------------------------------------------------------------
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -191,7 +209,7 @@ class DDPBackend(Backend):
         params = [(n, p) for n, p in self.raw_model.named_parameters() if p.requires_grad]
         if self.layout.mesh.ep_size > 1:
             self._reduce_expert_grads([p for n, p in params if is_expert_param(n)])
-        return self._global_grad_norm([(n, p) for n, p in params if p.grad is not None])
+        return self.global_grad_norm([(n, p) for n, p in params if p.grad is not None])
 
     def step(self, max_grad_norm: float) -> tuple[float, bool]:
         norm = self.reduce_gradients()
@@ -224,21 +242,6 @@ class DDPBackend(Backend):
             for g, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
                 g.copy_(reduced)
         torch._foreach_div_(grads, float(self.world_size))
-
-    def _global_grad_norm(self, params: list[tuple[str, nn.Parameter]]) -> torch.Tensor:
-        dense = [p.grad for n, p in params if p.grad is not None and not is_expert_param(n)]
-        experts = [p.grad for n, p in params if p.grad is not None and is_expert_param(n)]
-        sq = torch.zeros(2, dtype=torch.float32, device=self.device)
-        if dense:
-            sq[0] = torch.nn.utils.get_total_norm(dense).float() ** 2
-        if experts:
-            sq[1] = torch.nn.utils.get_total_norm(experts).float() ** 2
-        mesh = self.layout.mesh
-        if mesh.ep_size > 1 and mesh.ep_group is not None:
-            part = sq[1:].clone()
-            dist.all_reduce(part, group=mesh.ep_group)
-            sq[1:] = part
-        return sq.sum().sqrt()
 
     # ---- state --------------------------------------------------------------------------------
 

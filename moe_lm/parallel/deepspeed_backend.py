@@ -19,6 +19,12 @@ Design (the JSON and the accelerator: deepspeed_config.py; the MoE markers: deep
   and written in the one checkpoint format (moe_lm/state), and scattered back on load
   (`safe_set_full_*`). One format for every backend, ZeRO stage and EP size; export reads any
   checkpoint.
+- ZeRO-0 in fp32 hands our torch optimizer to the engine unwrapped; the engine then clips with
+  `deepspeed.runtime.utils.clip_grad_norm_`, which averages each rank's local norm (dense + its
+  own experts) instead of taking the global one, and reports no norm at all. There moe_lm clips
+  itself, in a step pre-hook on the optimizer, i.e. after the engine's gradient all-reduce, with
+  the DDP backend's global norm (and skips a non-finite step like it). ZeRO-1/2 and the bf16/fp16
+  wrappers of stage 0 compute the expert-aware global norm themselves.
 """
 
 from __future__ import annotations
@@ -44,6 +50,12 @@ class DeepSpeedBackend(Backend):
         super().__init__(layout, parts)
         self.engine: Any = parts.wrapped
         self.torch_optimizer = parts.torch_optimizer
+        # Unwrapped (ZeRO-0, fp32): the engine would clip by the wrong norm; we clip (docstring).
+        self._own_clip = self.engine.optimizer is self.torch_optimizer
+        self._max_grad_norm = 0.0
+        self._own_norm: torch.Tensor | None = None
+        if self._own_clip:
+            self.torch_optimizer.register_step_pre_hook(self._clip_by_global_norm)
 
     # ---- the step -----------------------------------------------------------------------------
 
@@ -58,13 +70,32 @@ class DeepSpeedBackend(Backend):
 
     def step(self, max_grad_norm: float) -> tuple[float, bool]:
         """Reduce, clip (by the config's gradient_clipping = optim.grad_clip) and step."""
+        self._max_grad_norm = max_grad_norm
         self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        stepped = bool(self.engine.was_step_applied())
+        if self._own_clip:
+            assert self._own_norm is not None, "the engine did not step the optimizer"
+            norm: Any = self._own_norm
+            stepped = bool(torch.isfinite(norm))
+            self._own_norm = None
+        else:
+            norm = self.engine.get_global_grad_norm()
+            stepped = bool(self.engine.was_step_applied())
         if stepped:
             self.scheduler.step()
         self._steps_since_metrics += 1
         return float("nan") if norm is None else float(norm), stepped
+
+    def _clip_by_global_norm(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        """Runs inside `engine.step()`, after its all-reduce: gradients are final here."""
+        named = [(n, p) for n, p in self.raw_model.named_parameters() if p.grad is not None]
+        params = [p for _, p in named]
+        norm = self.global_grad_norm(named)
+        self._own_norm = norm
+        if not bool(torch.isfinite(norm)):
+            for p in params:  # AdamW leaves parameters without a gradient alone: a skipped step
+                p.grad = None
+        elif self._max_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self._max_grad_norm, norm)
 
     # ---- state on disk: gathered through DeepSpeed's tensor-fragment API (collective) ----------
 

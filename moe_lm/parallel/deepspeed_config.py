@@ -67,6 +67,8 @@ def deepspeed_config(cfg: Config, precision: str) -> dict[str, Any]:
     # Overlapping reduction with backward needs stage 2 under caller-managed accumulation; it only
     # pays on GPUs.
     zero.setdefault("overlap_comm", stage == 2 and torch.cuda.is_available())
+    if stage == 0 and precision == "no":
+        ds["gradient_clipping"] = 0.0  # DeepSpeedBackend clips by the global norm (deepspeed_backend.py)
     ds["train_batch_size"] = "auto"  # accelerate fills micro × accum × world
     ds["managed_gradient_accumulation"] = False
     for name in ("bf16", "fp16"):
