@@ -52,6 +52,7 @@ bench: setup
 	$(PY) scripts/bench_moe_layer.py
 	$(PY) scripts/bench_train.py
 	$(PY) scripts/bench_scaling.py
+	$(PY) scripts/bench_data.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
