@@ -58,6 +58,9 @@ def header(device: str) -> str:
         lines[-1] += f", transformers {transformers.__version__}"
     except ImportError:
         pass
+    omp = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if k in os.environ}
+    if omp:
+        lines[-1] += ", " + " ".join(f"{k}={v}" for k, v in omp.items())
     if device == "cuda" and torch.cuda.is_available():
         lines.append(f"gpu: {torch.cuda.get_device_name()}")
     if hasattr(os, "getloadavg"):
@@ -92,22 +95,30 @@ def time_alternating(
     clock_kind: str = "wall",
 ) -> dict[str, float]:
     """Median seconds per call of each fn, run round-robin with a rotating start."""
-    now = clock(clock_kind)
+    both = time_both_clocks(fns, rounds, warmup, device)
+    return {name: t[clock_kind] for name, t in both.items()}
+
+
+def time_both_clocks(
+    fns: Mapping[str, Callable[[], object]], rounds: int, warmup: int, device: str = "cpu"
+) -> dict[str, dict[str, float]]:
+    """{name: {"wall": s, "cpu": s}}: medians over rounds of one call each, in rotating order."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
             fns[name]()
     sync(device)
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    samples: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
     for r in range(rounds):
         for i in range(len(names)):
             name = names[(r + i) % len(names)]
             sync(device)
-            t0 = now()
+            w0, c0 = time.perf_counter(), time.process_time()
             fns[name]()
             sync(device)
-            samples[name].append(now() - t0)
-    return {name: statistics.median(s) for name, s in samples.items()}
+            samples[name]["wall"].append(time.perf_counter() - w0)
+            samples[name]["cpu"].append(time.process_time() - c0)
+    return {n: {k: statistics.median(v) for k, v in s.items()} for n, s in samples.items()}
 
 
 def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
