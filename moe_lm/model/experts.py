@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_lm.model.grouped_experts import grouped_gather_experts_combine
+
 
 def _grouped_mm_available(x: torch.Tensor, hidden: int, inter: int) -> bool:
     # torch's grouped GEMM is one kernel on CUDA (bf16); on CPU it is a loop of GEMMs that saves
@@ -37,10 +39,12 @@ def _silu_mul(h_N2I: torch.Tensor, inter: int) -> torch.Tensor:
     return F.silu(h_N2I[:, :inter]) * h_N2I[:, inter:]
 
 
-# Rows per elementwise pass. Experts sorted next to each other are processed as one group of
-# contiguous rows: enough rows that per-op overhead (dispatch, OpenMP fork/join) is amortised when
-# experts are small (many experts, few tokens), few enough that the scratch buffers stay small and
-# are reused (a big short-lived tensor is a fresh mmap whose pages fault in on CPU).
+# Rows per pass (at most). Experts sorted next to each other are processed as one group of contiguous rows,
+# and an expert with more rows is split over several groups: enough rows that per-op overhead
+# (dispatch, OpenMP fork/join) is amortised when experts are small (many experts, few tokens), few
+# enough that a group's activations stay in cache between the GEMM that writes them and the
+# elementwise passes that read them, and that the scratch buffers stay small and are reused (a big
+# short-lived tensor is a fresh mmap whose pages fault in on CPU).
 GROUP_ROWS = 1024
 
 
@@ -48,20 +52,23 @@ GROUP_ROWS = 1024
 class _Group:
     start: int  # first row, in expert-sorted order
     rows: int
-    experts: list[tuple[int, int, int]]  # (expert, first row within the group, rows)
+    # (expert, first row within the group, rows, whether these are the expert's first rows): an
+    # expert's later pieces accumulate into its weight gradient instead of overwriting it.
+    experts: list[tuple[int, int, int, bool]]
 
 
 def _groups(counts: list[int]) -> list[_Group]:
     groups: list[_Group] = []
     start = 0
     for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        if not groups or groups[-1].rows >= GROUP_ROWS:
-            groups.append(_Group(start, 0, []))
-        groups[-1].experts.append((e, groups[-1].rows, n))
-        groups[-1].rows += n
-        start += n
+        pieces = -(-n // GROUP_ROWS)  # equal pieces: no sliver of a few rows with a slow GEMM
+        for p in range(pieces):
+            take = n * (p + 1) // pieces - n * p // pieces
+            if not groups or groups[-1].rows + take > GROUP_ROWS:
+                groups.append(_Group(start, 0, []))
+            groups[-1].experts.append((e, groups[-1].rows, take, p == 0))
+            groups[-1].rows += take
+            start += take
     return groups
 
 
@@ -80,12 +87,20 @@ def _group_forward(
 ) -> torch.Tensor:  # fmt: skip
     """y = down(silu(gate) * up) for a group's rows; h (saved for backward) and y written in place."""
     inter = act_nI.shape[-1]
-    for e, o, n in grp.experts:
+    for e, o, n, _ in grp.experts:
         torch.mm(x_nH[o : o + n], w_gu[e].t(), out=h_n2I[o : o + n])
     torch.ops.aten.silu.out(h_n2I[:, :inter], out=act_nI).mul_(h_n2I[:, inter:])
-    for e, o, n in grp.experts:
+    for e, o, n, _ in grp.experts:
         torch.mm(act_nI[o : o + n], w_down[e].t(), out=y_nH[o : o + n])
     return y_nH
+
+
+def _into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """out = a @ b for an expert's first rows, out += a @ b for the rest."""
+    if first:
+        torch.mm(a, b, out=out)
+    else:
+        out.addmm_(a, b)
 
 
 def _group_backward(
@@ -102,7 +117,7 @@ def _group_backward(
     silu, act, dact, dh = buf.silu_nI[:m], buf.act_nI[:m], buf.dact_nI[:m], buf.dh_n2I[:m]
     torch.ops.aten.silu.out(h_n2I[:, :inter], out=silu)
     torch.mul(silu, h_n2I[:, inter:], out=act)  # recomputed instead of saved
-    for e, o, n in grp.experts:
+    for e, o, n, _ in grp.experts:
         torch.mm(g_nH[o : o + n], w_down[e], out=dact[o : o + n])  # gradient of the unweighted activation
     if dweight_n is not None:
         # d out / d weight_s = <g_s, y_s> = <g_s @ W_down, act_s>: y itself is never kept.
@@ -111,16 +126,16 @@ def _group_backward(
         act.mul_(weight_n1)
         dact.mul_(weight_n1)
     if dw_down is not None:
-        for e, o, n in grp.experts:
-            torch.mm(g_nH[o : o + n].t(), act[o : o + n], out=dw_down[e])
+        for e, o, n, first in grp.experts:
+            _into(dw_down[e], g_nH[o : o + n].t(), act[o : o + n], first)
     # SwiGLU backward into the two halves of dh.
     torch.mul(dact, silu, out=dh[:, inter:])
     dact.mul_(h_n2I[:, inter:])
     torch.ops.aten.silu_backward.grad_input(dact, h_n2I[:, :inter], grad_input=dh[:, :inter])
-    for e, o, n in grp.experts:
+    for e, o, n, first in grp.experts:
         if dw_gu is not None:
             assert x_nH is not None
-            torch.mm(dh[o : o + n].t(), x_nH[o : o + n], out=dw_gu[e])
+            _into(dw_gu[e], dh[o : o + n].t(), x_nH[o : o + n], first)
         if dx_nH is not None:
             torch.mm(dh[o : o + n], w_gu[e], out=dx_nH[o : o + n])
 
@@ -292,13 +307,12 @@ class Experts(nn.Module):
     def forward_combined(
         self, x_TH: torch.Tensor, token_idx_S: torch.Tensor, counts_E: torch.Tensor, weight_S: torch.Tensor
     ) -> torch.Tensor:
-        """Loop path of gather -> experts -> weighted scatter-add, in one Function (see module doc).
+        """Gather -> experts -> weighted scatter-add, in one Function (see module doc).
 
         Equals `zeros(T, H).index_add_(0, token_idx_S, forward(x_TH[token_idx_S], counts_E) * weight_S)`.
         """
-        return _gather_experts_combine(
-            x_TH, self.gate_up_proj, self.down_proj, weight_S, token_idx_S, counts_E
-        )
+        fn = grouped_gather_experts_combine if self.uses_grouped_mm(x_TH) else _gather_experts_combine
+        return fn(x_TH, self.gate_up_proj, self.down_proj, weight_S, token_idx_S, counts_E)
 
     def _grouped(self, x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         offs = torch.cumsum(counts_E, dim=0).to(torch.int32)
