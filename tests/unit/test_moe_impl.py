@@ -101,11 +101,23 @@ def assert_matches(out: torch.Tensor, ref: torch.Tensor, leaves: list[torch.Tens
         assert_close(got, want, f"gradient of leaf {i}")
 
 
+IMPLS = ["loop", "grouped_mm"]
+
+
+def skip_unsupported(impl: str, dtype: torch.dtype = torch.float32) -> None:
+    if impl == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm not in this torch")
+    if impl == "grouped_mm" and dtype == torch.float64:
+        pytest.skip("torch._grouped_mm has no float64 kernel")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("capacity", [None, 20])
 @pytest.mark.parametrize("k", [1, 2, 4])
-def test_local_dispatcher_equals_naive(k: int, capacity: int | None, dtype: torch.dtype) -> None:
-    ex = make_experts(dtype=dtype)
+def test_local_dispatcher_equals_naive(k: int, capacity: int | None, dtype: torch.dtype, impl: str) -> None:
+    skip_unsupported(impl, dtype)
+    ex = make_experts(impl=impl, dtype=dtype)
     x = torch.randn(T, H, dtype=dtype, requires_grad=True)
     idx, w = routing(k, dtype=dtype)
     out, dropped = LocalDispatcher()(x, idx, w, ex, E, capacity)
@@ -137,8 +149,10 @@ def test_forward_combined_equals_forward_then_combine() -> None:
     assert_matches(fused, plain, [x, w, ex.gate_up_proj, ex.down_proj])
 
 
-def test_experts_with_no_rows_get_zero_gradient_and_frozen_weights_work() -> None:
-    ex = make_experts()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_experts_with_no_rows_get_zero_gradient_and_frozen_weights_work(impl: str) -> None:
+    skip_unsupported(impl)
+    ex = make_experts(impl=impl)
     x = torch.randn(T, H, requires_grad=True)
     idx, w = routing(2, unused_expert=5)
     out, _ = LocalDispatcher()(x, idx, w, ex, E, None)
@@ -152,8 +166,10 @@ def test_experts_with_no_rows_get_zero_gradient_and_frozen_weights_work() -> Non
     assert torch.isfinite(gx).all()
 
 
-def test_all_tokens_to_one_expert_and_empty_batch() -> None:
-    ex = make_experts()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_all_tokens_to_one_expert_and_empty_batch(impl: str) -> None:
+    skip_unsupported(impl)
+    ex = make_experts(impl=impl)
     x = torch.randn(T, H, requires_grad=True)
     idx = torch.zeros(T, 1, dtype=torch.long)
     w = torch.ones(T, 1, requires_grad=True)
