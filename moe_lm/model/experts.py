@@ -17,6 +17,7 @@ On CPU the experts run as a loop of per-expert GEMMs inside hand-written autogra
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_lm.model.expert_threads import run_sliced
 from moe_lm.model.grouped_experts import grouped_gather_experts_combine
 
 
@@ -155,8 +157,21 @@ def _grad_buffers(
     return grads[0], grads[1]
 
 
-def _max_rows(groups: list[_Group]) -> int:
+def _max_rows(groups: Sequence[_Group]) -> int:
     return max((g.rows for g in groups), default=0)
+
+
+def _sliced(
+    groups: list[_Group], part: Callable[[Sequence[_Group], torch.Tensor | None], None],
+    make_acc: Callable[[], torch.Tensor | None], device: torch.device,
+) -> torch.Tensor | None:  # fmt: skip
+    """part over all groups; on CPU with several threads, slices of whole experts side by side."""
+    if device.type != "cpu":
+        acc = make_acc()
+        part(groups, acc)
+        return acc
+    starts = [g.experts[0][3] for g in groups]  # a cut here keeps every expert in one slice
+    return run_sliced(groups, starts, [g.rows for g in groups], part, make_acc)
 
 
 class _LoopExperts(torch.autograd.Function):
@@ -170,10 +185,16 @@ class _LoopExperts(torch.autograd.Function):
         groups = _groups(counts)
         h_N2I = x_NH.new_empty(x_NH.shape[0], 2 * inter)
         y_NH = x_NH.new_empty(x_NH.shape)
-        act_nI = x_NH.new_empty(_max_rows(groups), inter)
-        for g in groups:
-            rows = slice(g.start, g.start + g.rows)
-            _group_forward(g, x_NH[rows], w_gu_E2IH, w_down_EHI, h_N2I[rows], act_nI[: g.rows], y_NH[rows])
+
+        def part(gs: Sequence[_Group], _: torch.Tensor | None) -> None:
+            act_nI = x_NH.new_empty(_max_rows(gs), inter)
+            for g in gs:
+                rows = slice(g.start, g.start + g.rows)
+                _group_forward(
+                    g, x_NH[rows], w_gu_E2IH, w_down_EHI, h_N2I[rows], act_nI[: g.rows], y_NH[rows]
+                )
+
+        _sliced(groups, part, lambda: None, x_NH.device)
         ctx.save_for_backward(x_NH, h_N2I, w_gu_E2IH, w_down_EHI)
         ctx.counts = counts
         return y_NH
@@ -184,15 +205,19 @@ class _LoopExperts(torch.autograd.Function):
         counts: list[int] = ctx.counts
         groups = _groups(counts)
         dy_NH = dy_NH.contiguous()
-        buf = _Buffers(x_NH, _max_rows(groups), 0, w_down.shape[-1])
         dx_NH = torch.empty_like(x_NH) if ctx.needs_input_grad[0] else None
         dw_gu, dw_down = _grad_buffers(ctx, w_gu, w_down, counts)
-        for g in groups:
-            rows = slice(g.start, g.start + g.rows)
-            _group_backward(
-                g, dy_NH[rows], x_NH[rows], h_N2I[rows], w_gu, w_down, buf, None, None, dw_gu, dw_down,
-                None if dx_NH is None else dx_NH[rows],
-            )  # fmt: skip
+
+        def part(gs: Sequence[_Group], _: torch.Tensor | None) -> None:
+            buf = _Buffers(x_NH, _max_rows(gs), 0, w_down.shape[-1])
+            for g in gs:
+                rows = slice(g.start, g.start + g.rows)
+                _group_backward(
+                    g, dy_NH[rows], x_NH[rows], h_N2I[rows], w_gu, w_down, buf, None, None, dw_gu, dw_down,
+                    None if dx_NH is None else dx_NH[rows],
+                )  # fmt: skip
+
+        _sliced(groups, part, lambda: None, x_NH.device)
         return dx_NH, dw_gu, dw_down, None
 
 
@@ -214,15 +239,20 @@ class _GatherExpertsCombine(torch.autograd.Function):
     ) -> torch.Tensor:
         inter = w_down_EHI.shape[-1]
         groups = _groups(counts)
-        buf = _Buffers(x_TH, _max_rows(groups), x_TH.shape[-1], inter)
         h_S2I = x_TH.new_empty(token_idx_S.shape[0], 2 * inter)
-        out_TH = torch.zeros_like(x_TH)
         w_S1 = weight_S.to(x_TH.dtype)[:, None]
-        for g in groups:
-            rows, m = slice(g.start, g.start + g.rows), g.rows
-            x_n = torch.index_select(x_TH, 0, token_idx_S[rows], out=buf.a_nH[:m])
-            y_n = _group_forward(g, x_n, w_gu_E2IH, w_down_EHI, h_S2I[rows], buf.act_nI[:m], buf.b_nH[:m])
-            out_TH.index_add_(0, token_idx_S[rows], y_n.mul_(w_S1[rows]))
+
+        def part(gs: Sequence[_Group], out_TH: torch.Tensor | None) -> None:
+            assert out_TH is not None
+            buf = _Buffers(x_TH, _max_rows(gs), x_TH.shape[-1], inter)
+            for g in gs:
+                rows, m = slice(g.start, g.start + g.rows), g.rows
+                x_n = torch.index_select(x_TH, 0, token_idx_S[rows], out=buf.a_nH[:m])
+                y_n = _group_forward(g, x_n, w_gu_E2IH, w_down_EHI, h_S2I[rows], buf.act_nI[:m], buf.b_nH[:m])
+                out_TH.index_add_(0, token_idx_S[rows], y_n.mul_(w_S1[rows]))
+
+        out_TH = _sliced(groups, part, lambda: torch.zeros_like(x_TH), x_TH.device)
+        assert out_TH is not None
         ctx.save_for_backward(x_TH, w_gu_E2IH, w_down_EHI, weight_S, token_idx_S, h_S2I)
         ctx.counts = counts
         return out_TH
@@ -233,23 +263,27 @@ class _GatherExpertsCombine(torch.autograd.Function):
         counts: list[int] = ctx.counts
         groups = _groups(counts)
         g_TH = g_TH.contiguous()
-        buf = _Buffers(x_TH, _max_rows(groups), x_TH.shape[-1], w_down.shape[-1])
-        dx_TH = torch.zeros_like(x_TH) if ctx.needs_input_grad[0] else None
         dw_gu, dw_down = _grad_buffers(ctx, w_gu, w_down, counts)
         dweight_S = x_TH.new_empty(weight_S.shape) if ctx.needs_input_grad[3] else None
         w_S1 = weight_S.to(x_TH.dtype)[:, None]
-        for g in groups:
-            rows, m = slice(g.start, g.start + g.rows), g.rows
-            idx = token_idx_S[rows]
-            g_n = torch.index_select(g_TH, 0, idx, out=buf.a_nH[:m])
-            x_n = None if dw_gu is None else torch.index_select(x_TH, 0, idx, out=buf.b_nH[:m])
-            _group_backward(
-                g, g_n, x_n, h_S2I[rows], w_gu, w_down, buf, w_S1[rows],
-                None if dweight_S is None else dweight_S[rows], dw_gu, dw_down,
-                None if dx_TH is None else g_n,  # dx rows overwrite g rows, then scatter-add
-            )  # fmt: skip
-            if dx_TH is not None:
-                dx_TH.index_add_(0, idx, g_n)
+
+        def part(gs: Sequence[_Group], dx_TH: torch.Tensor | None) -> None:
+            buf = _Buffers(x_TH, _max_rows(gs), x_TH.shape[-1], w_down.shape[-1])
+            for g in gs:
+                rows, m = slice(g.start, g.start + g.rows), g.rows
+                idx = token_idx_S[rows]
+                g_n = torch.index_select(g_TH, 0, idx, out=buf.a_nH[:m])
+                x_n = None if dw_gu is None else torch.index_select(x_TH, 0, idx, out=buf.b_nH[:m])
+                _group_backward(
+                    g, g_n, x_n, h_S2I[rows], w_gu, w_down, buf, w_S1[rows],
+                    None if dweight_S is None else dweight_S[rows], dw_gu, dw_down,
+                    None if dx_TH is None else g_n,  # dx rows overwrite g rows, then scatter-add
+                )  # fmt: skip
+                if dx_TH is not None:
+                    dx_TH.index_add_(0, idx, g_n)
+
+        need_dx = ctx.needs_input_grad[0]
+        dx_TH = _sliced(groups, part, lambda: torch.zeros_like(x_TH) if need_dx else None, x_TH.device)
         if dweight_S is not None:
             dweight_S = dweight_S.to(weight_S.dtype)
         return dx_TH, dw_gu, dw_down, dweight_S, None, None
