@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup train train-ep2 test check lint bench bench-setup clean
+.PHONY: setup train train-ep2 test check lint bench bench-setup gpu-check clean
 
 setup: $(STAMP)
 
@@ -58,6 +58,12 @@ bench: setup
 	$(PY) scripts/bench_moe_layer.py
 	$(PY) scripts/bench_train.py
 	$(PY) scripts/bench_scaling.py
+
+# GPU readiness in one table (budgeted at 8 minutes on one GPU): tests/gpu, configs/gpu-check.yaml trained
+# in bf16 with eval, checkpoint, resume and export, bench_train.py with and without --compile.
+# `python scripts/gpu_check.py --device cpu --smoke` runs the same logic on a CPU in seconds.
+gpu-check: setup
+	$(PY) scripts/gpu_check.py --device cuda $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -106,7 +106,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more time
     compile: bool = False  # torch.compile the model
     eval_every: int = 100  # steps between validation passes (0: only at the end)
-    eval_batches: int = 20  # validation micro-batches per pass, per process
+    eval_batches: int = 20  # validation micro-batches per pass, all processes together
     sample_every: int = 0  # 0: only at the end
     sample_prompt: str = "ROMEO:"  # prompt of the logged text samples
     sample_tokens: int = 64  # tokens generated per sample
@@ -138,7 +138,7 @@ class LoggingConfig:
     wandb_project: str = "moe_lm"  # wandb project
     wandb_entity: str | None = None  # wandb entity (team or user)
     wandb_run_name: str | None = None  # None: the config name
-    peak_tflops: float | None = None  # for MFU; None: a table for known GPUs, a measured matmul peak on CPU
+    peak_tflops: float | None = None  # per process, for MFU; None: known GPUs' bf16 peak, on CPU an estimate
 
 
 @dataclass(frozen=True)

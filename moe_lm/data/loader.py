@@ -141,16 +141,19 @@ def eval_batches(
     dp_size: int = 1,
     max_batches: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Validation micro-batches in a fixed order: rank r reads blocks r, r+D, ... (same count on every
-    rank, so collectives stay matched; the last batch may be smaller). At most `max_batches`."""
+    """Validation micro-batches in a fixed order: rank r of D reads blocks r, r+D, ... of the first
+    per_rank × D blocks. `max_batches` counts the micro-batches of all ranks together, so 1 and D
+    processes evaluate the same max_batches × micro_batch_size blocks (and report the same loss;
+    the count is rounded down to a multiple of D). Every rank gets the same number of batches, so
+    collectives stay matched; the last batch may be smaller. Without max_batches: the whole split
+    less its last len % D blocks."""
     per_rank = len(blocks) // dp_size
     if per_rank == 0:
         raise UserError(
             f"the validation split has {len(blocks)} blocks, fewer than the {dp_size} data-parallel ranks; "
             "add validation data or raise data.val_fraction"
         )
-    idx = torch.arange(len(blocks))[dp_rank::dp_size][:per_rank]
-    chunks = idx.split(micro_batch_size)
     if max_batches is not None:
-        chunks = chunks[:max_batches]
-    return (_split(blocks[c]) for c in chunks)
+        per_rank = min(per_rank, max(max_batches * micro_batch_size // dp_size, 1))
+    idx = torch.arange(per_rank * dp_size)[dp_rank::dp_size]
+    return (_split(blocks[c]) for c in idx.split(micro_batch_size))

@@ -53,9 +53,23 @@ class MoELayer(nn.Module):
             return None
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
 
-    def forward(self, x_BTH: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+    def forward(
+        self, x_BTH: torch.Tensor, real_BT: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, MoEStats]:
+        """real_BT (optional): True at real tokens. Padding is not routed: it takes no expert
+        capacity, counts in no router statistic (transformers' masked load-balancing loss does
+        the same) and gets no FFN output; nothing attends to it, so real tokens are unaffected."""
         shape = x_BTH.shape
         x_TH = x_BTH.reshape(-1, shape[-1])
+        if real_BT is None:
+            y_TH, stats = self._route(x_TH)
+            return y_TH.view(shape), stats
+        real_T = real_BT.reshape(-1).bool()
+        y_RH, stats = self._route(x_TH[real_T])
+        y_TH = y_RH.new_zeros(x_TH.shape[0], y_RH.shape[-1]).index_put((real_T,), y_RH)
+        return y_TH.view(shape), stats
+
+    def _route(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         num_tokens = x_TH.shape[0]
         route = self.router(x_TH)
         y_TH, dropped = self.dispatcher(
@@ -77,4 +91,4 @@ class MoELayer(nn.Module):
             dropped=dropped,
             num_tokens=num_tokens,
         )
-        return y_TH.view(shape), stats
+        return y_TH, stats

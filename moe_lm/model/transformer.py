@@ -35,12 +35,13 @@ class Block(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         mask_BQK: torch.Tensor | None,
         cache: KVCache | None,
+        real_BT: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoEStats | None, KVCache]:
         a_BTH, new_cache = self.attn(self.attn_norm(x_BTH), rope, mask_BQK, cache)
         x_BTH = x_BTH + a_BTH
         stats = None
         if self.is_moe:
-            f_BTH, stats = self.ffn(self.ffn_norm(x_BTH))
+            f_BTH, stats = self.ffn(self.ffn_norm(x_BTH), real_BT)
         else:
             f_BTH = self.ffn(self.ffn_norm(x_BTH))
         return x_BTH + f_BTH, stats, new_cache
@@ -56,7 +57,7 @@ class CausalLMOutput:
     z_loss: torch.Tensor | None = None  # mean over MoE layers
     expert_counts_LE: torch.Tensor | None = None  # assignments per (MoE layer, expert), detached
     dropped_L: torch.Tensor | None = None  # capacity-dropped assignments per MoE layer
-    num_tokens: int = 0  # tokens routed per MoE layer in this pass
+    num_tokens: int = 0  # tokens routed per MoE layer in this pass (padding is not routed)
     cache: list[KVCache] = field(default_factory=list)
 
 
@@ -128,15 +129,21 @@ class MoETransformer(nn.Module):
             position_ids = torch.arange(past_len, past_len + t, device=input_ids.device).expand(b, t)
         rope = self.rope(position_ids)
         mask = self._mask(attention_mask, t, past_len, input_ids.device)
+        real_BT = None  # padding positions of this pass, kept out of routing (MoELayer.forward)
+        if attention_mask is not None:
+            real_BT = attention_mask[:, past_len : past_len + t].bool()
+            real_BT = None if bool(real_BT.all()) else real_BT
         x_BTH = self.embed(input_ids)
         all_stats: list[MoEStats] = []
         new_cache: list[KVCache] = []
         for i, block in enumerate(self.layers):
             layer_cache = cache[i] if cache else None
             if self.activation_checkpointing and self.training:
-                x_BTH, stats, kv = checkpoint(block, x_BTH, rope, mask, layer_cache, use_reentrant=False)
+                x_BTH, stats, kv = checkpoint(
+                    block, x_BTH, rope, mask, layer_cache, real_BT, use_reentrant=False
+                )
             else:
-                x_BTH, stats, kv = block(x_BTH, rope, mask, layer_cache)
+                x_BTH, stats, kv = block(x_BTH, rope, mask, layer_cache, real_BT)
             new_cache.append(kv)
             if stats is not None:
                 all_stats.append(stats)

@@ -22,6 +22,12 @@ Design:
   export reads any checkpoint.
 - ZeRO-3 is refused (config validation and here): it partitions every weight over all ranks, which
   defeats expert parallelism and the whole-parameter checkpoints above.
+- ZeRO-0 in fp32 hands our torch optimizer to the engine unwrapped; the engine then clips with
+  `deepspeed.runtime.utils.clip_grad_norm_`, which averages each rank's local norm (dense + its
+  own experts) instead of taking the global one, and reports no norm at all. There moe_lm clips
+  itself, in a step pre-hook on the optimizer, i.e. after the engine's gradient all-reduce, with
+  the DDP backend's global norm (and skips a non-finite step like it). ZeRO-1/2 and the bf16/fp16
+  wrappers of stage 0 compute the expert-aware global norm themselves.
 """
 
 from __future__ import annotations
@@ -90,6 +96,8 @@ def deepspeed_config(cfg: Config, precision: str) -> dict[str, Any]:
     # Overlapping reduction with backward needs stage 2 under caller-managed accumulation; it only
     # pays on GPUs.
     zero.setdefault("overlap_comm", stage == 2 and torch.cuda.is_available())
+    if stage == 0 and precision == "no":
+        ds["gradient_clipping"] = 0.0  # DeepSpeedBackend clips by the global norm (module docstring)
     ds["train_batch_size"] = "auto"  # accelerate fills micro × accum × world
     ds["managed_gradient_accumulation"] = False
     for name in ("bf16", "fp16"):
@@ -183,6 +191,12 @@ class DeepSpeedBackend(Backend):
         self.engine: Any = self.model
         # On the torch optimizer: ZeRO keeps its param-group dicts, so the lr set here is used.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.torch_optimizer, lr_lambda)
+        # Unwrapped (ZeRO-0, fp32): the engine would clip by the wrong norm; we clip (docstring).
+        self._own_clip = self.engine.optimizer is self.torch_optimizer
+        self._max_grad_norm = 0.0
+        self._own_norm: torch.Tensor | None = None
+        if self._own_clip:
+            self.torch_optimizer.register_step_pre_hook(self._clip_by_global_norm)
 
     # ---- the step -----------------------------------------------------------------------------
 
@@ -200,13 +214,31 @@ class DeepSpeedBackend(Backend):
 
     def step(self, max_grad_norm: float) -> tuple[float, bool]:
         """Reduce, clip (by the config's gradient_clipping = optim.grad_clip) and step."""
+        self._max_grad_norm = max_grad_norm
         self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        stepped = bool(self.engine.was_step_applied())
+        if self._own_clip:
+            assert self._own_norm is not None, "the engine did not step the optimizer"
+            norm: Any = self._own_norm
+            stepped = bool(torch.isfinite(norm))
+            self._own_norm = None
+        else:
+            norm = self.engine.get_global_grad_norm()
+            stepped = bool(self.engine.was_step_applied())
         if stepped:
             self.scheduler.step()
         self._steps_since_metrics += 1
         return float("nan") if norm is None else float(norm), stepped
+
+    def _clip_by_global_norm(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        """Runs inside `engine.step()`, after its all-reduce: gradients are final here."""
+        params = [p for p in self.raw_model.parameters() if p.grad is not None]
+        norm = self._global_grad_norm(params)
+        self._own_norm = norm
+        if not bool(torch.isfinite(norm)):
+            for p in params:  # AdamW leaves parameters without a gradient alone: a skipped step
+                p.grad = None
+        elif self._max_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self._max_grad_norm, norm)
 
     # ---- state on disk: gathered through DeepSpeed's tensor-fragment API (collective) ----------
 

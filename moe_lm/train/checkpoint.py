@@ -4,7 +4,7 @@ Layout of `RUN/checkpoints/step-N/`:
   config.yaml                       the resolved run config
   model-ep{r}-of-{n}.safetensors    weights, experts keyed by global index (see weights.py)
   optim-ep{r}-of-{n}.pt             optimizer + scheduler state of the parameters that file's rank held
-  rank{r}.pt                        per-rank RNG states and data-loader position
+  rank{r}.pt                        per-rank training RNG state and data-loader position
   trainer_state.json                step, tokens, last metrics
   MANIFEST.json                     size and sha256 of every file above; written last
 `RUN/checkpoints/latest` names the newest complete checkpoint (for tools; resuming scans the
@@ -17,13 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
 import sys
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from moe_lm.config import Config, load_config
@@ -208,25 +206,6 @@ def prune(ckpt_root: Path, keep_last: int, current: int) -> None:
             _discard(old, fault_step=current)
 
 
-def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _write_error(e: BaseException) -> str | None:
     """The reason, when `e` means the disk refused a write (full, quota, read-only, I/O error)."""
     if isinstance(e, OSError):
@@ -288,7 +267,7 @@ def save_checkpoint(
             tmp.mkdir(parents=True)
         backend.barrier()
         backend.save_state(tmp)
-        torch.save({**rank_state, "rng": rng_state()}, tmp / f"rank{backend.rank}.pt")
+        torch.save(rank_state, tmp / f"rank{backend.rank}.pt")
         faults.hit("ckpt_files", step, tmp)
 
     def seal() -> None:
@@ -341,7 +320,8 @@ def check_compatible(ckpt_cfg: Config, cfg: Config, where: Path) -> None:
 def load_checkpoint(
     cfg: Config, backend: StateBackend, path: Path, weights_only: bool = False
 ) -> dict[str, Any]:
-    """Restore model (+ optimizer, scheduler, RNG unless weights_only); returns the rank/trainer state."""
+    """Restore model (+ optimizer, scheduler unless weights_only); returns the rank/trainer state
+    (the rank state holds what the trainer saved: loader position, training RNG)."""
     ckpt_cfg = load_config(path / "config.yaml")
     check_compatible(ckpt_cfg, cfg, path)
     backend.load_state(path, weights_only=weights_only)
@@ -352,7 +332,4 @@ def load_checkpoint(
     rank_state: dict[str, Any] = {}
     if rank_file.is_file():
         rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
-        # RNG streams only continue exactly on the same topology; elsewhere they start from the seed.
-        if rank_state.get("world_size") == backend.world_size:
-            set_rng_state(rank_state["rng"])
     return {"trainer": trainer_state, "rank": rank_state}

@@ -24,9 +24,17 @@ from moe_lm.model import MoETransformer
 from moe_lm.model.params import count_params
 from moe_lm.train import checkpoint as ckpt
 from moe_lm.train import faults
-from moe_lm.train.metrics import MetricsLogger, NullLogger, flops_per_token, peak_flops, router_metrics
+from moe_lm.train.metrics import (
+    MetricsLogger,
+    NullLogger,
+    flops_per_token,
+    mfu,
+    peak_flops,
+    router_metrics,
+)
 from moe_lm.train.optim import apply_freeze, lr_lambda, optimizer_factory, param_groups
 from moe_lm.train.preflight import check_memory
+from moe_lm.train.rng import TrainingRNG
 from moe_lm.train.rundir import commit_run_dir, prepare_run_dir
 
 
@@ -87,7 +95,7 @@ class Trainer:
         )
         if cfg.train.compile:
             b.model = torch.compile(b.model)  # type: ignore[assignment]
-        torch.manual_seed(cfg.train.seed + b.rank)  # per-rank streams (router jitter)
+        self.rng = TrainingRNG(cfg.train.seed + b.rank, b.device)  # per-rank streams (router jitter)
 
         self.loader = ResumableLoader(
             self.train_blocks, cfg.train.micro_batch_size, b.dp_rank, b.dp_size, cfg.train.seed
@@ -103,12 +111,16 @@ class Trainer:
             self.tokens = state["trainer"]["tokens"]
             if "loader" in state["rank"]:
                 self.loader.load_state_dict(state["rank"]["loader"])
+            # The RNG stream only continues exactly on the same topology; elsewhere it starts from the seed.
+            if "rng" in state["rank"] and state["rank"].get("world_size") == b.world_size:
+                self.rng.load_state_dict(state["rank"]["rng"])
         commit_run_dir(cfg, resumed_from, b.is_main)  # only now that every input has loaded
         b.barrier()
         self.resumed_from = resumed_from
         self.tokens_per_step = (
             cfg.train.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps * b.dp_size
         )
+        # Both global: every process's tokens, and (in mfu()) every process's peak.
         self.flops_per_step = flops_per_token(cfg, int(self.counts["active_params"])) * self.tokens_per_step  # type: ignore[call-overload]
         self.peak = peak_flops(cfg, b.device)
         self.log = MetricsLogger(cfg, self.step, resumed_from is not None) if b.is_main else NullLogger()
@@ -120,6 +132,10 @@ class Trainer:
     # ---- one optimizer step -------------------------------------------------------------------
 
     def train_step(self) -> dict[str, Any]:
+        with self.rng.active():  # only the step draws from the training stream
+            return self._train_step()
+
+    def _train_step(self) -> dict[str, Any]:
         b, cfg = self.backend, self.cfg
         b.model.train()
         accum = cfg.train.grad_accum_steps
@@ -181,7 +197,7 @@ class Trainer:
             "lr": self.backend.scheduler.get_last_lr()[0],
             "grad_norm": result["grad_norm"],
             "tokens_per_s": self.tokens_per_step / elapsed,
-            "mfu": self.flops_per_step / elapsed / self.peak,
+            "mfu": mfu(self.flops_per_step, elapsed, self.peak, b.world_size),
         }
         if result["counts_LE"] is not None:
             counts = b.all_reduce(result["counts_LE"].float(), "sum")
@@ -208,14 +224,19 @@ class Trainer:
         assert self.val_blocks is not None
         model = b.raw_model
         model.eval()
-        total = torch.zeros(2, device=b.device)
+        # [sum of token losses, tokens], on the device; float64 so that the sum does not depend on
+        # how the blocks are split over ranks. train.eval_batches counts the batches of all ranks.
+        total = torch.zeros(2, dtype=torch.float64, device=b.device)
         for input_ids, labels in eval_batches(
             self.val_blocks, cfg.train.micro_batch_size, b.dp_rank, b.dp_size, cfg.train.eval_batches
         ):
             with b.autocast():
                 out = model(input_ids.to(b.device), labels=labels.to(b.device))
             assert out.lm_loss is not None
-            total += torch.stack([out.lm_loss.float() * labels.numel(), torch.tensor(float(labels.numel()))])
+            tokens = int((labels != -100).sum())  # labels are still on the CPU: no device sync
+            if tokens:
+                total[0] += out.lm_loss.double() * tokens
+                total[1] += tokens
         total = b.all_reduce(total, "sum")
         val_loss = float(total[0] / total[1])
         model.train()
@@ -247,7 +268,11 @@ class Trainer:
             "last_metrics": last,
             "val_loss": getattr(self, "last_val_loss", None),
         }
-        rank_state = {"loader": self.loader.state_dict(), "world_size": self.backend.world_size}
+        rank_state = {
+            "loader": self.loader.state_dict(),
+            "rng": self.rng.state_dict(),
+            "world_size": self.backend.world_size,
+        }
         path = ckpt.save_checkpoint(self.cfg, self.backend, self.step, rank_state, trainer_state)
         self.saved_step = self.step
         if self.nonfinite_in_row == 0:

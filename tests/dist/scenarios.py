@@ -57,8 +57,16 @@ def my_shards(backend: Backend) -> list[int]:
     return [backend.rank] if backend.world_size == SHARDS else list(range(SHARDS))
 
 
-def train(backend: Backend, model: MoETransformer, first: int, last: int, clip: float) -> list[float]:
-    """Steps [first, last); returns the loss of every (step, shard) this rank ran."""
+def train(
+    backend: Backend,
+    model: MoETransformer,
+    first: int,
+    last: int,
+    clip: float,
+    norms: list[float] | None = None,
+) -> list[float]:
+    """Steps [first, last); returns the loss of every (step, shard) this rank ran and appends the
+    gradient norm each step reported (the one it clipped with) to `norms`."""
     shards, losses = my_shards(backend), []
     for step in range(first, last):
         counts = None
@@ -69,7 +77,9 @@ def train(backend: Backend, model: MoETransformer, first: int, last: int, clip: 
                 backend.backward(out.loss / len(shards))
             losses.append(float(out.loss.detach()))
             counts = out.expert_counts_LE if counts is None else counts + out.expert_counts_LE
-        backend.step(clip)
+        norm, _ = backend.step(clip)
+        if norms is not None:
+            norms.append(norm)
         if model.cfg.aux_free_bias and counts is not None:  # as the trainer does: the global load
             model.update_expert_bias(backend.all_reduce(counts.float(), "sum"))
     return losses
@@ -109,15 +119,16 @@ def equivalence(rank: int, args: dict[str, Any]) -> dict[str, Any]:
     backend, model = build(cfg)
     result = probe(backend, model)
     save_at, steps = args.get("save_at"), args["steps"]
+    result["norms_run"] = []
     if save_at:
-        result["losses_run"] = train(backend, model, 0, save_at, args["clip"])
+        result["losses_run"] = train(backend, model, 0, save_at, args["clip"], result["norms_run"])
         Path(args["save_dir"]).mkdir(parents=True, exist_ok=True)
         backend.save_state(Path(args["save_dir"]))
         backend.barrier()
         result["saved"] = snapshot(backend, model)
-        result["losses_run"] += train(backend, model, save_at, steps, args["clip"])
+        result["losses_run"] += train(backend, model, save_at, steps, args["clip"], result["norms_run"])
     else:
-        result["losses_run"] = train(backend, model, 0, steps, args["clip"])
+        result["losses_run"] = train(backend, model, 0, steps, args["clip"], result["norms_run"])
     result.update(snapshot(backend, model))
     return result
 
@@ -159,22 +170,29 @@ def step_time(rank: int, args: dict[str, Any]) -> dict[str, Any]:
 
 
 def deepspeed_run(rank: int, args: dict[str, Any]) -> dict[str, Any]:
-    """ZeRO-1/2 with EP from scratch, optionally saving a checkpoint after `save_at` steps; then,
+    """ZeRO-0/1/2 with EP from scratch, optionally saving a checkpoint after `save_at` steps; then,
     optionally, the same engine loads `load_dir` (written at step `save_at` by another backend and
     EP size) and trains on from there. One DeepSpeed engine per process: accelerate allows one
     DeepSpeed plugin per process."""
     backend, model = build(make_cfg(backend="deepspeed", **args["cfg"]))
     t0 = time.perf_counter()
-    losses = train(backend, model, 0, args["save_at"], args["clip"])
+    norms: list[float] = []
+    losses = train(backend, model, 0, args["save_at"], args["clip"], norms)
     saved = None
     if args.get("save_dir"):
         Path(args["save_dir"]).mkdir(parents=True, exist_ok=True)
         backend.save_state(Path(args["save_dir"]))
         backend.barrier()
         saved = _ds_state(backend)
-    losses += train(backend, model, args["save_at"], args["steps"], args["clip"])
+    losses += train(backend, model, args["save_at"], args["steps"], args["clip"], norms)
     seconds = (time.perf_counter() - t0) / args["steps"]
-    result = {"losses_run": losses, "expert_range": backend.expert_range, "step_s": seconds, "saved": saved}
+    result = {
+        "losses_run": losses,
+        "norms_run": norms,
+        "expert_range": backend.expert_range,
+        "step_s": seconds,
+        "saved": saved,
+    }
     result.update(_ds_state(backend))
     if args.get("load_dir"):
         backend.load_state(Path(args["load_dir"]))
@@ -240,3 +258,15 @@ def dispatcher_inputs(
     idx_TK = torch.tensor(args["routes"][rank], dtype=torch.long).view(-1, 2)
     w_TK = torch.softmax(torch.randn(idx_TK.shape, generator=g), dim=-1)
     return experts, x_TH, idx_TK, w_TK
+
+
+def trainer_evaluate(rank: int, args: dict[str, Any]) -> dict[str, Any]:
+    """The real Trainer's validation pass at step 0 (weights from the seed: the same everywhere)."""
+    from moe_lm.config import config_from_dict
+    from moe_lm.train.trainer import Trainer
+
+    trainer = Trainer(config_from_dict(args["cfg"]))
+    try:
+        return trainer.evaluate()
+    finally:
+        trainer.log.close()

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-1/2 with EP=2 on two gloo processes equals one process; its checkpoints (gathered
+"""DeepSpeed ZeRO-0/1/2 with EP=2 on two gloo processes equals one process; its checkpoints (gathered
 through DeepSpeed's tensor-fragment API) resume under DDP at EP=1, and DDP checkpoints resume under
 ZeRO. Fixtures (the launches) are in conftest.py."""
 
@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 
 from tests.dist.compare import gather, losses_of_shard, max_err, shard
-from tests.dist.conftest import SAVE_AT, record
+from tests.dist.conftest import CLIP, SAVE_AT, record
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("fixture", ["zero1", "zero2"])
+@pytest.mark.parametrize("fixture", ["zero0", "zero1", "zero2"])
 def test_zero_ep2_matches_one_process_after_five_steps(
     request: pytest.FixtureRequest, reference: dict[str, Any], fixture: str
 ) -> None:
@@ -33,6 +33,21 @@ def test_zero_ep2_matches_one_process_after_five_steps(
         record(f"{fixture}: losses over 5 steps", loss_err)
         assert loss_err < 1e-4
         record(f"step time, tiny test model: {fixture} EP=2 (s)", run["step_s"])
+
+
+@pytest.mark.parametrize("fixture", ["zero0", "zero1", "zero2"])
+def test_zero_ep2_clips_with_the_global_norm(
+    request: pytest.FixtureRequest, reference: dict[str, Any], fixture: str
+) -> None:
+    # The norm each step reports is the one it clipped with: dense gradients once plus every
+    # rank's experts, the same as one process holding all experts (and never NaN).
+    runs: list[dict[str, Any]] = request.getfixturevalue(fixture)
+    ref_norms = reference["dropless"]["norms_run"]
+    assert len(ref_norms) == 5 and ref_norms[0] > CLIP  # clipping is active at step 0
+    for run in runs:
+        err = max(abs(a - b) / b for a, b in zip(run["norms_run"], ref_norms, strict=True))
+        record(f"{fixture}: relative grad-norm error over 5 steps", err)
+        assert err < 1e-5
 
 
 def test_ddp_ep1_checkpoint_resumes_under_zero1_ep2(

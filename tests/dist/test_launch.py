@@ -14,12 +14,16 @@ from typing import Any
 import pytest
 import yaml
 
+from moe_lm.config import load_config
+from moe_lm.model.params import count_params
+from moe_lm.train.metrics import flops_per_token
 from moe_lm.train.weights import load_pretrained
 from tests.integration.conftest import run_config_dict
 
 REPO = Path(__file__).resolve().parents[2]
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 pytestmark = pytest.mark.slow
+PEAK_TFLOPS = 0.002
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +79,8 @@ def train_records(out: Path) -> list[dict[str, Any]]:
 def ddp_ep2(run_config: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Without ACCELERATE_USE_CPU: the backend switches accelerate to CPU mode itself."""
     out = tmp_path_factory.mktemp("ddp-ep2") / "run"
-    launch("cpu-2proc", run_config, "parallel.ep_size=2", f"train.output_dir={out}")
+    peak = f"logging.peak_tflops={PEAK_TFLOPS}"  # a known peak, so MFU can be checked exactly
+    launch("cpu-2proc", run_config, "parallel.ep_size=2", f"train.output_dir={out}", peak)
     return out
 
 
@@ -94,6 +99,14 @@ def test_two_process_ep2_trains_and_logs_per_rank_load(ddp_ep2: Path) -> None:
     }
     _, model = load_pretrained(ckpt)  # the export path: one process, every expert
     assert model.moe_layers[0].experts.gate_up_proj.shape[0] == 4
+
+
+def test_two_process_mfu_is_global_flops_over_every_process_peak(ddp_ep2: Path) -> None:
+    # Two processes: FLOPs of both ranks over the peak of both (it was over one rank's peak: > 100%).
+    cfg = load_config(ddp_ep2 / "config.yaml")
+    per_token = flops_per_token(cfg, int(count_params(cfg.model)["active_params"]))
+    for r in train_records(ddp_ep2)[:4]:
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * per_token / (2 * PEAK_TFLOPS * 1e12), rel=1e-9)
 
 
 def test_ep2_run_resumes_on_one_process_at_ep1(ddp_ep2: Path, run_config: Path) -> None:

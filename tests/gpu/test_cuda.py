@@ -50,3 +50,37 @@ def test_bf16_training_steps_lower_the_loss() -> None:
         opt.zero_grad()
         losses.append(float(out.loss))
     assert losses[-1] < losses[0] - 0.5
+
+
+def test_trainer_step_eval_and_sample_on_cuda(tmp_path) -> None:
+    # The trainer's own paths on a real device: a CPU tensor mixed into them fails only here.
+    from moe_lm.config import config_from_dict
+    from moe_lm.data.tokenizer import train_tokenizer
+    from moe_lm.train.trainer import Trainer
+    from tests.integration.conftest import REPO, run_config_dict
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((REPO / "data" / "tinyshakespeare.txt").read_text()[:60_000])
+    tokenizer = train_tokenizer([str(corpus)], 384, tmp_path / "tokenizer")
+    cfg = config_from_dict(
+        run_config_dict(
+            corpus,
+            tokenizer,
+            tmp_path / "run",
+            model={"router_jitter": 0.1},
+            train={"mixed_precision": "bf16"},
+        )
+    )
+    trainer = Trainer(cfg)
+    try:
+        first = trainer.train_step()
+        for _ in range(5):
+            trainer.train_step()
+        assert trainer.backend.device.type == "cuda"
+        assert first["grad_norm"] > 0 and torch.isfinite(first["sums"]["loss"])
+        record = trainer.evaluate()
+        assert 0 < record["val_loss"] < 10
+        assert trainer.sample().startswith(cfg.train.sample_prompt[:3])
+    finally:
+        trainer.log.close()
+        trainer.backend.shutdown()

@@ -98,6 +98,34 @@ def test_resume_is_bit_identical(make_config, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_resume_is_bit_identical_with_jitter_capacity_eval_and_samples(make_config, tmp_path):
+    # Router jitter draws from the training RNG; evaluation, sampling and the MFU peak probe run
+    # between steps and must not move it, or the resumed run routes differently.
+    sections = dict(
+        model={"router_jitter": 0.1, "capacity_factor": 1.0},
+        train={"max_steps": 6, "eval_every": 2, "sample_every": 2},
+    )
+    straight = make_config("straight", **sections)
+    assert train(write(straight, tmp_path / "a.yaml")) == 0
+    split = make_config("split", **sections)
+    cfg_path = write(split, tmp_path / "b.yaml")
+    assert train(cfg_path, "train.stop_at_step=3") == 0
+    assert train(cfg_path, "train.resume=latest") == 0
+
+    a, b = records(straight.output_dir), records(split.output_dir)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    assert any(r["dropped_frac"] > 0 for r in a)  # capacity is really dropping
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("loss", "aux_loss", "z_loss", "grad_norm", "expert_load", "dropped_frac"):
+            assert ra[key] == rb[key], (ra["step"], key)
+    for kind, key in (("eval", "val_loss"), ("sample", "text")):
+        got = {r["step"]: r[key] for r in records(split.output_dir, kind)}
+        assert got == {r["step"]: r[key] for r in records(straight.output_dir, kind)}, kind
+    wa = load_model_state(straight.output_dir / "checkpoints" / "step-6")
+    wb = load_model_state(split.output_dir / "checkpoints" / "step-6")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_freeze_non_expert_trains_only_experts(make_config, tmp_path):
     base = make_config("base", train={"max_steps": 2})
     assert train(write(base, tmp_path / "base.yaml")) == 0

@@ -351,6 +351,16 @@ def test_eval_batches_fixed_order_and_sharded() -> None:
         eval_batches(blocks[:1], 4, 0, 2)
 
 
+@pytest.mark.parametrize("dp_size", [1, 2, 3, 4])
+def test_eval_batches_counts_batches_of_all_ranks(dp_size: int) -> None:
+    # max_batches is global: any number of ranks evaluates the same blocks as one process.
+    blocks = _ids_blocks()
+    ranks = [list(eval_batches(blocks, 2, r, dp_size, max_batches=6)) for r in range(dp_size)]
+    seen = sorted(i for batches in ranks for x, _ in batches for i in _ids(x))
+    assert seen == list(range(12))
+    assert len({len(batches) for batches in ranks}) == 1  # equal counts keep collectives matched
+
+
 def test_pack_helper_matches_reshape() -> None:
     tokens = np.arange(50, dtype=np.int32)
     assert dataset.pack(tokens, 16, "x").tolist() == tokens[:48].reshape(3, 16).tolist()

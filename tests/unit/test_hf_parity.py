@@ -97,6 +97,25 @@ def test_losses_match_transformers() -> None:
     torch.testing.assert_close(single.hf_aux_loss, one.top_k * single.aux_loss)
 
 
+def test_masked_aux_loss_matches_transformers() -> None:
+    # With an attention mask transformers leaves padding out of its load-balancing loss; so do we.
+    cfg = tiny_model_config(init_std=PARITY_STD)
+    ours, hf = _pair(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (3, 24))
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0  # right padding
+    mask[2, :9] = 0  # left padding
+    with torch.no_grad():
+        out = ours(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+        ref = hf(ids, attention_mask=mask, use_cache=False, output_router_logits=True)
+    assert out.hf_aux_loss is not None
+    print(
+        f"\n[parity] masked aux loss ours {out.hf_aux_loss.item():.6f} transformers {ref.aux_loss.item():.6f}"
+    )
+    torch.testing.assert_close(out.hf_aux_loss, ref.aux_loss, rtol=1e-6, atol=1e-6)
+    assert out.num_tokens == int(mask.sum())
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_state_dict_round_trip_is_bit_exact(tie: bool) -> None:
     cfg = tiny_model_config(tie_embeddings=tie)

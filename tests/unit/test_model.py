@@ -220,6 +220,25 @@ def test_moe_layer_stats() -> None:
     torch.testing.assert_close(stats.z_loss, z_loss(route.logits_TE))
 
 
+def test_padding_is_not_routed_and_not_counted() -> None:
+    # Under a mask the layer equals the same layer run on the real tokens alone: capacity, drops,
+    # counts, aux and z losses; padding gets no FFN output.
+    layer = MoELayer(tiny_model_config(capacity_factor=0.5, num_shared_experts=1))
+    torch.nn.init.normal_(layer.router.weight)
+    x = torch.randn(3, 8, 64)
+    real = torch.ones(3, 8, dtype=torch.bool)
+    real[1, 5:] = False
+    real[2, :6] = False
+    y, stats = layer(x, real)
+    y_ref, ref = layer(x[real][None])
+    assert stats.num_tokens == ref.num_tokens == 15 and stats.dropped.item() == ref.dropped.item() > 0
+    assert torch.equal(stats.counts_E, ref.counts_E)
+    for name in ("aux_loss", "z_loss", "probs_mean_E"):
+        torch.testing.assert_close(getattr(stats, name), getattr(ref, name), rtol=0, atol=0)
+    torch.testing.assert_close(y[real], y_ref[0])
+    assert not y[~real].any()
+
+
 # -------------------------------------------------------------------------------------- transformer
 
 

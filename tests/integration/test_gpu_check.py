@@ -1,0 +1,78 @@
+"""`make gpu-check` (scripts/gpu_check.py) exercised on CPU: `--device cpu --smoke` runs every check
+on a tiny model; the parser reads bench_train's GPU table."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import gpu_check  # noqa: E402
+
+GPU_BENCH_OUTPUT = """
+## Train step (fwd + bwd + AdamW)
+
+| model                | tokens/s | step ms | GFLOP/s | moe_lm speed-up | peak alloc MiB | moe_lm mem / this |
+|----------------------|----------|---------|---------|-----------------|----------------|-------------------|
+| moe_lm               |  412,345 |       5 |  98,765 |           1.00x |          1,234 |              1.00 |
+| hf grouped_mm (best) |  300,000 |       7 |  70,000 |           1.37x |          2,000 |              0.62 |
+
+moe_lm / best transformers (grouped_mm): 1.37x tokens/s, 0.62x peak memory
+"""
+
+
+def test_parse_bench_reads_the_moe_lm_row_by_column_name() -> None:
+    got = gpu_check.parse_bench(GPU_BENCH_OUTPUT)
+    assert got == {
+        "tokens_per_s": 412345.0,
+        "flops": 98765e9,
+        "peak_mib": 1234.0,
+        "vs": "1.37x transformers grouped_mm",
+    }
+
+
+def _rows(markdown: str) -> dict[str, list[str]]:
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")][1:]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    return {row[0]: row[1:] for row in cells}
+
+
+def test_smoke_run_on_cpu_passes_every_check(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "scripts/gpu_check.py", "--device", "cpu", "--smoke", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "gpu-check: all checks passed" in proc.stdout
+    rows = _rows((tmp_path / "gpu_check.md").read_text())
+    train = "train 6 steps, fp32, 0.1M params"
+    assert list(rows) == [
+        "tests/gpu",
+        train,
+        "resume at 3 vs straight 6",
+        "export fp32 -> transformers",
+        "bench_train fp32",
+        "bench_train fp32 --compile",
+    ]
+    assert re.fullmatch(r"\d+ skipped", rows["tests/gpu"][3])  # no CUDA here
+    tokens_per_s, mfu, peak, result, _ = rows[train]
+    assert float(tokens_per_s.replace(",", "")) > 0 and mfu.endswith("%") and peak == "-"
+    assert result.startswith("val loss ")
+    assert rows["resume at 3 vs straight 6"][3] == "bit-exact"
+    assert rows["export fp32 -> transformers"][3] == "max abs logit diff 0.0e+00"
+    assert float(rows["bench_train fp32"][0].replace(",", "")) > 0
+    assert rows["bench_train fp32"][3].endswith("x transformers eager")
+    assert all(row[-1] == "ok" for row in rows.values())
+
+
+def test_cuda_without_a_gpu_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    if gpu_check.torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert gpu_check.main(["--device", "cuda"]) == 2
+    assert capsys.readouterr().err == "error: --device cuda but torch sees no CUDA device\n"
