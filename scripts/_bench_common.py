@@ -76,6 +76,23 @@ def header(device: str) -> str:
     return "\n".join(lines)
 
 
+def keep_freed_memory() -> str:
+    """glibc settings of `make train` (its TRAIN_ENV), set from inside the process: large freed blocks
+    stay in the heap instead of going back to the OS, so a tensor allocated again next step does not
+    fault its pages in again. Without it, which candidate ran before which changes what everyone's
+    allocations cost (one that frees a lot warms the heap for the next), so timings depend on the
+    order and on the set of candidates. Returns a line for the header."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        # M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD
+        done = [libc.mallopt(p, v) for p, v in ((-1, 1 << 30), (-2, 256 << 20), (-3, 1 << 30))]
+    except (OSError, AttributeError):
+        return "allocator: default (not glibc)"
+    return "allocator: glibc keeps freed memory, as make train" if all(done) else "allocator: default"
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()

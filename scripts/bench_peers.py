@@ -26,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
+import sys  # noqa: E402
 import warnings  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
@@ -34,6 +35,7 @@ from _bench_common import (  # noqa: E402
     MIB,
     child_report,
     header,
+    keep_freed_memory,
     markdown_table,
     peak_rss,
     reset_peak_rss,
@@ -61,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peers", default=",".join(PEERS), help=f"candidates; also: {', '.join(OPTIONAL)}")
     p.add_argument("--rounds", type=int, default=0, help="timed rounds (0: 5 up to 4k tokens, else 3)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument("--default-malloc", action="store_true", help="leave glibc's allocator settings alone")
     p.add_argument("--quick", action="store_true", help="first shape, 4k tokens, 1 thread, 2 rounds")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -157,14 +160,15 @@ def cell(secs: float, dense: float, best: bool) -> str:
 
 def main() -> None:
     a = parse_args()
-    if a._child:
+    if a._child:  # default allocator: kept freed blocks would count in the RSS high-water mark
         torch.set_num_threads(1)
         child_main(a)
         return
+    malloc = "allocator: default" if a.default_malloc else keep_freed_memory()
     names = [n for n in a.peers.split(",") if n]
     if "moe_lm" not in names:
         names.insert(0, "moe_lm")  # the parity reference
-    print(header("cpu"))
+    print(header("cpu") + "\n" + malloc)
     print("fwd + bwd of one MoE layer, fp32 on cpu; ms, and in parentheses the ratio to a dense SwiGLU "
           "with the same active parameters (1.00 = as fast as dense); bold: fastest MoE of the row\n")  # fmt: skip
     rows: dict[str, list[list[str]]] = {"cpu": [], "wall": []}
@@ -193,6 +197,7 @@ def main() -> None:
                 torch.set_num_threads(threads)
                 rounds = a.rounds or (5 if tokens <= 4096 else 3)
                 t = time_both_clocks(fns, rounds=rounds, warmup=1)
+                print(f"# done: {shape_name(shape)}, {tokens} tokens, {threads} thread(s)", file=sys.stderr, flush=True)  # fmt: skip
                 for clk in rows:
                     fastest = min((n for n in peers), key=lambda n: t[n][clk])
                     rows[clk].append(
