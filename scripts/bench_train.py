@@ -27,6 +27,7 @@ from _bench_common import (
     MIB,
     child_report,
     header,
+    keep_freed_memory,
     markdown_table,
     peak_rss,
     reset_peak_rss,
@@ -70,6 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--clock", default="wall", choices=["wall", "cpu"], help="cpu: process CPU time (busy machine)"
     )
     p.add_argument("--no-memory", action="store_true", help="skip the per-implementation memory runs")
+    p.add_argument(
+        "--train-malloc",
+        action="store_true",
+        help="time with make train's glibc settings (freed memory kept; both models benefit)",
+    )
     p.add_argument("--child-mem-gb", type=float, default=8.0, help="address-space cap of a CPU memory run")
     p.add_argument("--quick", action="store_true", help="tiny config and few steps: a smoke test")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
@@ -340,7 +346,8 @@ def main() -> None:
     if a._child:
         child_main(a)
         return
-    print(header(a.device))
+    malloc = keep_freed_memory() if a.train_malloc else "allocator: default (--train-malloc: as make train)"
+    print(header(a.device) + "\n" + malloc)
     cfg = model_config(a)
     print(
         f"config: hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, {cfg.num_layers} layers, "
