@@ -10,9 +10,14 @@ On CPU the experts run as a loop of per-expert GEMMs inside hand-written autogra
 - only the gate/up pre-activation h [N, 2I] is saved; silu(gate) * up is recomputed in backward
   (one elementwise pass), instead of autograd keeping silu(gate) and the product as well.
 - `forward_combined` (used by LocalDispatcher) also fuses the gather of tokens and the weighted
-  scatter back: it saves neither the gathered input nor the expert output, and works on one
-  expert's rows at a time in small reused buffers, so no [k*T, H] temporary exists at all. Big
+  scatter back: it saves neither the gathered input nor the expert output, and works on groups of
+  at most GROUP_ROWS rows in small reused buffers, so no [k*T, H] temporary exists at all. Big
   short-lived tensors are expensive on CPU: each one is a fresh mmap whose pages fault in.
+- with several torch threads, slices of whole experts run side by side, one thread each
+  (expert_threads.py).
+On CUDA with bf16, `impl="auto"` takes grouped_experts.py instead: the same memory plan around
+`torch._grouped_mm`, one kernel per GEMM. On CPU the loop is the faster of the two at every shape
+scripts/bench_peers.py measures, with 1 and 2 threads.
 """
 
 from __future__ import annotations
