@@ -15,6 +15,7 @@ from moe_lm.errors import UserError
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("moe_lm.train.cli", "train_main", "pretrain from a YAML config (also under accelerate launch)"),
     "tokenizer": ("moe_lm.data.tokenizer", "tokenizer_main", "train or ensure a sentencepiece tokenizer"),
+    "data": ("moe_lm.data.cli", "data_main", "prepare: tokenise a config's sources into the token store"),
     "info": ("moe_lm.info", "info_main", "parameter counts (total / active) and the resolved config"),
     "eval": ("moe_lm.train.cli", "eval_main", "validation loss and perplexity of a checkpoint"),
     "generate": ("moe_lm.train.cli", "generate_main", "sample text from a checkpoint"),

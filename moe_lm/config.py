@@ -68,16 +68,35 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class SourceConfig:
+    """One named source of text: files, or a `datasets` dataset (see README, "Data")."""
+
+    files: list[str] = field(default_factory=list)  # files or globs (text, JSON(L), parquet; .gz .bz2 .xz)
+    dataset: str | None = None  # or: a save_to_disk directory or a dataset name (datasets.load_dataset)
+    dataset_config: str | None = None  # the dataset's configuration (load_dataset's name=)
+    split: str = "train"  # the dataset split to read
+    text_field: str | None = None  # None: data.text_field
+    format: Literal["auto", "text", "json", "parquet"] | None = None  # None: data.format
+    weight: float = 1.0  # share of training blocks drawn from this source (normalised over the sources)
+    val_files: list[str] = field(default_factory=list)  # this source's validation set; empty: val_fraction
+    val_fraction: float | None = None  # None: data.val_fraction (the tail of this source's blocks)
+    streaming: bool = False  # read a dataset as an IterableDataset while training instead of preparing it
+
+
+@dataclass(frozen=True)
 class DataConfig:
     train_files: list[str] = field(default_factory=lambda: ["data/tinyshakespeare.txt"])  # files or globs
     val_files: list[str] = field(default_factory=list)  # empty: hold out val_fraction of train
     val_fraction: float = 0.05  # share of the train blocks held out when val_files is empty (0: no eval)
+    sources: dict[str, SourceConfig] = field(default_factory=dict)  # training sources by name; or train_files
+    val_sources: dict[str, SourceConfig] = field(default_factory=dict)  # named validation-only sets
     format: Literal["auto", "text", "json", "parquet"] = "auto"  # auto: by file extension
     text_field: str = "text"  # the field holding the text in JSON(L) / parquet records
     tokenizer: str = "tokenizers/tiny-shakespeare"  # a directory with tokenizer.model
     seq_len: int = 256  # tokens per training sequence (blocks are packed across documents)
-    cache_dir: str = ".cache/moe_lm"  # tokenised, packed blocks are cached here and reused
-    num_proc: int = 1  # processes for tokenisation (datasets.map)
+    cache_dir: str = ".cache/moe_lm"  # the token store lives in CACHE_DIR/store (shared by runs)
+    num_proc: int = 1  # worker processes for tokenising (moe-lm data prepare and the first train)
+    document_mask: bool = False  # packed documents do not attend across EOS; positions restart per doc
 
 
 @dataclass(frozen=True)
@@ -217,6 +236,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:  # named entries (data.sources.web): names are keys, so overrides can reach them
+        key_tp, value_tp = get_args(tp)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of names to entries, got {value!r}")
+        return {_coerce(k, key_tp, key): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value

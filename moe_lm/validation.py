@@ -6,12 +6,13 @@ Runs after the types are checked (moe_lm.config), before anything is built.
 from __future__ import annotations
 
 import math
+import re
 from typing import TYPE_CHECKING
 
 from moe_lm.errors import ConfigError
 
 if TYPE_CHECKING:
-    from moe_lm.config import Config
+    from moe_lm.config import Config, SourceConfig
 
 
 def _positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
@@ -89,10 +90,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("parallel.zero_stage needs parallel.backend: deepspeed")
     _positive("data.seq_len", d.seq_len)
     _positive("data.num_proc", d.num_proc)
-    if not d.train_files:
-        raise ConfigError("data.train_files is empty; list at least one text, JSON(L) or parquet file")
-    if not 0 <= d.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction = {d.val_fraction} must be in [0, 1)")
+    _validate_sources(cfg)
     if d.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len = {d.seq_len} exceeds model.max_seq_len = {m.max_seq_len}")
     for name in (
@@ -129,3 +127,66 @@ def validate(cfg: Config) -> None:
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last, allow_zero=True)
     if cfg.hub.push_at_end and not cfg.hub.repo_id:
         raise ConfigError("hub.push_at_end needs hub.repo_id (OWNER/NAME)")
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _validate_source(key: str, name: str, src: SourceConfig, for_validation: bool) -> None:
+    if not _NAME.fullmatch(name):
+        raise ConfigError(
+            f"{key}: source name {name!r} must be letters, digits, '_', '.' or '-' (it names metrics and files)"
+        )
+    if bool(src.files) == bool(src.dataset):
+        raise ConfigError(f"{key}: set either files or dataset (exactly one of them)")
+    if src.dataset_config is not None and not src.dataset:
+        raise ConfigError(f"{key}.dataset_config needs {key}.dataset")
+    if for_validation:
+        for field_name, default in (("val_files", []), ("val_fraction", None), ("weight", 1.0)):
+            if getattr(src, field_name) != default:
+                raise ConfigError(
+                    f"{key}.{field_name} has no meaning for a validation set; list its text as files or dataset"
+                )
+        if src.streaming:
+            raise ConfigError(
+                f"{key}.streaming: validation sets are prepared into the store; remove streaming"
+            )
+        return
+    if not (math.isfinite(src.weight) and src.weight > 0):
+        raise ConfigError(f"{key}.weight = {src.weight} must be > 0 (drop the source to leave it out)")
+    if src.val_fraction is not None and not 0 <= src.val_fraction < 1:
+        raise ConfigError(f"{key}.val_fraction = {src.val_fraction} must be in [0, 1)")
+    if src.streaming and not src.dataset:
+        raise ConfigError(
+            f"{key}.streaming reads a dataset; files are prepared into the store (remove streaming)"
+        )
+    if src.streaming and src.val_fraction:
+        raise ConfigError(
+            f"{key}.val_fraction: a streaming source has no tail to hold out; set it to 0 and list "
+            f"{key}.val_files or data.val_sources"
+        )
+
+
+def _validate_sources(cfg: Config) -> None:
+    from moe_lm.config import DataConfig
+
+    d = cfg.data
+    if not 0 <= d.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction = {d.val_fraction} must be in [0, 1)")
+    if not d.sources:
+        if not d.train_files:
+            raise ConfigError("data.train_files is empty; list at least one text, JSON(L) or parquet file")
+    else:
+        if d.train_files != DataConfig().train_files or d.val_files:
+            raise ConfigError(
+                "data.train_files / data.val_files and data.sources are exclusive: move the files into a source "
+                "(data.sources.NAME.files, .val_files)"
+            )
+        for name, src in d.sources.items():
+            _validate_source(f"data.sources.{name}", name, src, for_validation=False)
+    for name, src in d.val_sources.items():
+        _validate_source(f"data.val_sources.{name}", name, src, for_validation=True)
+        if name in d.sources or (not d.sources and name == "corpus"):
+            raise ConfigError(
+                f"data.val_sources.{name}: the name is taken by a training source's validation set; rename it"
+            )

@@ -10,7 +10,7 @@ import dataclasses
 import inspect
 import re
 
-from moe_lm.config import Config
+from moe_lm.config import Config, DataConfig, SourceConfig
 
 
 def field_comments(cls: type) -> dict[str, str]:
@@ -31,17 +31,23 @@ def main() -> None:
             )
             continue
         cls = type(getattr(defaults, section.name))
-        comments = field_comments(cls)
-        print(f"**`{section.name}:`**\n")
-        print("| key | type | default | meaning |")
-        print("|---|---|---|---|")
-        hints = {f.name: f.type for f in dataclasses.fields(cls)}
-        for f in dataclasses.fields(cls):
-            value = getattr(getattr(defaults, section.name), f.name)
-            shown = "null" if value is None else repr(value).replace("|", "\\|")
-            kind = str(hints[f.name]).replace("|", "\\|")
-            print(f"| `{f.name}` | `{kind}` | `{shown}` | {comments.get(f.name, '')} |")
-        print()
+        table(f"**`{section.name}:`**", cls, getattr(defaults, section.name))
+        if cls is DataConfig:  # the entries of data.sources and data.val_sources
+            table("**`data.sources.NAME:` and `data.val_sources.NAME:`**", SourceConfig, SourceConfig())
+
+
+def table(title: str, cls: type, defaults: object) -> None:
+    comments = field_comments(cls)
+    print(f"{title}\n")
+    print("| key | type | default | meaning |")
+    print("|---|---|---|---|")
+    hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    for f in dataclasses.fields(cls):
+        value = getattr(defaults, f.name)
+        shown = "null" if value is None else repr(value).replace("|", "\\|")
+        kind = str(hints[f.name]).replace("|", "\\|")
+        print(f"| `{f.name}` | `{kind}` | `{shown}` | {comments.get(f.name, '')} |")
+    print()
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import sentencepiece as spm
 
-from moe_lm.data.dataset import file_format, iter_texts, resolve_files
+from moe_lm.data.files import file_format, iter_texts, resolve_files
 from moe_lm.errors import ArgumentParser, UserError
 from moe_lm.fsutil import replace_dir
 
@@ -93,7 +93,8 @@ class Tokenizer:
         return list(self._sp.encode(text))
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [list(ids) for ids in self._sp.encode(list(texts))]
+        # one thread: parallelism comes from data.num_proc worker processes
+        return self._sp.encode(list(texts), num_threads=1)  # type: ignore[no-any-return]
 
     def decode(self, ids: Sequence[int] | Any) -> str:
         """Text of `ids` (a list or a 1-D tensor); control tokens (<s>, </s>) decode to nothing."""
@@ -102,17 +103,15 @@ class Tokenizer:
         return str(self._sp.decode([int(i) for i in ids]))
 
     def __reduce__(self) -> tuple[type[Tokenizer], tuple[bytes, Path | None]]:
-        # Rebuilt from the model bytes, so datasets.map(num_proc > 1) can ship it to worker processes.
+        # Rebuilt from the model bytes, so it can be shipped to worker processes.
         return (Tokenizer, (self.model_bytes, self.path))
 
     def __repr__(self) -> str:
         return f"Tokenizer(path={str(self.path)!r}, vocab_size={self.vocab_size})"
 
 
-def _training_lines(
-    files: list[Path], fmt: str, text_field: str, key: str, cache_dir: Path | None = None
-) -> Iterator[str]:
-    """Non-empty lines without newlines, one from each file in turn (so every file is sampled)."""
+def _training_lines(texts: list[Iterator[str]]) -> Iterator[str]:
+    """Non-empty lines without newlines, one from each input in turn (so every file is sampled)."""
 
     def lines_of(texts: Iterator[str]) -> Iterator[str]:
         for text in texts:
@@ -120,8 +119,7 @@ def _training_lines(
                 for start in range(0, len(line), _MAX_LINE_CHARS):
                     yield line[start : start + _MAX_LINE_CHARS]
 
-    # iter_texts opens and checks every file now, before sentencepiece consumes the lines.
-    iterators = [lines_of(iter_texts(p, file_format(p, fmt, key), text_field, key, cache_dir)) for p in files]
+    iterators = [lines_of(t) for t in texts]
     count = 0
     while iterators and count < MAX_TRAIN_LINES:
         alive = []
@@ -134,6 +132,11 @@ def _training_lines(
                 count += 1
                 yield line
         iterators = alive
+
+
+def _file_texts(files: list[Path], fmt: str, text_field: str, key: str) -> list[Iterator[str]]:
+    # iter_texts opens and checks every file now, before sentencepiece consumes the lines.
+    return [iter_texts(p, file_format(p, fmt, key), text_field, key) for p in files]
 
 
 def _sp_train(lines: Iterable[str], vocab_size: int, where: str) -> bytes:
@@ -214,47 +217,47 @@ def _write_dir(model_bytes: bytes, out_dir: Path) -> None:
 
 
 def train_tokenizer(
-    inputs: list[str],
-    vocab_size: int,
-    out_dir: str | Path,
-    *,
-    fmt: str = "auto",
-    text_field: str = "text",
-    cache_dir: str | Path | None = None,
+    inputs: list[str], vocab_size: int, out_dir: str | Path, *, fmt: str = "auto", text_field: str = "text"
 ) -> Path:
     """Train a byte-fallback BPE tokenizer on files/globs (text, JSON(L), parquet); returns `out_dir`.
 
-    Deterministic: the same inputs and vocab size give the same tokenizer.model bytes. `cache_dir`
-    is where `datasets` keeps its parsed copy of the inputs (None: its default cache).
+    Deterministic: the same inputs and vocab size give the same tokenizer.model bytes.
     """
     files = resolve_files(inputs, "--input")
     where = f"'{files[0]}'" if len(files) == 1 else f"{len(files)} files ('{files[0]}', ...)"
-    lines = _training_lines(files, fmt, text_field, "--input", Path(cache_dir) if cache_dir else None)
+    lines = _training_lines(_file_texts(files, fmt, text_field, "--input"))
     model_bytes = _sp_train(lines, vocab_size, where)
     out = Path(out_dir)
     _write_dir(model_bytes, out)
     return out
 
 
+def _source_texts(cfg: Config) -> list[Iterator[str]]:
+    """Texts of every training source: each file (empty ones skipped) and each dataset in turn."""
+    from moe_lm.data.hf_sources import iter_dataset_texts
+    from moe_lm.data.sources import data_plan
+
+    texts: list[Iterator[str]] = []
+    for spec in data_plan(cfg).train:
+        if spec.dataset is not None:
+            texts.append(iter_dataset_texts(spec.dataset, spec.streaming))
+            continue
+        files = [p for p in resolve_files(list(spec.files), spec.key) if p.stat().st_size > 0]
+        texts += _file_texts(files, spec.fmt, spec.text_field, spec.key)
+    return texts
+
+
 def ensure_tokenizer(cfg: Config) -> Path:
-    """The tokenizer directory of `cfg`, training one on `data.train_files` first if it has none."""
+    """The tokenizer directory of `cfg`, training one on the training sources first if it has none."""
     out = Path(cfg.data.tokenizer)
     if not (out / MODEL_FILE).is_file():
-        files = resolve_files(cfg.data.train_files, "data.train_files")
         size = cfg.model.vocab_size
-        print(f"no tokenizer at {out}: training a {size}-token BPE tokenizer on {len(files)} train file(s)")
-        model_bytes = _sp_train(
-            _training_lines(
-                files,
-                cfg.data.format,
-                cfg.data.text_field,
-                "data.train_files",
-                Path(cfg.data.cache_dir) / "hf",
-            ),
-            size,
-            "data.train_files",
+        where = "data.sources" if cfg.data.sources else "data.train_files"
+        texts = _source_texts(cfg)
+        print(
+            f"no tokenizer at {out}: training a {size}-token BPE tokenizer on {len(texts)} input(s) of {where}"
         )
-        _write_dir(model_bytes, out)
+        _write_dir(_sp_train(_training_lines(texts), size, where), out)
     return out
 
 

@@ -20,10 +20,30 @@ def front_matter(cfg: Config) -> dict[str, Any]:
         "pipeline_tag": "text-generation",
         "tags": ["moe", "mixtral", "moe_lm"],
     }
-    datasets = sorted({Path(f).name for f in cfg.data.train_files})
+    datasets = sorted({name for inputs in _training_inputs(cfg).values() for name in inputs})
     if datasets:
         meta["datasets"] = datasets
     return meta
+
+
+def _training_inputs(cfg: Config) -> dict[str, list[str]]:
+    """Per training source, its file names or dataset name."""
+    d = cfg.data
+    if not d.sources:
+        return {"corpus": [Path(f).name for f in d.train_files]}
+    return {
+        name: [Path(f).name for f in src.files] if src.files else [str(src.dataset)]
+        for name, src in d.sources.items()
+    }
+
+
+def _training_data(cfg: Config) -> str:
+    inputs = _training_inputs(cfg)
+    if not cfg.data.sources:
+        return ", ".join(inputs["corpus"])
+    return "; ".join(
+        f"{n} (weight {cfg.data.sources[n].weight:g}): {', '.join(v)}" for n, v in inputs.items()
+    )
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -91,7 +111,7 @@ def training_section(cfg: Config, records: RunRecords) -> str:
             f"AdamW, lr {o.lr:g} ({o.schedule}, {o.warmup_steps} warmup steps), weight decay {o.weight_decay:g}",
         ),
         ("router losses", f"aux coef {cfg.model.aux_loss_coef:g}, z-loss coef {cfg.model.z_loss_coef:g}"),
-        ("training data", ", ".join(Path(f).name for f in cfg.data.train_files)),
+        ("training data", _training_data(cfg)),
     ]
     return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows])
 

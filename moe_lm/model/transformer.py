@@ -109,6 +109,17 @@ class MoETransformer(nn.Module):
             mask_BQK = mask_BQK | (k_pos == q_pos)[None]
         return mask_BQK
 
+    @staticmethod
+    def _document_mask(document_ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(position of each token inside its document, block-diagonal causal mask [B, T, T])."""
+        _, t = document_ids_BT.shape
+        idx_T = torch.arange(t, device=document_ids_BT.device)
+        starts_BT = torch.ones_like(document_ids_BT, dtype=torch.bool)
+        starts_BT[:, 1:] = document_ids_BT[:, 1:] != document_ids_BT[:, :-1]
+        first_BT = torch.cummax(torch.where(starts_BT, idx_T, 0), dim=1).values  # its document's first token
+        same_BQK = document_ids_BT[:, :, None] == document_ids_BT[:, None, :]
+        return idx_T - first_BT, same_BQK & (idx_T[None, :] <= idx_T[:, None])
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -117,18 +128,29 @@ class MoETransformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: list[KVCache] | None = None,
         return_logits: bool = True,
+        document_ids: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """labels are aligned with input_ids (no shift inside); -100 is ignored.
 
         return_logits=False (the trainer) lets a training step with labels compute the head and the
         loss in chunks without ever holding the [tokens, vocab] logits; `logits` is then None.
+        document_ids [B, T] (packed documents, e.g. moe_lm.data.blocks.document_ids): a token attends
+        only to earlier tokens of its own document, and positions restart at 0 in each document, so
+        every document is computed as if it were alone.
         """
         b, t = input_ids.shape
         past_len = cache[0][0].shape[2] if cache else 0
+        mask: torch.Tensor | None
+        if document_ids is not None:
+            if cache or attention_mask is not None:
+                raise ValueError("document_ids cannot be combined with a KV cache or an attention_mask")
+            doc_pos, mask = self._document_mask(document_ids)
+            position_ids = doc_pos if position_ids is None else position_ids
+        else:
+            mask = self._mask(attention_mask, t, past_len, input_ids.device)
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + t, device=input_ids.device).expand(b, t)
         rope = self.rope(position_ids)
-        mask = self._mask(attention_mask, t, past_len, input_ids.device)
         real_BT = None  # padding positions of this pass, kept out of routing (MoELayer.forward)
         if attention_mask is not None:
             real_BT = attention_mask[:, past_len : past_len + t].bool()

@@ -44,30 +44,58 @@ def eval_main(argv: list[str]) -> int:
     parser = ArgumentParser(prog="moe-lm eval", description="Validation loss and perplexity.")
     parser.add_argument("checkpoint", help="a checkpoint directory or a run directory (its latest)")
     parser.add_argument(
-        "--data", nargs="+", help="text/JSON/parquet files to evaluate on (default: the run's val split)"
+        "--data",
+        nargs="+",
+        help="text/JSON/parquet files to evaluate on (default: the run's validation sets)",
     )
+    parser.add_argument("--sets", nargs="+", metavar="NAME", help="only these of the run's validation sets")
     parser.add_argument("--max-batches", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    from moe_lm.data.dataset import load_blocks
+    from moe_lm.data.blocks import document_ids
+    from moe_lm.data.corpus import open_data
     from moe_lm.data.loader import eval_batches
+    from moe_lm.data.sources import eval_plan
+    from moe_lm.errors import UserError
 
     cfg, model, tokenizer = _load(args.checkpoint, args.device)
-    if args.data:
-        cfg = cfg.replace(data=cfg.data.__class__(**{**cfg.data.__dict__, "val_files": list(args.data)}))
-    blocks = load_blocks(cfg, tokenizer, "val")
-    total_loss, total_tokens = 0.0, 0
+    data = open_data(cfg, tokenizer, plan=eval_plan(cfg, args.data) if args.data else None, train=False)
+    sets = data.val
+    if args.sets:
+        unknown = [n for n in args.sets if n not in sets]
+        if unknown:
+            raise UserError(
+                f"--sets: no validation set {unknown[0]!r} in this run (sets: {', '.join(sets) or 'none'})"
+            )
+        sets = {n: sets[n] for n in args.sets}
+    if not sets:
+        raise UserError(
+            "the run has no validation set (data.val_fraction = 0 and no val_files); pass --data FILE..."
+        )
+    results = {}
     with torch.no_grad():
-        for input_ids, labels in eval_batches(
-            blocks, args.batch_size or cfg.train.micro_batch_size, max_batches=args.max_batches
-        ):
-            out = model(input_ids.to(args.device), labels=labels.to(args.device))
-            assert out.lm_loss is not None
-            total_loss += float(out.lm_loss) * labels.numel()
-            total_tokens += labels.numel()
-    loss = total_loss / total_tokens
-    print(f"val_loss {loss:.4f}  val_ppl {math.exp(loss):.3f}  tokens {total_tokens}")
+        for name, blocks in sets.items():
+            total_loss, total_tokens = 0.0, 0
+            for input_ids, labels in eval_batches(
+                blocks, args.batch_size or cfg.train.micro_batch_size, max_batches=args.max_batches
+            ):
+                docs = (
+                    document_ids(input_ids, tokenizer.eos_id).to(args.device)
+                    if cfg.data.document_mask
+                    else None
+                )
+                out = model(input_ids.to(args.device), labels=labels.to(args.device), document_ids=docs)
+                assert out.lm_loss is not None
+                total_loss += float(out.lm_loss) * labels.numel()
+                total_tokens += labels.numel()
+            results[name] = (total_loss / total_tokens, total_tokens)
+    loss = sum(v[0] for v in results.values()) / len(results)
+    tokens = sum(v[1] for v in results.values())
+    print(f"val_loss {loss:.4f}  val_ppl {math.exp(loss):.3f}  tokens {tokens}")
+    if len(results) > 1:
+        for name, (set_loss, set_tokens) in results.items():
+            print(f"  val/{name}  loss {set_loss:.4f}  ppl {math.exp(set_loss):.3f}  tokens {set_tokens}")
     return 0
 
 

@@ -15,6 +15,8 @@ lookup. Points and what they do at their site:
   prune:N         SIGKILL in the middle of keep-last-N pruning after checkpoint N
   enospc:N        raise OSError(ENOSPC) while writing checkpoint N (a full disk)
   metrics:N       SIGKILL halfway through writing step N's metrics line
+  shard:N         SIGKILL while preparing the token store: the N-th shard this process writes has
+                  its ids and document files, not yet its manifest
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ POINTS: dict[str, tuple[str, str]] = {
     "prune": ("prune", "kill"),
     "enospc": ("ckpt_files", "enospc"),
     "metrics": ("metrics", "tear"),
+    "shard": ("shard", "kill"),
 }
 
 

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from moe_lm.config import Config
-from moe_lm.data.dataset import load_blocks
+from moe_lm.data.blocks import document_ids
+from moe_lm.data.corpus import open_data
 from moe_lm.data.loader import ResumableLoader, eval_batches
 from moe_lm.data.tokenizer import Tokenizer, check_vocab, ensure_tokenizer
 from moe_lm.model import MoETransformer
@@ -75,11 +76,11 @@ class Trainer:
         b.barrier()
         self.tokenizer = Tokenizer.load(cfg.data.tokenizer)
         check_vocab(self.tokenizer, cfg.model.vocab_size)
-        self.train_blocks = load_blocks(cfg, self.tokenizer, "train", is_main=b.is_main, barrier=b.barrier)
-        has_val = bool(cfg.data.val_files) or cfg.data.val_fraction > 0
-        self.val_blocks = (
-            load_blocks(cfg, self.tokenizer, "val", is_main=b.is_main, barrier=b.barrier) if has_val else None
-        )
+        # The first run prepares the token store: one process per node (nodes may not share
+        # data.cache_dir; where they do, the store's lock lets one tokenise and the other find it
+        # done). Every process then reads its blocks by memory map.
+        local_main = bool(b.accelerator.is_local_main_process)
+        self.data = open_data(cfg, self.tokenizer, is_main=local_main, barrier=b.barrier)
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = MoETransformer(cfg.model)
@@ -98,7 +99,7 @@ class Trainer:
         self.rng = TrainingRNG(cfg.train.seed + b.rank, b.device)  # per-rank streams (router jitter)
 
         self.loader = ResumableLoader(
-            self.train_blocks, cfg.train.micro_batch_size, b.dp_rank, b.dp_size, cfg.train.seed
+            self.data.train, cfg.train.micro_batch_size, b.dp_rank, b.dp_size, cfg.train.seed
         )
         self.step, self.tokens = 0, 0
         self.records: list[dict[str, Any]] = []
@@ -131,6 +132,12 @@ class Trainer:
 
     # ---- one optimizer step -------------------------------------------------------------------
 
+    def _forward(self, model: Any, input_ids: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> Any:
+        b = self.backend
+        if self.cfg.data.document_mask:
+            kwargs["document_ids"] = document_ids(input_ids, self.tokenizer.eos_id).to(b.device)
+        return model(input_ids.to(b.device), labels=labels.to(b.device), **kwargs)
+
     def train_step(self) -> dict[str, Any]:
         with self.rng.active():  # only the step draws from the training stream
             return self._train_step()
@@ -144,9 +151,8 @@ class Trainer:
         dropped_L: torch.Tensor | None = None
         for micro in range(accum):
             input_ids, labels = self.loader.next_batch()
-            input_ids, labels = input_ids.to(b.device), labels.to(b.device)
             with b.accumulate(sync=micro == accum - 1), b.autocast():
-                out = b.model(input_ids, labels=labels, return_logits=False)
+                out = self._forward(b.model, input_ids, labels, return_logits=False)
                 b.backward(faults.poison(out.loss, self.step + 1) / accum)
             for key in ("loss", "lm_loss", "aux_loss", "hf_aux_loss", "z_loss"):
                 value = getattr(out, key)
@@ -204,6 +210,8 @@ class Trainer:
             dropped = b.all_reduce(result["dropped_L"].float(), "sum")
             record.update(router_metrics(counts, dropped, self.cfg.model.top_k))
         record.update(b.extra_metrics())
+        for name, samples in self.loader.consumed().items():  # the same on every rank: no collective
+            record[f"tokens/{name}"] = samples * self.cfg.data.seq_len
         return record
 
     def _check_collapse(self, record: dict[str, Any]) -> None:
@@ -219,34 +227,41 @@ class Trainer:
     # ---- evaluation, samples, checkpoints -----------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, Any]:
+    def _eval_set(self, blocks: Any) -> tuple[float, int]:
+        """(mean loss, tokens) of one validation set over every rank."""
         b, cfg = self.backend, self.cfg
-        assert self.val_blocks is not None
-        model = b.raw_model
-        model.eval()
         # [sum of token losses, tokens], on the device; float64 so that the sum does not depend on
         # how the blocks are split over ranks. train.eval_batches counts the batches of all ranks.
         total = torch.zeros(2, dtype=torch.float64, device=b.device)
         for input_ids, labels in eval_batches(
-            self.val_blocks, cfg.train.micro_batch_size, b.dp_rank, b.dp_size, cfg.train.eval_batches
+            blocks, cfg.train.micro_batch_size, b.dp_rank, b.dp_size, cfg.train.eval_batches
         ):
             with b.autocast():
-                out = model(input_ids.to(b.device), labels=labels.to(b.device))
+                out = self._forward(b.raw_model, input_ids, labels)
             assert out.lm_loss is not None
             tokens = int((labels != -100).sum())  # labels are still on the CPU: no device sync
             if tokens:
                 total[0] += out.lm_loss.double() * tokens
                 total[1] += tokens
         total = b.all_reduce(total, "sum")
-        val_loss = float(total[0] / total[1])
+        return float(total[0] / total[1]), int(total[1])
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Each validation set as val/<name>/loss and /ppl; val_loss is their mean."""
+        assert self.data.val
+        model = self.backend.raw_model
+        model.eval()
+        record: dict[str, Any] = {"kind": "eval", "step": self.step, "tokens": self.tokens}
+        losses = []
+        for name, blocks in self.data.val.items():
+            loss, _ = self._eval_set(blocks)
+            losses.append(loss)
+            record[f"val/{name}/loss"] = loss
+            record[f"val/{name}/ppl"] = math.exp(min(loss, 50.0))
         model.train()
-        return {
-            "kind": "eval",
-            "step": self.step,
-            "tokens": self.tokens,
-            "val_loss": val_loss,
-            "val_ppl": math.exp(min(val_loss, 50.0)),
-        }
+        val_loss = sum(losses) / len(losses)
+        return {**record, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
     @torch.no_grad()
     def sample(self) -> str:
@@ -343,13 +358,16 @@ class Trainer:
         return summary
 
     def _eval_and_log(self) -> dict[str, Any]:
-        if self.val_blocks is None:  # no validation split configured
+        if not self.data.val:  # no validation set configured
             return {}
         record = self.evaluate()
         self.last_val_loss = record["val_loss"]
         self.log.log(record)
+        per_set = ""
+        if len(self.data.val) > 1:
+            per_set = "  (" + ", ".join(f"{n} {record[f'val/{n}/loss']:.4f}" for n in self.data.val) + ")"
         self.log.message(
-            f"step {self.step}: val_loss {record['val_loss']:.4f}  val_ppl {record['val_ppl']:.2f}"
+            f"step {self.step}: val_loss {record['val_loss']:.4f}  val_ppl {record['val_ppl']:.2f}{per_set}"
         )
         return record
 

@@ -269,3 +269,59 @@ def test_missing_file_and_non_mapping(tmp_path: Path) -> None:
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert load_config(empty).model == ModelConfig()  # an empty file is all defaults
+
+
+MIXTURE = {
+    "data": {
+        "sources": {
+            "web": {"files": ["web/*.jsonl"], "weight": 3},
+            "code": {
+                "dataset": "someone/code",
+                "text_field": "content",
+                "streaming": True,
+                "val_files": ["c.txt"],
+            },
+        },
+        "val_sources": {"wiki": {"files": ["wiki.txt"]}},
+    }
+}
+
+
+def test_sources_are_named_entries_reachable_by_overrides() -> None:
+    cfg = config_from_dict(MIXTURE, ["data.sources.web.weight=2", "data.sources.books.files=[b.txt]"])
+    assert list(cfg.data.sources) == ["web", "code", "books"]  # YAML order, then overrides
+    assert cfg.data.sources["web"].weight == 2.0 and cfg.data.sources["books"].files == ["b.txt"]
+    assert cfg.data.sources["code"].streaming and cfg.data.val_sources["wiki"].files == ["wiki.txt"]
+    assert config_from_dict(yaml.safe_load(cfg.to_yaml())) == cfg  # round-trips through the resolved YAML
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            ["data.sources.web.wieght=2"],
+            "unknown config key 'data.sources.web.wieght'; did you mean 'data.sources.web.weight'?",
+        ),
+        (["data.sources.web.weight=0"], "data.sources.web.weight = 0.0 must be > 0"),
+        (["data.sources.web.weight=-1"], "data.sources.web.weight = -1.0 must be > 0"),
+        (["data.sources.web=3"], "data.sources.web: expected a mapping of keys"),
+        (["data.sources=[a.txt]"], "data.sources: expected a mapping of names to entries"),
+        (["data.sources.web.dataset=x"], "data.sources.web: set either files or dataset"),
+        (["data.sources.web.files=[]"], "data.sources.web: set either files or dataset"),
+        (["data.sources.web.streaming=true"], "data.sources.web.streaming reads a dataset"),
+        (
+            ["data.sources.code.val_fraction=0.1"],
+            "data.sources.code.val_fraction: a streaming source has no tail",
+        ),
+        (["data.sources.web.val_fraction=1"], "data.sources.web.val_fraction = 1.0 must be in [0, 1)"),
+        (["data.sources.we/b.files=[a]"], "source name 'we/b' must be letters"),
+        (["data.train_files=[a.txt]"], "data.train_files / data.val_files and data.sources are exclusive"),
+        (["data.val_sources.web.files=[v.txt]"], "data.val_sources.web: the name is taken"),
+        (
+            ["data.val_sources.wiki.weight=2"],
+            "data.val_sources.wiki.weight has no meaning for a validation set",
+        ),
+    ],
+)
+def test_bad_sources_name_the_key(overrides: list[str], expected: str) -> None:
+    assert expected in _error(MIXTURE, overrides)

@@ -1,4 +1,5 @@
-"""Data pipeline: reading text/JSON(L)/parquet, packing with EOS, splits, the cache, bad input, the loader."""
+"""Data pipeline: reading text/JSON(L)/parquet through the token store, packing with EOS, splits,
+bad input, who prepares, and the loader."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import pytest
 import torch
 
 from moe_lm.config import Config, config_from_dict
-from moe_lm.data import dataset
-from moe_lm.data.dataset import load_blocks
+from moe_lm.data import files as data_files
+from moe_lm.data.corpus import open_data
 from moe_lm.data.loader import ResumableLoader, eval_batches
 from moe_lm.data.tokenizer import Tokenizer, train_tokenizer
 from moe_lm.errors import UserError
@@ -34,9 +35,7 @@ def _text(seed: int, lines: int) -> str:
 def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
     root = tmp_path_factory.mktemp("data-tok")
     (root / "corpus.txt").write_text(_text(0, 500), encoding="utf-8")
-    return Tokenizer.load(
-        train_tokenizer([str(root / "corpus.txt")], 300, root / "tok", cache_dir=root / "hf")
-    )
+    return Tokenizer.load(train_tokenizer([str(root / "corpus.txt")], 300, root / "tok"))
 
 
 def _cfg(tmp_path: Path, tok: Tokenizer, **data: Any) -> Config:
@@ -44,6 +43,13 @@ def _cfg(tmp_path: Path, tok: Tokenizer, **data: Any) -> Config:
     data.setdefault("val_fraction", 0.0)
     data = {"tokenizer": str(tok.path), "cache_dir": str(tmp_path / "cache"), **data}
     return config_from_dict({"model": {"vocab_size": 300}, "data": data})
+
+
+def load_blocks(cfg: Config, tok: Tokenizer, split: str, **kwargs: Any) -> torch.Tensor:
+    """Every block of the shorthand source's train or val split, read from the store (tests only)."""
+    data = open_data(cfg, tok, train=split == "train", **kwargs)
+    blocks = data.train[0].blocks if split == "train" else data.val["corpus"]
+    return torch.from_numpy(blocks.read(np.arange(len(blocks))))
 
 
 def _stream(tok: Tokenizer, docs: list[str]) -> list[int]:
@@ -89,6 +95,36 @@ def test_jsonl_json_and_parquet_records_are_documents(tmp_path: Path, tok: Token
     assert torch.equal(blocks, _blocks(_stream(tok, docs), 16))
 
 
+def test_compressed_files_read_like_plain_ones(tmp_path: Path, tok: Tokenizer) -> None:
+    import gzip
+    import lzma
+
+    docs = [_text(s, 4) for s in range(6)]
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps({"text": d}) + "\n" for d in docs[:3]))
+    with lzma.open(tmp_path / "b.txt.xz", "wt") as f:
+        f.write(docs[3])
+    files = [str(tmp_path / "a.jsonl.gz"), str(tmp_path / "b.txt.xz")]
+    blocks = load_blocks(_cfg(tmp_path, tok, train_files=files), tok, "train")
+    assert torch.equal(blocks, _blocks(_stream(tok, [*docs[:3], docs[3]]), 16))
+
+
+def test_big_files_are_cut_into_pieces_at_line_boundaries(
+    tmp_path: Path, tok: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = _text(20, 300)
+    docs = [_text(s, 3) for s in range(40)]
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    monkeypatch.setattr(data_files, "PIECE_BYTES", 700)
+    monkeypatch.setattr(data_files, "BATCH_BYTES", 300)
+    cfg = _cfg(tmp_path, tok, train_files=[str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")])
+    blocks = load_blocks(cfg, tok, "train")
+    shards = list((tmp_path / "cache" / "store" / "shards").glob("*.json"))
+    assert len(shards) > 10  # both files were split
+    assert torch.equal(blocks, _blocks(_stream(tok, [text, *docs]), 16))  # the same ids as whole files
+
+
 def test_globs_expand_sorted_and_format_can_be_forced(tmp_path: Path, tok: Tokenizer) -> None:
     (tmp_path / "shards" / "sub").mkdir(parents=True)
     texts = {"shards/b.txt": _text(2, 20), "shards/a.txt": _text(3, 20), "shards/sub/c.txt": _text(4, 20)}
@@ -102,6 +138,19 @@ def test_globs_expand_sorted_and_format_can_be_forced(tmp_path: Path, tok: Token
         load_blocks(_cfg(tmp_path, tok, train_files=[str(tmp_path / "notes.log")]), tok, "train")
     forced = _cfg(tmp_path, tok, train_files=[str(tmp_path / "notes.log")], format="text")
     assert torch.equal(load_blocks(forced, tok, "train"), _blocks(_stream(tok, order[:1]), 16))
+
+
+def test_a_glob_skips_empty_files_with_a_count(
+    tmp_path: Path, tok: Tokenizer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = _text(21, 30)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text(text, encoding="utf-8")
+    for name in ("b.txt", "c.txt"):
+        (tmp_path / "d" / name).write_bytes(b"")
+    blocks = load_blocks(_cfg(tmp_path, tok, train_files=[str(tmp_path / "d" / "*.txt")]), tok, "train")
+    assert torch.equal(blocks, _blocks(_stream(tok, [text]), 16))
+    assert "data.train_files: skipped 2 empty file(s)" in capsys.readouterr().err
 
 
 def test_val_split_by_fraction_holds_out_the_tail(tmp_path: Path, tok: Tokenizer) -> None:
@@ -155,7 +204,7 @@ def _write_bad(tmp_path: Path, case: str) -> tuple[dict[str, Any], str]:
             "all_empty": '{"text": ""}\n{"text": null}\n',
         }[case]
     )
-    return {"train_files": [str(p)]}, "bad.jsonl"
+    return {"train_files": [str(p)]}, "bad.jsonl" if case != "all_empty" else "data.train_files"
 
 
 BAD = {
@@ -167,10 +216,10 @@ BAD = {
     "latin1": r"is not UTF-8 text \(byte 3.*convert it to UTF-8",
     "too_short": r"yields \d+ tokens, fewer than one block of seq_len\+1 = 16; add data or lower data.seq_len",
     "val_too_short": r"yields \d+ tokens, fewer than one block",
-    "no_field": r"has no field 'text' \(fields: content\); set data.text_field",
+    "no_field": r"has no field 'text' \(.*fields: content\); set data.text_field",
     "not_json": r"cannot read '.*' as JSON or JSON Lines .*set data.format",
-    "not_text": r"field 'text' of '.*' holds .*int64.*not text; set data.text_field",
-    "all_empty": r"has no text in field 'text'",
+    "not_text": r"field 'text' of '.*' holds int .*not text; set data.text_field",
+    "all_empty": r"no text in field 'text' \(every record is empty or null\)",
 }
 
 
@@ -180,7 +229,13 @@ def test_bad_input_is_one_line_user_error(tmp_path: Path, tok: Tokenizer, case: 
     with pytest.raises(UserError, match=BAD[case]) as e:
         load_blocks(_cfg(tmp_path, tok, **data), tok, "val" if case == "val_too_short" else "train")
     assert names in str(e.value) and "\n" not in str(e.value)
-    assert not list((tmp_path / "cache").glob("blocks-*"))  # nothing half-built was cached
+    # nothing half-built looks complete: every shard in the store has its manifest, no temporaries
+    shards = tmp_path / "cache" / "store" / "shards"
+    names_on_disk = {p.name for p in shards.glob("*")} if shards.exists() else set()
+    assert not any(".tmp-" in n for n in names_on_disk)
+    assert {n.rsplit(".", 1)[0] for n in names_on_disk} == {
+        n[:-5] for n in names_on_disk if n.endswith(".json")
+    }
 
 
 def test_val_split_errors(tmp_path: Path, tok: Tokenizer) -> None:
@@ -188,65 +243,62 @@ def test_val_split_errors(tmp_path: Path, tok: Tokenizer) -> None:
     one_block = len(_stream(tok, [_text(9, 8)]))  # seq_len + 1: the file makes exactly one block
     files = [str(tmp_path / "a.txt")]
     few = _cfg(tmp_path, tok, train_files=files, seq_len=one_block - 1, val_fraction=0.01)
-    with pytest.raises(
-        UserError, match="yields 1 block.* too few to hold out data.val_fraction = 0.01; add data"
-    ):
+    with pytest.raises(UserError, match="yields 1 block.* too few to hold out val_fraction = 0.01; add data"):
         load_blocks(few, tok, "train")
     no_val = _cfg(tmp_path, tok, train_files=files, seq_len=one_block - 1)
     assert len(load_blocks(no_val, tok, "train")) == 1
-    with pytest.raises(
-        UserError, match="validation split is empty: data.val_fraction = 0 and no data.val_files"
-    ):
-        load_blocks(no_val, tok, "val")
+    assert open_data(no_val, tok).val == {}  # val_fraction 0 and no val_files: no validation set
 
 
-def test_cache_is_reused_and_invalidated(
+def test_store_is_reused_and_follows_changes(
     tmp_path: Path, tok: Tokenizer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from moe_lm.data import store
+
     path = tmp_path / "a.txt"
     path.write_text(_text(10, 100), encoding="utf-8")
     cfg = _cfg(tmp_path, tok, train_files=[str(path)], val_fraction=0.1)
     first = load_blocks(cfg, tok, "train")
-    assert "building data cache" in capsys.readouterr().out
+    assert "1 shard(s) to tokenise" in capsys.readouterr().out
 
-    calls: list[int] = []
-    real = dataset.tokenize_files
+    calls: list[str] = []
+    real = store.write_shard
 
-    def counting(*args: Any, **kwargs: Any) -> np.ndarray:
-        calls.append(1)
-        return real(*args, **kwargs)
+    def counting(job: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(Path(job.piece.path).name)
+        return real(job, *args, **kwargs)
 
-    monkeypatch.setattr(dataset, "tokenize_files", counting)
+    monkeypatch.setattr("moe_lm.data.prepare.write_shard", counting)
     assert torch.equal(load_blocks(cfg, tok, "train"), first)
     assert len(load_blocks(cfg, tok, "val")) > 0
-    assert calls == [] and capsys.readouterr().out == ""  # read from the cache, nothing re-tokenised
-    # the hold-out is sliced at load time: another val_fraction reuses the same entry
+    assert calls == [] and capsys.readouterr().out == ""  # read from the store, nothing re-tokenised
+    # the hold-out and seq_len are applied when reading: changing them re-tokenises nothing
     n_all = len(first) + len(load_blocks(cfg, tok, "val"))
     more_val = _cfg(tmp_path, tok, train_files=[str(path)], val_fraction=0.3)
     assert torch.equal(load_blocks(more_val, tok, "train"), first[: n_all - round(n_all * 0.3)])
-    assert calls == []
-
-    assert len(
-        load_blocks(_cfg(tmp_path, tok, train_files=[str(path)], seq_len=7, val_fraction=0.1), tok, "train")
-    ) > len(first)
-    assert calls == [1]  # another seq_len is another cache entry
-    path.write_text(_text(11, 100), encoding="utf-8")  # new size and mtime
+    shorter = _cfg(tmp_path, tok, train_files=[str(path)], seq_len=7, val_fraction=0.1)
+    assert len(load_blocks(shorter, tok, "train")) > len(first) and calls == []
+    # adding a file tokenises only that file
+    (tmp_path / "b.txt").write_text(_text(12, 30), encoding="utf-8")
+    both = _cfg(tmp_path, tok, train_files=[str(path), str(tmp_path / "b.txt")])
+    load_blocks(both, tok, "train")
+    assert calls == ["b.txt"]
+    path.write_text(_text(11, 100), encoding="utf-8")  # new content: its shard is stale and rebuilt
     changed = load_blocks(cfg, tok, "train")
-    assert calls == [1, 1] and not torch.equal(changed[:4], first[:4])
-    assert len(list((tmp_path / "cache").glob("blocks-*"))) == 3
+    assert calls == ["b.txt", "a.txt"] and not torch.equal(changed[:4], first[:4])
 
 
-def test_only_the_main_process_builds(tmp_path: Path, tok: Tokenizer) -> None:
+def test_only_the_main_process_prepares(tmp_path: Path, tok: Tokenizer) -> None:
     (tmp_path / "a.txt").write_text(_text(12, 50), encoding="utf-8")
     cfg = _cfg(tmp_path, tok, train_files=[str(tmp_path / "a.txt")])
     barriers: list[int] = []
-    with pytest.raises(UserError, match="was not built; see the main process's error"):
+    with pytest.raises(UserError, match="was not built .*; see the main process's error"):
         load_blocks(cfg, tok, "train", is_main=False, barrier=lambda: barriers.append(1))
-    assert barriers == [1] and not (tmp_path / "cache").exists()  # a non-main process never builds
+    assert barriers == [1] and not (tmp_path / "cache").exists()  # a non-main process never prepares
     main = load_blocks(cfg, tok, "train", is_main=True, barrier=lambda: barriers.append(1))
     other = load_blocks(cfg, tok, "train", is_main=False, barrier=lambda: barriers.append(1))
     assert torch.equal(main, other) and barriers == [1, 1, 1]
-    # a failing build still reaches the barrier, so the other ranks do not hang
+    # a failing prepare still reaches the barrier, so the other ranks do not hang
     (tmp_path / "e.txt").write_bytes(b"")
     bad = _cfg(tmp_path, tok, train_files=[str(tmp_path / "e.txt")])
     with pytest.raises(UserError, match="is empty"):
@@ -359,8 +411,3 @@ def test_eval_batches_counts_batches_of_all_ranks(dp_size: int) -> None:
     seen = sorted(i for batches in ranks for x, _ in batches for i in _ids(x))
     assert seen == list(range(12))
     assert len({len(batches) for batches in ranks}) == 1  # equal counts keep collectives matched
-
-
-def test_pack_helper_matches_reshape() -> None:
-    tokens = np.arange(50, dtype=np.int32)
-    assert dataset.pack(tokens, 16, "x").tolist() == tokens[:48].reshape(3, 16).tolist()

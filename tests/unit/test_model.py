@@ -224,6 +224,8 @@ def test_padding_is_not_routed_and_not_counted() -> None:
     # Under a mask the layer equals the same layer run on the real tokens alone: capacity, drops,
     # counts, aux and z losses; padding gets no FFN output.
     layer = MoELayer(tiny_model_config(capacity_factor=0.5, num_shared_experts=1))
+    for p in layer.parameters():  # the layer alone is not initialised (MoETransformer does that)
+        torch.nn.init.normal_(p, std=0.1)
     torch.nn.init.normal_(layer.router.weight)
     x = torch.randn(3, 8, 64)
     real = torch.ones(3, 8, dtype=torch.bool)

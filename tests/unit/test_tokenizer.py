@@ -35,7 +35,7 @@ TRICKY = [
 @pytest.fixture(scope="module")
 def shakespeare_tok(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tok") / "shakespeare-8k"
-    return train_tokenizer([str(SHAKESPEARE)], 8000, out, cache_dir=out.parent / "hf")
+    return train_tokenizer([str(SHAKESPEARE)], 8000, out)
 
 
 def _small_corpus(path: Path, seed: int = 0) -> Path:
@@ -102,8 +102,8 @@ def test_line_by_line_encoding_equals_whole_text(shakespeare_tok: Path) -> None:
 
 def test_training_is_deterministic(tmp_path: Path) -> None:
     corpus = _small_corpus(tmp_path / "c.txt")
-    a = train_tokenizer([str(corpus)], 300, tmp_path / "a", cache_dir=tmp_path / "hf")
-    b = train_tokenizer([str(corpus)], 300, tmp_path / "b", cache_dir=tmp_path / "hf")
+    a = train_tokenizer([str(corpus)], 300, tmp_path / "a")
+    b = train_tokenizer([str(corpus)], 300, tmp_path / "b")
     assert (a / "tokenizer.model").read_bytes() == (b / "tokenizer.model").read_bytes()
     assert Tokenizer.load(a).vocab_size == 300
     cfg = json.loads((a / "tokenizer_config.json").read_text())
@@ -121,38 +121,35 @@ def test_train_from_jsonl_and_glob(tmp_path: Path) -> None:
         300,
         tmp_path / "tok",
         text_field="body",
-        cache_dir=tmp_path / "hf",
     )
     tok = Tokenizer.load(out)
     assert tok.decode(tok.encode(corpus[0])) == corpus[0]
     # "the" is frequent in the corpus, so BPE learned it as one piece
     assert len(tok.encode("the")) == 1
     with pytest.raises(UserError, match=r"no field 'text' .*--text-field"):
-        train_tokenizer(
-            [str(tmp_path / "shards" / "part0.jsonl")], 300, tmp_path / "t2", cache_dir=tmp_path / "hf"
-        )
+        train_tokenizer([str(tmp_path / "shards" / "part0.jsonl")], 300, tmp_path / "t2")
 
 
 def test_training_errors_are_one_line(tmp_path: Path) -> None:
     corpus = _small_corpus(tmp_path / "c.txt")
     with pytest.raises(UserError, match=r"vocab size 5000 is too large .*c\.txt.*at most \d+") as e:
-        train_tokenizer([str(corpus)], 5000, tmp_path / "tok", cache_dir=tmp_path / "hf")
+        train_tokenizer([str(corpus)], 5000, tmp_path / "tok")
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match=r"vocab size 260 is too small .* needs at least 2\d\d"):
-        train_tokenizer([str(corpus)], 260, tmp_path / "tok", cache_dir=tmp_path / "hf")
+        train_tokenizer([str(corpus)], 260, tmp_path / "tok")
     with pytest.raises(UserError, match=r"no file matches '.*nothing\*\.txt'"):
         train_tokenizer([str(tmp_path / "nothing*.txt")], 300, tmp_path / "tok")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.md").write_text("mine")
     with pytest.raises(UserError, match=r"notes\.md.*choose an empty --out"):
-        train_tokenizer([str(corpus)], 300, tmp_path / "busy", cache_dir=tmp_path / "hf")
+        train_tokenizer([str(corpus)], 300, tmp_path / "busy")
     assert not (tmp_path / "tok").exists()
 
 
 def test_retraining_replaces_the_directory(tmp_path: Path) -> None:
     corpus = _small_corpus(tmp_path / "c.txt")
-    out = train_tokenizer([str(corpus)], 300, tmp_path / "tok", cache_dir=tmp_path / "hf")
-    train_tokenizer([str(corpus)], 320, out, cache_dir=tmp_path / "hf")
+    out = train_tokenizer([str(corpus)], 300, tmp_path / "tok")
+    train_tokenizer([str(corpus)], 320, out)
     assert Tokenizer.load(out).vocab_size == 320
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp dirs left
 

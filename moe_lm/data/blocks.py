@@ -1,0 +1,157 @@
+"""Blocks of `seq_len + 1` tokens read from the store's shards by memory map.
+
+A source's token stream is its shards' ids in order; block b is stream[b*L : (b+1)*L] (the tail
+shorter than a block is dropped), so a block may span two shards. Nothing is loaded up front: a
+process holds the shards' cumulative token counts (8 bytes per shard) and up to `MAX_OPEN` open
+maps; a read copies just the asked blocks out as int64 and then tells the kernel it may drop the
+pages from this process (MADV_DONTNEED: they stay in the page cache for the next reader), so the
+resident memory of a training process does not grow with the corpus, however long it runs.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from moe_lm.errors import UserError
+
+MAX_OPEN = 64  # open shard maps per process (each holds a file descriptor)
+_PAGE = mmap.PAGESIZE
+
+
+class Blocks(Protocol):
+    """Anything the loader can draw from: a length and a gather of whole blocks."""
+
+    block_len: int
+
+    def __len__(self) -> int: ...
+
+    def read(self, idx: np.ndarray) -> np.ndarray:
+        """[len(idx), block_len] int64 for block indices `idx`."""
+        ...
+
+
+class ArrayBlocks:
+    """Blocks already in memory ([N, L] tensor or array): tests and small tools."""
+
+    def __init__(self, blocks: Any) -> None:
+        self.blocks = blocks.numpy() if isinstance(blocks, torch.Tensor) else np.asarray(blocks)
+        if self.blocks.ndim != 2 or self.blocks.shape[1] < 2:
+            raise ValueError(
+                f"blocks must be [N, seq_len+1] with seq_len ≥ 1, got {tuple(self.blocks.shape)}"
+            )
+        self.block_len = int(self.blocks.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def read(self, idx: np.ndarray) -> np.ndarray:
+        return self.blocks[np.asarray(idx, dtype=np.int64)].astype(np.int64)
+
+
+class TokenStream:
+    """The concatenated ids of a list of shards, read by offset."""
+
+    def __init__(self, shard_dir: Path, names: list[str], manifests: list[dict[str, Any]]) -> None:
+        self.paths = [shard_dir / f"{n}.ids" for n in names]
+        self.dtypes = [np.dtype(m["dtype"]) for m in manifests]
+        counts = np.array([m["tokens"] for m in manifests], dtype=np.int64)
+        self.starts = np.concatenate(([0], np.cumsum(counts)))  # shard i holds [starts[i], starts[i+1])
+        self._maps: OrderedDict[int, mmap.mmap] = OrderedDict()
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _map(self, i: int) -> mmap.mmap:
+        m = self._maps.pop(i, None)
+        if m is None:
+            if len(self._maps) >= MAX_OPEN:
+                self._maps.popitem(last=False)[1].close()
+            with self.paths[i].open("rb") as f:
+                m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._maps[i] = m
+        return m
+
+    def read(self, start: int, count: int, out: np.ndarray) -> None:
+        """out[:count] = stream[start : start + count]."""
+        shard = int(np.searchsorted(self.starts, start, side="right")) - 1
+        done = 0
+        while done < count:
+            lo = start + done - int(self.starts[shard])
+            n = min(count - done, int(self.starts[shard + 1] - self.starts[shard]) - lo)
+            if n > 0:
+                m, dtype = self._map(shard), self.dtypes[shard]
+                out[done : done + n] = np.frombuffer(m, dtype=dtype, count=n, offset=lo * dtype.itemsize)
+                first = lo * dtype.itemsize // _PAGE * _PAGE
+                m.madvise(mmap.MADV_DONTNEED, first, (lo + n) * dtype.itemsize - first)
+                done += n
+            shard += 1
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            m.close()
+        self._maps.clear()
+
+    def __getstate__(self) -> dict[str, Any]:  # maps are per process
+        return {**self.__dict__, "_maps": OrderedDict()}
+
+
+class StoreBlocks:
+    """Blocks [first, first + count) of a token stream, renumbered from 0."""
+
+    def __init__(self, stream: TokenStream, block_len: int, first: int = 0, count: int | None = None) -> None:
+        self.stream = stream
+        self.block_len = block_len
+        self.first = first
+        self.count = len(stream) // block_len - first if count is None else count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def read(self, idx: np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        out = np.empty((len(idx), self.block_len), dtype=np.int64)
+        for row, b in enumerate(idx.tolist()):
+            if not 0 <= b < self.count:
+                raise IndexError(f"block {b} out of range [0, {self.count})")
+            self.stream.read((self.first + b) * self.block_len, self.block_len, out[row])
+        return out
+
+    def split(self, fraction: float, key: str) -> tuple[StoreBlocks, StoreBlocks]:
+        """(train, val): hold out the last `fraction` of the blocks (at least one)."""
+        n = self.count
+        n_val = max(1, round(n * fraction))
+        if n - n_val < 1:
+            raise UserError(
+                f"{key} yields {n} block(s) of seq_len+1 = {self.block_len} tokens, too few to hold out "
+                f"val_fraction = {fraction}; add data, lower data.seq_len or list validation files (val_files)"
+            )
+        return (
+            StoreBlocks(self.stream, self.block_len, self.first, n - n_val),
+            StoreBlocks(self.stream, self.block_len, self.first + n - n_val, n_val),
+        )
+
+
+def as_blocks(blocks: Any) -> Blocks:
+    return blocks if hasattr(blocks, "read") and hasattr(blocks, "block_len") else ArrayBlocks(blocks)
+
+
+def split_inputs(x_BL: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, labels) = (block[:, :-1], block[:, 1:]) as int64 tensors."""
+    x_BL = torch.as_tensor(x_BL).long()
+    return x_BL[:, :-1].contiguous(), x_BL[:, 1:].contiguous()
+
+
+def document_ids(input_ids_BT: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Per token, how many EOS come before it in its row: tokens of one document share an id (the
+    EOS belongs to the document it ends)."""
+    eos_BT = (input_ids_BT == eos_id).long()
+    return eos_BT.cumsum(dim=1) - eos_BT
+
+
+__all__ = ["ArrayBlocks", "Blocks", "StoreBlocks", "TokenStream", "as_blocks", "document_ids", "split_inputs"]

@@ -1,0 +1,114 @@
+"""The data of a run: prepare the store (main process only), then open every source as blocks.
+
+With several processes, every one calls `open_data` with `barrier` (e.g. torch.distributed.barrier)
+and only the main one (`is_main`; per node if nodes do not share `data.cache_dir`) tokenises; the
+others open the shards after the barrier. If preparing fails, the main process raises the error and
+the others a pointer to it, instead of hanging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from moe_lm.data.blocks import Blocks, StoreBlocks, TokenStream
+from moe_lm.data.loader import TrainSource
+from moe_lm.data.prepare import PreparedSource, plan_shards, prepare_sources, store_dir
+from moe_lm.data.sources import DataPlan, SourceSpec, data_plan
+from moe_lm.data.store import input_identity, shard_status
+from moe_lm.errors import UserError
+
+if TYPE_CHECKING:
+    from moe_lm.config import Config
+    from moe_lm.data.tokenizer import Tokenizer
+
+
+@dataclass
+class RunData:
+    train: list[TrainSource] = field(default_factory=list)
+    val: dict[str, Blocks] = field(default_factory=dict)  # validation set name -> blocks
+
+
+def _opened(cfg: Config, tokenizer: Tokenizer, specs: list[SourceSpec]) -> list[PreparedSource]:
+    """The prepared shards of `specs` (a process that did not prepare them)."""
+    shard_dir = store_dir(cfg) / "shards"
+    out = []
+    for spec in specs:
+        shards, empty = plan_shards(spec)
+        src = PreparedSource(spec, [n for n, _ in shards], empty_files=empty)
+        for name, piece in shards:
+            status, manifest = shard_status(shard_dir, name, input_identity(piece), tokenizer.fingerprint)
+            if status != "ok" or manifest is None:
+                raise UserError(
+                    f"the token store for {spec.key} was not built ({name}: {status}); see the main process's "
+                    "error above"
+                )
+            src.manifests.append(manifest)
+        out.append(src)
+    return out
+
+
+def _blocks(cfg: Config, src: PreparedSource) -> StoreBlocks:
+    block_len = cfg.data.seq_len + 1
+    worst = max(m["max_id"] for m in src.manifests)
+    if worst >= cfg.model.vocab_size:
+        raise UserError(
+            f"{src.spec.key}: the store holds token id {worst} ≥ model.vocab_size = {cfg.model.vocab_size}; "
+            "raise model.vocab_size to the tokenizer's size or re-prepare with data.tokenizer"
+        )
+    blocks = StoreBlocks(TokenStream(store_dir(cfg) / "shards", src.names, src.manifests), block_len)
+    if len(blocks) == 0:
+        raise UserError(
+            f"{src.spec.key} yields {src.tokens} tokens, fewer than one block of seq_len+1 = {block_len}; "
+            "add data or lower data.seq_len"
+        )
+    return blocks
+
+
+def open_data(
+    cfg: Config,
+    tokenizer: Tokenizer,
+    *,
+    plan: DataPlan | None = None,
+    train: bool = True,
+    is_main: bool = True,
+    barrier: Callable[[], None] | None = None,
+) -> RunData:
+    """Training sources (when `train`) and every validation set of `plan` (default: the config's)."""
+    from moe_lm.data.streaming import StreamBlocks
+
+    plan = plan or data_plan(cfg)
+    wanted = [s for s in plan.train if train or s.name in plan.holdout]
+    specs = [s for s in (*wanted, *plan.val.values()) if not s.streaming]
+    try:
+        prepared = prepare_sources(cfg, tokenizer, specs) if is_main else None
+    finally:  # reached even when preparing fails, so the other processes do not hang
+        if barrier is not None:
+            barrier()
+    if prepared is None:
+        prepared = _opened(cfg, tokenizer, specs)
+    by_key = {p.spec.key: p for p in prepared}
+    data = RunData()
+    for spec in wanted:
+        if spec.streaming:
+            assert spec.dataset is not None
+            data.train.append(
+                TrainSource(
+                    spec.name, spec.weight, StreamBlocks(spec.dataset, tokenizer, cfg.data.seq_len + 1)
+                )
+            )
+            continue
+        blocks = _blocks(cfg, by_key[spec.key])
+        if spec.name in plan.holdout:
+            blocks, data.val[spec.name] = blocks.split(plan.holdout[spec.name], spec.key)
+        data.train.append(TrainSource(spec.name, spec.weight, blocks))
+    for name, spec in plan.val.items():
+        data.val[name] = _blocks(cfg, by_key[spec.key])
+    if not train:
+        data.train = []
+    data.val = {name: data.val[name] for name in plan.val_names if name in data.val}  # config order
+    return data
+
+
+__all__ = ["RunData", "open_data"]

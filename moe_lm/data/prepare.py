@@ -1,0 +1,279 @@
+"""Preparing the token store: plan the shards of every source, tokenise the missing ones in
+`data.num_proc` worker processes with a progress bar, and say what is there.
+
+Incremental: a shard whose manifest matches its input (path, size, mtime or dataset fingerprint)
+and the tokenizer is kept, so re-running after a kill finishes only the missing shards and adding a
+file to a source tokenises only that file. Shards are shared between sources listing the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from moe_lm.data.files import check_file, file_format, file_pieces, resolve_files, setting
+from moe_lm.data.hf_sources import dataset_pieces
+from moe_lm.data.store import (
+    Piece,
+    ShardJob,
+    clean_temporaries,
+    foreign_tokenizer_error,
+    input_identity,
+    shard_name,
+    shard_status,
+    store_lock,
+    token_dtype,
+    write_shard,
+)
+from moe_lm.errors import UserError
+
+if TYPE_CHECKING:
+    from moe_lm.config import Config
+    from moe_lm.data.sources import SourceSpec
+    from moe_lm.data.tokenizer import Tokenizer
+
+
+def store_dir(cfg: Config) -> Path:
+    return Path(cfg.data.cache_dir) / "store"
+
+
+@dataclass
+class PreparedSource:
+    """A source's shards in stream order, with their manifests."""
+
+    spec: SourceSpec
+    names: list[str]
+    manifests: list[dict[str, Any]] = field(default_factory=list)
+    empty_files: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return sum(m["tokens"] for m in self.manifests)
+
+    @property
+    def documents(self) -> int:
+        return sum(m["documents"] for m in self.manifests)
+
+
+def plan_shards(spec: SourceSpec) -> tuple[list[tuple[str, Piece]], int]:
+    """(shard name, piece) in stream order, and the number of empty files skipped."""
+    pieces: list[Piece] = []
+    empty: list[Path] = []
+    if spec.dataset is not None:
+        pieces += dataset_pieces(spec.dataset)
+    else:
+        files = resolve_files(list(spec.files), spec.key)
+        for path in files:
+            if path.stat().st_size == 0:
+                empty.append(path)
+                continue
+            fmt = file_format(path, spec.fmt, spec.key)
+            check_file(path, fmt, spec.text_field, spec.key)
+            pieces += file_pieces(path, fmt, spec.text_field, spec.key)
+        if not pieces:
+            first = (
+                f"'{empty[0]}' is empty"
+                if len(empty) == 1
+                else f"all {len(empty)} files are empty ('{empty[0]}', ...)"
+            )
+            raise UserError(f"{spec.key}: {first}; remove it from {spec.key} or add text")
+    return [(shard_name(p), p) for p in pieces], len(empty)
+
+
+def _no_text(source: PreparedSource) -> UserError:
+    spec = source.spec
+    what = f"field '{spec.text_field}'" if spec.dataset or spec.fmt != "text" else "its files"
+    return UserError(
+        f"{spec.key}: no text in {what} (every record is empty or null); "
+        f"remove the source or set {setting(spec.key, 'text_field')}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers
+
+
+_STATE: dict[str, Any] = {}
+
+
+def _init_worker(model_bytes: bytes, vocab_size: int, counters: Any) -> None:
+    from moe_lm.data.tokenizer import Tokenizer
+
+    _STATE.update(tokenizer=Tokenizer(model_bytes), dtype=token_dtype(vocab_size), counters=counters)
+
+
+def _progress(nbytes: int, ntokens: int) -> None:
+    done_bytes, done_tokens = _STATE["counters"]
+    with done_bytes.get_lock():
+        done_bytes.value += nbytes
+        done_tokens.value += ntokens
+
+
+def _run(job: ShardJob) -> tuple[str, dict[str, Any]]:
+    return job.name, write_shard(job, _STATE["tokenizer"], _STATE["dtype"], _progress)
+
+
+def _tokenise(jobs: list[ShardJob], tokenizer: Tokenizer, num_proc: int, total_bytes: int) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    # spawn, not fork: the caller may be a training process with threads (OpenMP, gloo) running.
+    ctx = multiprocessing.get_context("spawn")
+    counters = (ctx.Value("q", 0), ctx.Value("q", 0))
+    workers = min(num_proc, len(jobs))
+    bar = tqdm(
+        total=total_bytes,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=f"tokenising {len(jobs)} shard(s), {workers} worker(s)",
+        disable=not sys.stderr.isatty(),
+        dynamic_ncols=True,
+    )
+    results: dict[str, Any] = {}
+
+    def update() -> None:
+        bar.n = counters[0].value
+        bar.set_postfix_str(f"{counters[1].value / 1e6:.1f}M tokens", refresh=True)
+
+    try:
+        if workers <= 1:
+            _init_worker(tokenizer.model_bytes, tokenizer.vocab_size, counters)
+            for job in jobs:
+                name, manifest = _run(job)
+                results[name] = manifest
+                update()
+        else:
+            with ctx.Pool(
+                workers, _init_worker, (tokenizer.model_bytes, tokenizer.vocab_size, counters)
+            ) as pool:
+                it = pool.imap_unordered(_run, jobs)
+                while len(results) < len(jobs):
+                    try:
+                        name, manifest = it.next(timeout=0.5)
+                        results[name] = manifest
+                    except multiprocessing.TimeoutError:
+                        pass
+                    update()
+                pool.close()  # the workers exit on their own and are reaped (an error terminates them)
+                pool.join()
+    finally:
+        bar.close()
+        _STATE.clear()
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry point
+
+
+def prepare_sources(
+    cfg: Config,
+    tokenizer: Tokenizer,
+    specs: list[SourceSpec],
+    *,
+    rebuild_damaged: bool = False,
+    verify: bool = False,
+) -> list[PreparedSource]:
+    """Make sure the store holds every shard of `specs`; returns them in order.
+
+    A damaged shard (size or checksum) is rebuilt only when `rebuild_damaged` (`moe-lm data
+    prepare`); otherwise it is an error, so training never silently re-tokenises what might be a
+    failing disk. A shard made by another tokenizer is always an error: nothing prepared is lost.
+    """
+    store = store_dir(cfg)
+    shard_dir = store / "shards"
+    planned = []
+    for spec in specs:
+        shards, empty = plan_shards(spec)
+        planned.append((spec, shards, empty))
+    with store_lock(store):
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        clean_temporaries(shard_dir)
+        manifests: dict[str, dict[str, Any]] = {}
+        jobs: dict[str, ShardJob] = {}
+        total_bytes = 0
+        for spec, shards, _ in planned:
+            for name, piece in shards:
+                if name in manifests or name in jobs:
+                    continue
+                identity = input_identity(piece)
+                status, manifest = shard_status(shard_dir, name, identity, tokenizer.fingerprint, verify)
+                if status == "ok" and manifest is not None:
+                    manifests[name] = manifest
+                    continue
+                if status == "foreign" and manifest is not None:
+                    raise foreign_tokenizer_error(store, name, manifest, tokenizer)
+                if status.startswith("damaged"):
+                    if not rebuild_damaged:
+                        raise UserError(
+                            f"store shard '{shard_dir / name}' is {status} (from {spec.key}); run "
+                            "`moe-lm data prepare CONFIG` to rebuild it"
+                        )
+                    print(f"rebuilding shard {name}: {status}", file=sys.stderr, flush=True)
+                jobs[name] = ShardJob(piece, str(shard_dir), name, identity)
+                total_bytes += _piece_bytes(piece)
+        if jobs:
+            start = time.perf_counter()
+            print(f"preparing {store}: {len(jobs)} shard(s) to tokenise", flush=True)
+            # largest first, so no worker is left with a big shard at the end
+            ordered = sorted(jobs.values(), key=lambda j: -_piece_bytes(j.piece))
+            built = _tokenise(ordered, tokenizer, cfg.data.num_proc, total_bytes)
+            manifests.update(built)
+            seconds = time.perf_counter() - start
+            tokens = sum(m["tokens"] for m in built.values())
+            print(
+                f"tokenised {tokens:,} tokens from {total_bytes / 2**20:,.1f} MiB in {seconds:.1f} s "
+                f"({total_bytes / 2**20 / max(seconds, 1e-9):.1f} MiB/s, {tokens / max(seconds, 1e-9):,.0f} tokens/s)",
+                flush=True,
+            )
+        prepared = []
+        for spec, shards, empty in planned:
+            src = PreparedSource(spec, [n for n, _ in shards], [manifests[n] for n, _ in shards], empty)
+            if src.tokens == 0:
+                raise _no_text(src)
+            if empty:
+                print(f"{spec.key}: skipped {empty} empty file(s)", file=sys.stderr, flush=True)
+            prepared.append(src)
+        _write_manifest(store, tokenizer, prepared)
+    return prepared
+
+
+def _piece_bytes(piece: Piece) -> int:
+    from moe_lm.data.files import FilePiece
+
+    return piece.end - piece.start if isinstance(piece, FilePiece) else 0
+
+
+def _write_manifest(store: Path, tokenizer: Tokenizer, prepared: list[PreparedSource]) -> None:
+    """STORE/MANIFEST.json: per source name its shards and counts (merged with earlier entries)."""
+    path = store / "MANIFEST.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = {}
+    sources = data.get("sources", {})
+    for src in prepared:
+        sources[src.spec.key] = {
+            "name": src.spec.name,
+            "input": list(src.spec.files) or (src.spec.dataset.dataset if src.spec.dataset else None),
+            "shards": src.names,
+            "tokens": src.tokens,
+            "documents": src.documents,
+        }
+    data = {
+        "tokenizer": tokenizer.fingerprint,
+        "dtype": token_dtype(tokenizer.vocab_size).name,
+        "sources": sources,
+    }
+    tmp = path.with_name(f"MANIFEST.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.rename(path)
+
+
+__all__ = ["PreparedSource", "plan_shards", "prepare_sources", "store_dir"]

@@ -1,0 +1,112 @@
+"""The run config's data section as resolved source specs: what to read, under which name and key.
+
+`data.train_files` / `val_files` / `val_fraction` is the one-source shorthand: a training source
+named "corpus" whose validation set ("corpus") is `val_files`, or else the last `val_fraction` of
+its blocks. `data.sources` names a mixture; each source's validation set has the source's name;
+`data.val_sources` adds validation-only sets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from moe_lm.data.hf_sources import DatasetSpec
+
+if TYPE_CHECKING:
+    from moe_lm.config import Config, SourceConfig
+
+SHORTHAND = "corpus"
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    name: str
+    key: str  # the setting listing its input, for messages ("data.train_files", "data.sources.web.files")
+    files: tuple[str, ...]
+    dataset: DatasetSpec | None
+    fmt: str
+    text_field: str
+    weight: float = 1.0
+    streaming: bool = False
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    train: tuple[SourceSpec, ...]
+    holdout: dict[str, float]  # validation set NAME = the last fraction of training source NAME's blocks
+    val: dict[str, SourceSpec]  # validation sets read from their own files / datasets
+
+    @property
+    def val_names(self) -> list[str]:
+        return [*self.holdout, *self.val]
+
+    def prepared(self) -> list[SourceSpec]:
+        """Every spec the store must hold (streaming sources are read while training)."""
+        return [s for s in (*self.train, *self.val.values()) if not s.streaming]
+
+
+def _spec(
+    name: str, prefix: str, src: SourceConfig, cfg: Config, files: list[str] | None = None
+) -> SourceSpec:
+    d = cfg.data
+    text_field = src.text_field or d.text_field
+    if files is not None:  # a source's val_files
+        return SourceSpec(name, f"{prefix}.val_files", tuple(files), None, src.format or d.format, text_field)
+    dataset = None
+    if src.dataset:
+        dataset = DatasetSpec(src.dataset, src.dataset_config, src.split, text_field, f"{prefix}.dataset")
+    return SourceSpec(
+        name,
+        f"{prefix}.files" if src.files else f"{prefix}.dataset",
+        tuple(src.files),
+        dataset,
+        src.format or d.format,
+        text_field,
+        src.weight,
+        src.streaming,
+    )
+
+
+def data_plan(cfg: Config) -> DataPlan:
+    d = cfg.data
+    val: dict[str, SourceSpec] = {}
+    holdout: dict[str, float] = {}
+    train: tuple[SourceSpec, ...]
+    if not d.sources:
+        train = (
+            SourceSpec(SHORTHAND, "data.train_files", tuple(d.train_files), None, d.format, d.text_field),
+        )
+        if d.val_files:
+            val[SHORTHAND] = SourceSpec(
+                SHORTHAND, "data.val_files", tuple(d.val_files), None, d.format, d.text_field
+            )
+        elif d.val_fraction > 0:
+            holdout[SHORTHAND] = d.val_fraction
+    else:
+        specs = []
+        for name, src in d.sources.items():
+            prefix = f"data.sources.{name}"
+            specs.append(_spec(name, prefix, src, cfg))
+            if src.val_files:
+                val[name] = _spec(name, prefix, src, cfg, files=src.val_files)
+                continue
+            default = 0.0 if src.streaming else d.val_fraction
+            fraction = src.val_fraction if src.val_fraction is not None else default
+            if fraction > 0:
+                holdout[name] = fraction
+        train = tuple(specs)
+    for name, src in d.val_sources.items():
+        val[name] = _spec(name, f"data.val_sources.{name}", src, cfg)
+    return DataPlan(train, holdout, val)
+
+
+def eval_plan(cfg: Config, files: list[str]) -> DataPlan:
+    """`moe-lm eval --data FILE...`: one validation set named "data" from these files."""
+    d = cfg.data
+    return DataPlan(
+        (), {}, {"data": SourceSpec("data", "--data", tuple(files), None, d.format, d.text_field)}
+    )
+
+
+__all__ = ["SHORTHAND", "DataPlan", "SourceSpec", "data_plan", "eval_plan"]
