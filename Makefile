@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup train train-ep2 test check lint bench gpu-check clean
+.PHONY: setup train train-ep2 test check lint bench bench-setup gpu-check clean
 
 setup: $(STAMP)
 
@@ -50,7 +50,13 @@ lint: setup
 
 check: lint test
 
+# Optional: the other frameworks bench_peers.py compares against (it skips any that is missing).
+bench-setup: setup
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m pip install -q --no-deps torchtitan==0.3.0 ai2-olmo-core==3.0.0
+
 bench: setup
+	$(PY) scripts/bench_peers.py
 	$(PY) scripts/bench_moe_layer.py
 	$(PY) scripts/bench_train.py
 	$(PY) scripts/bench_scaling.py

@@ -58,6 +58,9 @@ def header(device: str) -> str:
         lines[-1] += f", transformers {transformers.__version__}"
     except ImportError:
         pass
+    omp = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if k in os.environ}
+    if omp:
+        lines[-1] += ", " + " ".join(f"{k}={v}" for k, v in omp.items())
     if device == "cuda" and torch.cuda.is_available():
         lines.append(f"gpu: {torch.cuda.get_device_name()}")
     if hasattr(os, "getloadavg"):
@@ -71,6 +74,23 @@ def header(device: str) -> str:
             )
     lines.append("command: " + shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]))
     return "\n".join(lines)
+
+
+def keep_freed_memory() -> str:
+    """glibc settings of `make train` (its TRAIN_ENV), set from inside the process: large freed blocks
+    stay in the heap instead of going back to the OS, so a tensor allocated again next step does not
+    fault its pages in again. Without it, which candidate ran before which changes what everyone's
+    allocations cost (one that frees a lot warms the heap for the next), so timings depend on the
+    order and on the set of candidates. Returns a line for the header."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        # M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD
+        done = [libc.mallopt(p, v) for p, v in ((-1, 1 << 30), (-2, 256 << 20), (-3, 1 << 30))]
+    except (OSError, AttributeError):
+        return "allocator: default (not glibc)"
+    return "allocator: glibc keeps freed memory, as make train" if all(done) else "allocator: default"
 
 
 def sync(device: str) -> None:
@@ -92,22 +112,30 @@ def time_alternating(
     clock_kind: str = "wall",
 ) -> dict[str, float]:
     """Median seconds per call of each fn, run round-robin with a rotating start."""
-    now = clock(clock_kind)
+    both = time_both_clocks(fns, rounds, warmup, device)
+    return {name: t[clock_kind] for name, t in both.items()}
+
+
+def time_both_clocks(
+    fns: Mapping[str, Callable[[], object]], rounds: int, warmup: int, device: str = "cpu"
+) -> dict[str, dict[str, float]]:
+    """{name: {"wall": s, "cpu": s}}: medians over rounds of one call each, in rotating order."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
             fns[name]()
     sync(device)
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    samples: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
     for r in range(rounds):
         for i in range(len(names)):
             name = names[(r + i) % len(names)]
             sync(device)
-            t0 = now()
+            w0, c0 = time.perf_counter(), time.process_time()
             fns[name]()
             sync(device)
-            samples[name].append(now() - t0)
-    return {name: statistics.median(s) for name, s in samples.items()}
+            samples[name]["wall"].append(time.perf_counter() - w0)
+            samples[name]["cpu"].append(time.process_time() - c0)
+    return {n: {k: statistics.median(v) for k, v in s.items()} for n, s in samples.items()}
 
 
 def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

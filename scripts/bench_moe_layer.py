@@ -19,7 +19,7 @@ import argparse
 from collections.abc import Callable
 
 import torch
-from _bench_common import DTYPES, header, markdown_table, set_threads, time_alternating
+from _bench_common import DTYPES, header, keep_freed_memory, markdown_table, set_threads, time_alternating
 from torch import nn
 
 from moe_lm.config import ModelConfig
@@ -44,6 +44,7 @@ def parse_args() -> argparse.Namespace:
         "--clock", default="wall", choices=["wall", "cpu"], help="cpu: process CPU time (busy machine)"
     )
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--default-malloc", action="store_true", help="leave glibc's allocator settings alone")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args()
     if a.quick:
@@ -123,7 +124,8 @@ def bench_one(a: argparse.Namespace, tokens: int, experts: int, k: int) -> list[
 def main() -> None:
     a = parse_args()
     set_threads(a.threads)
-    print(header(a.device))
+    malloc = "allocator: default" if a.default_malloc else keep_freed_memory()
+    print(header(a.device) + "\n" + malloc)
     print(
         f"hidden {a.hidden}, active intermediate {a.active_intermediate} (= k x expert intermediate), "
         f"{a.dtype} on {a.device}{', compiled' if a.compile else ''}; fwd + bwd; median of rounds, {a.clock} clock\n"

@@ -27,6 +27,7 @@ from _bench_common import (
     MIB,
     child_report,
     header,
+    keep_freed_memory,
     markdown_table,
     peak_rss,
     reset_peak_rss,
@@ -70,6 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--clock", default="wall", choices=["wall", "cpu"], help="cpu: process CPU time (busy machine)"
     )
     p.add_argument("--no-memory", action="store_true", help="skip the per-implementation memory runs")
+    p.add_argument(
+        "--train-malloc",
+        action="store_true",
+        help="time with make train's glibc settings (freed memory kept; both models benefit)",
+    )
     p.add_argument("--child-mem-gb", type=float, default=8.0, help="address-space cap of a CPU memory run")
     p.add_argument("--quick", action="store_true", help="tiny config and few steps: a smoke test")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
@@ -210,15 +216,48 @@ def step_flops(cfg: ModelConfig, batch_size: int, seq: int) -> float:
     return 3 * 2 * (per_token * batch_size * seq + scores)
 
 
-def gemm_rate(device: str, dtype: torch.dtype, tokens: int, hidden: int, clock_kind: str) -> float:
-    """FLOP/s of one plain [tokens, H] x [H, 4H] GEMM right now, for the roofline line."""
-    a = torch.randn(tokens, hidden, device=device, dtype=dtype)
-    b = torch.randn(hidden, 4 * hidden, device=device, dtype=dtype)
-    out = torch.empty(tokens, 4 * hidden, device=device, dtype=dtype)
-    secs = time_alternating(
-        {"mm": lambda: torch.mm(a, b, out=out)}, rounds=15, warmup=3, device=device, clock_kind=clock_kind
-    )
-    return 2 * tokens * hidden * 4 * hidden / secs["mm"]
+def step_gemms(cfg: ModelConfig, tokens: int, seq: int) -> list[tuple[int, int, int, int]]:
+    """(count, M, K, N) of every forward matmul of one step; experts get tokens * k / E rows each."""
+    h, hd, layers = cfg.hidden_size, cfg.resolved_head_dim, cfg.num_layers
+    rows = max(1, tokens * cfg.top_k // cfg.num_experts)
+    inter = cfg.expert_intermediate_size
+    per_layer = [
+        (1, tokens, h, hd * (cfg.num_heads + 2 * cfg.num_kv_heads)),  # q, k, v projections
+        (1, tokens, hd * cfg.num_heads, h),  # output projection
+        (1, tokens, h, cfg.num_experts),  # router
+        (cfg.num_experts, rows, h, 2 * inter),  # expert gate/up
+        (cfg.num_experts, rows, inter, h),  # expert down
+        # causal attention scores and values: half of [seq, hd] x [hd, seq] per (sequence, head)
+        (tokens // seq * cfg.num_heads, seq // 2, hd, seq),
+        (tokens // seq * cfg.num_heads, seq // 2, seq, hd),
+    ]
+    return [(c * layers, m, k, n) for c, m, k, n in per_layer] + [(1, tokens, h, cfg.vocab_size)]
+
+
+def gemm_probe(
+    cfg: ModelConfig, tokens: int, seq: int, device: str, dtype: torch.dtype, clock_kind: str
+) -> float:
+    """Seconds that the step's matmuls take as plain GEMMs, each alone on warm buffers.
+
+    Every forward matmul [M, K] x [K, N] is timed with its two backward ones ([M, N] x [N, K] and
+    [K, M] x [M, N]). What a step takes beyond this is everything else: attention softmax, norms,
+    element-wise ops, routing, memory traffic between ops, the optimizer. The probe moves with the
+    machine (BLAS build, cache sizes, other load), so the speed-up over transformers is printed
+    beside it.
+    """
+    total, flops = 0.0, 0.0
+    for count, m, k, n in step_gemms(cfg, tokens, seq):
+        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+        g = torch.randn(m, n, device=device, dtype=dtype)
+        fns = {
+            "fwd": lambda a=a, b=b: torch.mm(a, b),
+            "dA": lambda g=g, b=b: torch.mm(g, b.t()),
+            "dB": lambda a=a, g=g: torch.mm(a.t(), g),
+        }
+        secs = time_alternating(fns, rounds=5, warmup=1, device=device, clock_kind=clock_kind)
+        total += count * sum(secs.values())
+        flops += count * 3 * 2 * m * k * n
+    return total, flops
 
 
 def cpu_memory(a: argparse.Namespace, kinds: list[str], skipped: dict[str, str]) -> dict[str, float]:
@@ -287,11 +326,12 @@ def report(
         print(
             f"\nmoe_lm / best transformers ({best}): {secs[best] / secs[OURS]:.2f}x tokens/s, {ratio_m} peak memory"
         )
-    rate = gemm_rate(a.device, DTYPES[a.dtype], tokens, cfg.hidden_size, a.clock)
+    probe, probe_flops = gemm_probe(cfg, tokens, a.seq, a.device, DTYPES[a.dtype], a.clock)
     print(
-        f"roofline: {flops / 1e9:.1f} GFLOP of matmuls per step; a plain {tokens}x{cfg.hidden_size}x"
-        f"{4 * cfg.hidden_size} GEMM runs at {rate / 1e9:.0f} GFLOP/s here, so no step can take less than "
-        f"~{flops / rate * 1e3:.0f} ms ({tokens * rate / flops:,.0f} tokens/s)."
+        f"GEMM probe: the step's {probe_flops / 1e9:.1f} GFLOP of matmuls, run alone as plain GEMMs, take "
+        f"{probe * 1e3:.0f} ms here ({probe_flops / probe / 1e9:.0f} GFLOP/s); a step takes "
+        + ", ".join(f"{'hf ' if k != OURS else ''}{k} {secs[k] / probe:.2f}x" for k in secs)
+        + " that. The speed-up over transformers depends on the machine: compare it with this probe."
     )
     if a.device == "cpu":
         print(
@@ -306,7 +346,8 @@ def main() -> None:
     if a._child:
         child_main(a)
         return
-    print(header(a.device))
+    malloc = keep_freed_memory() if a.train_malloc else "allocator: default (--train-malloc: as make train)"
+    print(header(a.device) + "\n" + malloc)
     cfg = model_config(a)
     print(
         f"config: hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, {cfg.num_layers} layers, "

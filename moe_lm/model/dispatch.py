@@ -79,8 +79,8 @@ class LocalDispatcher:
         capacity: int | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         plan = plan_routing(topk_idx_TK, num_experts, capacity)
-        if isinstance(experts, Experts) and not experts.uses_grouped_mm(x_TH):
-            # Gather, experts and weighted combine in one Function: no [k*T, H] temporaries.
+        if isinstance(experts, Experts):
+            # Gather, experts and weighted combine in one Function: the least saved for backward.
             weight_S = topk_weight_TK.t().reshape(-1)[plan.order]
             return experts.forward_combined(x_TH, plan.token_idx, plan.counts_E, weight_S), plan.dropped
         y_SH = experts(x_TH[plan.token_idx], plan.counts_E)

@@ -10,19 +10,28 @@ On CPU the experts run as a loop of per-expert GEMMs inside hand-written autogra
 - only the gate/up pre-activation h [N, 2I] is saved; silu(gate) * up is recomputed in backward
   (one elementwise pass), instead of autograd keeping silu(gate) and the product as well.
 - `forward_combined` (used by LocalDispatcher) also fuses the gather of tokens and the weighted
-  scatter back: it saves neither the gathered input nor the expert output, and works on one
-  expert's rows at a time in small reused buffers, so no [k*T, H] temporary exists at all. Big
+  scatter back: it saves neither the gathered input nor the expert output, and works on groups of
+  at most GROUP_ROWS rows in small reused buffers, so no [k*T, H] temporary exists at all. Big
   short-lived tensors are expensive on CPU: each one is a fresh mmap whose pages fault in.
+- with several torch threads, slices of whole experts run side by side, one thread each
+  (expert_threads.py).
+On CUDA with bf16, `impl="auto"` takes grouped_experts.py instead: the same memory plan around
+`torch._grouped_mm`, one kernel per GEMM. On CPU the loop is the faster of the two at every shape
+scripts/bench_peers.py measures, with 1 and 2 threads.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from moe_lm.model.expert_threads import run_sliced
+from moe_lm.model.grouped_experts import grouped_gather_experts_combine
 
 
 def _grouped_mm_available(x: torch.Tensor, hidden: int, inter: int) -> bool:
@@ -37,10 +46,12 @@ def _silu_mul(h_N2I: torch.Tensor, inter: int) -> torch.Tensor:
     return F.silu(h_N2I[:, :inter]) * h_N2I[:, inter:]
 
 
-# Rows per elementwise pass. Experts sorted next to each other are processed as one group of
-# contiguous rows: enough rows that per-op overhead (dispatch, OpenMP fork/join) is amortised when
-# experts are small (many experts, few tokens), few enough that the scratch buffers stay small and
-# are reused (a big short-lived tensor is a fresh mmap whose pages fault in on CPU).
+# Rows per pass (at most). Experts sorted next to each other are processed as one group of contiguous rows,
+# and an expert with more rows is split over several groups: enough rows that per-op overhead
+# (dispatch, OpenMP fork/join) is amortised when experts are small (many experts, few tokens), few
+# enough that a group's activations stay in cache between the GEMM that writes them and the
+# elementwise passes that read them, and that the scratch buffers stay small and are reused (a big
+# short-lived tensor is a fresh mmap whose pages fault in on CPU).
 GROUP_ROWS = 1024
 
 
@@ -48,20 +59,23 @@ GROUP_ROWS = 1024
 class _Group:
     start: int  # first row, in expert-sorted order
     rows: int
-    experts: list[tuple[int, int, int]]  # (expert, first row within the group, rows)
+    # (expert, first row within the group, rows, whether these are the expert's first rows): an
+    # expert's later pieces accumulate into its weight gradient instead of overwriting it.
+    experts: list[tuple[int, int, int, bool]]
 
 
 def _groups(counts: list[int]) -> list[_Group]:
     groups: list[_Group] = []
     start = 0
     for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        if not groups or groups[-1].rows >= GROUP_ROWS:
-            groups.append(_Group(start, 0, []))
-        groups[-1].experts.append((e, groups[-1].rows, n))
-        groups[-1].rows += n
-        start += n
+        pieces = -(-n // GROUP_ROWS)  # equal pieces: no sliver of a few rows with a slow GEMM
+        for p in range(pieces):
+            take = n * (p + 1) // pieces - n * p // pieces
+            if not groups or groups[-1].rows + take > GROUP_ROWS:
+                groups.append(_Group(start, 0, []))
+            groups[-1].experts.append((e, groups[-1].rows, take, p == 0))
+            groups[-1].rows += take
+            start += take
     return groups
 
 
@@ -80,12 +94,20 @@ def _group_forward(
 ) -> torch.Tensor:  # fmt: skip
     """y = down(silu(gate) * up) for a group's rows; h (saved for backward) and y written in place."""
     inter = act_nI.shape[-1]
-    for e, o, n in grp.experts:
+    for e, o, n, _ in grp.experts:
         torch.mm(x_nH[o : o + n], w_gu[e].t(), out=h_n2I[o : o + n])
     torch.ops.aten.silu.out(h_n2I[:, :inter], out=act_nI).mul_(h_n2I[:, inter:])
-    for e, o, n in grp.experts:
+    for e, o, n, _ in grp.experts:
         torch.mm(act_nI[o : o + n], w_down[e].t(), out=y_nH[o : o + n])
     return y_nH
+
+
+def _into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """out = a @ b for an expert's first rows, out += a @ b for the rest."""
+    if first:
+        torch.mm(a, b, out=out)
+    else:
+        out.addmm_(a, b)
 
 
 def _group_backward(
@@ -102,7 +124,7 @@ def _group_backward(
     silu, act, dact, dh = buf.silu_nI[:m], buf.act_nI[:m], buf.dact_nI[:m], buf.dh_n2I[:m]
     torch.ops.aten.silu.out(h_n2I[:, :inter], out=silu)
     torch.mul(silu, h_n2I[:, inter:], out=act)  # recomputed instead of saved
-    for e, o, n in grp.experts:
+    for e, o, n, _ in grp.experts:
         torch.mm(g_nH[o : o + n], w_down[e], out=dact[o : o + n])  # gradient of the unweighted activation
     if dweight_n is not None:
         # d out / d weight_s = <g_s, y_s> = <g_s @ W_down, act_s>: y itself is never kept.
@@ -111,16 +133,16 @@ def _group_backward(
         act.mul_(weight_n1)
         dact.mul_(weight_n1)
     if dw_down is not None:
-        for e, o, n in grp.experts:
-            torch.mm(g_nH[o : o + n].t(), act[o : o + n], out=dw_down[e])
+        for e, o, n, first in grp.experts:
+            _into(dw_down[e], g_nH[o : o + n].t(), act[o : o + n], first)
     # SwiGLU backward into the two halves of dh.
     torch.mul(dact, silu, out=dh[:, inter:])
     dact.mul_(h_n2I[:, inter:])
     torch.ops.aten.silu_backward.grad_input(dact, h_n2I[:, :inter], grad_input=dh[:, :inter])
-    for e, o, n in grp.experts:
+    for e, o, n, first in grp.experts:
         if dw_gu is not None:
             assert x_nH is not None
-            torch.mm(dh[o : o + n].t(), x_nH[o : o + n], out=dw_gu[e])
+            _into(dw_gu[e], dh[o : o + n].t(), x_nH[o : o + n], first)
         if dx_nH is not None:
             torch.mm(dh[o : o + n], w_gu[e], out=dx_nH[o : o + n])
 
@@ -140,8 +162,21 @@ def _grad_buffers(
     return grads[0], grads[1]
 
 
-def _max_rows(groups: list[_Group]) -> int:
+def _max_rows(groups: Sequence[_Group]) -> int:
     return max((g.rows for g in groups), default=0)
+
+
+def _sliced(
+    groups: list[_Group], part: Callable[[Sequence[_Group], torch.Tensor | None], None],
+    make_acc: Callable[[], torch.Tensor | None], device: torch.device,
+) -> torch.Tensor | None:  # fmt: skip
+    """part over all groups; on CPU with several threads, slices of whole experts side by side."""
+    if device.type != "cpu":
+        acc = make_acc()
+        part(groups, acc)
+        return acc
+    starts = [g.experts[0][3] for g in groups]  # a cut here keeps every expert in one slice
+    return run_sliced(groups, starts, [g.rows for g in groups], part, make_acc)
 
 
 class _LoopExperts(torch.autograd.Function):
@@ -155,10 +190,16 @@ class _LoopExperts(torch.autograd.Function):
         groups = _groups(counts)
         h_N2I = x_NH.new_empty(x_NH.shape[0], 2 * inter)
         y_NH = x_NH.new_empty(x_NH.shape)
-        act_nI = x_NH.new_empty(_max_rows(groups), inter)
-        for g in groups:
-            rows = slice(g.start, g.start + g.rows)
-            _group_forward(g, x_NH[rows], w_gu_E2IH, w_down_EHI, h_N2I[rows], act_nI[: g.rows], y_NH[rows])
+
+        def part(gs: Sequence[_Group], _: torch.Tensor | None) -> None:
+            act_nI = x_NH.new_empty(_max_rows(gs), inter)
+            for g in gs:
+                rows = slice(g.start, g.start + g.rows)
+                _group_forward(
+                    g, x_NH[rows], w_gu_E2IH, w_down_EHI, h_N2I[rows], act_nI[: g.rows], y_NH[rows]
+                )
+
+        _sliced(groups, part, lambda: None, x_NH.device)
         ctx.save_for_backward(x_NH, h_N2I, w_gu_E2IH, w_down_EHI)
         ctx.counts = counts
         return y_NH
@@ -169,15 +210,19 @@ class _LoopExperts(torch.autograd.Function):
         counts: list[int] = ctx.counts
         groups = _groups(counts)
         dy_NH = dy_NH.contiguous()
-        buf = _Buffers(x_NH, _max_rows(groups), 0, w_down.shape[-1])
         dx_NH = torch.empty_like(x_NH) if ctx.needs_input_grad[0] else None
         dw_gu, dw_down = _grad_buffers(ctx, w_gu, w_down, counts)
-        for g in groups:
-            rows = slice(g.start, g.start + g.rows)
-            _group_backward(
-                g, dy_NH[rows], x_NH[rows], h_N2I[rows], w_gu, w_down, buf, None, None, dw_gu, dw_down,
-                None if dx_NH is None else dx_NH[rows],
-            )  # fmt: skip
+
+        def part(gs: Sequence[_Group], _: torch.Tensor | None) -> None:
+            buf = _Buffers(x_NH, _max_rows(gs), 0, w_down.shape[-1])
+            for g in gs:
+                rows = slice(g.start, g.start + g.rows)
+                _group_backward(
+                    g, dy_NH[rows], x_NH[rows], h_N2I[rows], w_gu, w_down, buf, None, None, dw_gu, dw_down,
+                    None if dx_NH is None else dx_NH[rows],
+                )  # fmt: skip
+
+        _sliced(groups, part, lambda: None, x_NH.device)
         return dx_NH, dw_gu, dw_down, None
 
 
@@ -199,15 +244,20 @@ class _GatherExpertsCombine(torch.autograd.Function):
     ) -> torch.Tensor:
         inter = w_down_EHI.shape[-1]
         groups = _groups(counts)
-        buf = _Buffers(x_TH, _max_rows(groups), x_TH.shape[-1], inter)
         h_S2I = x_TH.new_empty(token_idx_S.shape[0], 2 * inter)
-        out_TH = torch.zeros_like(x_TH)
         w_S1 = weight_S.to(x_TH.dtype)[:, None]
-        for g in groups:
-            rows, m = slice(g.start, g.start + g.rows), g.rows
-            x_n = torch.index_select(x_TH, 0, token_idx_S[rows], out=buf.a_nH[:m])
-            y_n = _group_forward(g, x_n, w_gu_E2IH, w_down_EHI, h_S2I[rows], buf.act_nI[:m], buf.b_nH[:m])
-            out_TH.index_add_(0, token_idx_S[rows], y_n.mul_(w_S1[rows]))
+
+        def part(gs: Sequence[_Group], out_TH: torch.Tensor | None) -> None:
+            assert out_TH is not None
+            buf = _Buffers(x_TH, _max_rows(gs), x_TH.shape[-1], inter)
+            for g in gs:
+                rows, m = slice(g.start, g.start + g.rows), g.rows
+                x_n = torch.index_select(x_TH, 0, token_idx_S[rows], out=buf.a_nH[:m])
+                y_n = _group_forward(g, x_n, w_gu_E2IH, w_down_EHI, h_S2I[rows], buf.act_nI[:m], buf.b_nH[:m])
+                out_TH.index_add_(0, token_idx_S[rows], y_n.mul_(w_S1[rows]))
+
+        out_TH = _sliced(groups, part, lambda: torch.zeros_like(x_TH), x_TH.device)
+        assert out_TH is not None
         ctx.save_for_backward(x_TH, w_gu_E2IH, w_down_EHI, weight_S, token_idx_S, h_S2I)
         ctx.counts = counts
         return out_TH
@@ -218,23 +268,27 @@ class _GatherExpertsCombine(torch.autograd.Function):
         counts: list[int] = ctx.counts
         groups = _groups(counts)
         g_TH = g_TH.contiguous()
-        buf = _Buffers(x_TH, _max_rows(groups), x_TH.shape[-1], w_down.shape[-1])
-        dx_TH = torch.zeros_like(x_TH) if ctx.needs_input_grad[0] else None
         dw_gu, dw_down = _grad_buffers(ctx, w_gu, w_down, counts)
         dweight_S = x_TH.new_empty(weight_S.shape) if ctx.needs_input_grad[3] else None
         w_S1 = weight_S.to(x_TH.dtype)[:, None]
-        for g in groups:
-            rows, m = slice(g.start, g.start + g.rows), g.rows
-            idx = token_idx_S[rows]
-            g_n = torch.index_select(g_TH, 0, idx, out=buf.a_nH[:m])
-            x_n = None if dw_gu is None else torch.index_select(x_TH, 0, idx, out=buf.b_nH[:m])
-            _group_backward(
-                g, g_n, x_n, h_S2I[rows], w_gu, w_down, buf, w_S1[rows],
-                None if dweight_S is None else dweight_S[rows], dw_gu, dw_down,
-                None if dx_TH is None else g_n,  # dx rows overwrite g rows, then scatter-add
-            )  # fmt: skip
-            if dx_TH is not None:
-                dx_TH.index_add_(0, idx, g_n)
+
+        def part(gs: Sequence[_Group], dx_TH: torch.Tensor | None) -> None:
+            buf = _Buffers(x_TH, _max_rows(gs), x_TH.shape[-1], w_down.shape[-1])
+            for g in gs:
+                rows, m = slice(g.start, g.start + g.rows), g.rows
+                idx = token_idx_S[rows]
+                g_n = torch.index_select(g_TH, 0, idx, out=buf.a_nH[:m])
+                x_n = None if dw_gu is None else torch.index_select(x_TH, 0, idx, out=buf.b_nH[:m])
+                _group_backward(
+                    g, g_n, x_n, h_S2I[rows], w_gu, w_down, buf, w_S1[rows],
+                    None if dweight_S is None else dweight_S[rows], dw_gu, dw_down,
+                    None if dx_TH is None else g_n,  # dx rows overwrite g rows, then scatter-add
+                )  # fmt: skip
+                if dx_TH is not None:
+                    dx_TH.index_add_(0, idx, g_n)
+
+        need_dx = ctx.needs_input_grad[0]
+        dx_TH = _sliced(groups, part, lambda: torch.zeros_like(x_TH) if need_dx else None, x_TH.device)
         if dweight_S is not None:
             dweight_S = dweight_S.to(weight_S.dtype)
         return dx_TH, dw_gu, dw_down, dweight_S, None, None
@@ -292,13 +346,12 @@ class Experts(nn.Module):
     def forward_combined(
         self, x_TH: torch.Tensor, token_idx_S: torch.Tensor, counts_E: torch.Tensor, weight_S: torch.Tensor
     ) -> torch.Tensor:
-        """Loop path of gather -> experts -> weighted scatter-add, in one Function (see module doc).
+        """Gather -> experts -> weighted scatter-add, in one Function (see module doc).
 
         Equals `zeros(T, H).index_add_(0, token_idx_S, forward(x_TH[token_idx_S], counts_E) * weight_S)`.
         """
-        return _gather_experts_combine(
-            x_TH, self.gate_up_proj, self.down_proj, weight_S, token_idx_S, counts_E
-        )
+        fn = grouped_gather_experts_combine if self.uses_grouped_mm(x_TH) else _gather_experts_combine
+        return fn(x_TH, self.gate_up_proj, self.down_proj, weight_S, token_idx_S, counts_E)
 
     def _grouped(self, x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         offs = torch.cumsum(counts_E, dim=0).to(torch.int32)

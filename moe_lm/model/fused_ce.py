@@ -24,24 +24,31 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_x_NH = torch.empty_like(x_NH)
         grad_w_VH = torch.zeros_like(w_VH)
         total = x_NH.new_zeros((), dtype=acc)
+        # One [chunk, V] buffer for every chunk: a fresh multi-MiB tensor per chunk is a fresh mmap
+        # whose pages fault in, which cost more than the softmax itself (bench_train's profile).
+        logits_cV = x_NH.new_empty(min(chunk, x_NH.shape[0]), w_VH.shape[0], dtype=acc)
+        w_acc = w_VH.to(acc)
         for start in range(0, x_NH.shape[0], chunk):
             x_cH = x_NH[start : start + chunk]
+            rows = x_cH.shape[0]
             labels_c = labels_N[start : start + chunk]
-            valid_c = valid_N[start : start + chunk]
-            safe_c = labels_c.clamp_min(0)
-            logits_cV = (x_cH @ w_VH.t()).to(acc)
-            lse_c = torch.logsumexp(logits_cV, dim=-1)
-            target_c = logits_cV.gather(1, safe_c[:, None]).squeeze(1)
-            total += ((lse_c - target_c) * valid_c).sum()
+            scale_c1 = (valid_N[start : start + chunk].to(acc) * inv_count)[:, None]
+            safe_c1 = labels_c.clamp_min(0)[:, None]
+            # softmax in place, one exp pass: e = exp(z - max), lse = max + log(sum e)
+            e_cV = torch.mm(x_cH.to(acc), w_acc.t(), out=logits_cV[:rows])
+            target_c1 = e_cV.gather(1, safe_c1)
+            max_c1 = e_cV.amax(dim=1, keepdim=True)
+            sum_c1 = e_cV.sub_(max_c1).exp_().sum(dim=1, keepdim=True)
+            lse_c1 = max_c1 + sum_c1.log()
+            total += ((lse_c1 - target_c1) * scale_c1).sum()
             # d(mean loss)/d(logits) = (softmax - onehot) / count; zero on ignored rows
-            g_cV = logits_cV.sub_(lse_c[:, None]).exp_()
-            g_cV.scatter_add_(1, safe_c[:, None], torch.full_like(target_c, -1.0)[:, None])
-            g_cV.mul_((valid_c.to(acc) * inv_count)[:, None])
+            g_cV = e_cV.mul_(scale_c1 / sum_c1)
+            g_cV.scatter_add_(1, safe_c1, -scale_c1)
             g_cV = g_cV.to(x_NH.dtype)
             torch.mm(g_cV, w_VH, out=grad_x_NH[start : start + chunk])
             grad_w_VH.addmm_(g_cV.t(), x_cH)
         ctx.save_for_backward(grad_x_NH, grad_w_VH)
-        return total * inv_count
+        return total
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:  # type: ignore[override]

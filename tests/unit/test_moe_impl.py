@@ -12,8 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moe_lm.model import expert_threads
 from moe_lm.model import experts as experts_module
 from moe_lm.model.dispatch import LocalDispatcher, combine, plan_routing
+from moe_lm.model.expert_threads import slices
 from moe_lm.model.experts import Experts
 from moe_lm.model.moe import MoELayer
 from tests.conftest import tiny_model_config
@@ -101,11 +103,23 @@ def assert_matches(out: torch.Tensor, ref: torch.Tensor, leaves: list[torch.Tens
         assert_close(got, want, f"gradient of leaf {i}")
 
 
+IMPLS = ["loop", "grouped_mm"]
+
+
+def skip_unsupported(impl: str, dtype: torch.dtype = torch.float32) -> None:
+    if impl == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm not in this torch")
+    if impl == "grouped_mm" and dtype == torch.float64:
+        pytest.skip("torch._grouped_mm has no float64 kernel")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("capacity", [None, 20])
 @pytest.mark.parametrize("k", [1, 2, 4])
-def test_local_dispatcher_equals_naive(k: int, capacity: int | None, dtype: torch.dtype) -> None:
-    ex = make_experts(dtype=dtype)
+def test_local_dispatcher_equals_naive(k: int, capacity: int | None, dtype: torch.dtype, impl: str) -> None:
+    skip_unsupported(impl, dtype)
+    ex = make_experts(impl=impl, dtype=dtype)
     x = torch.randn(T, H, dtype=dtype, requires_grad=True)
     idx, w = routing(k, dtype=dtype)
     out, dropped = LocalDispatcher()(x, idx, w, ex, E, capacity)
@@ -137,8 +151,10 @@ def test_forward_combined_equals_forward_then_combine() -> None:
     assert_matches(fused, plain, [x, w, ex.gate_up_proj, ex.down_proj])
 
 
-def test_experts_with_no_rows_get_zero_gradient_and_frozen_weights_work() -> None:
-    ex = make_experts()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_experts_with_no_rows_get_zero_gradient_and_frozen_weights_work(impl: str) -> None:
+    skip_unsupported(impl)
+    ex = make_experts(impl=impl)
     x = torch.randn(T, H, requires_grad=True)
     idx, w = routing(2, unused_expert=5)
     out, _ = LocalDispatcher()(x, idx, w, ex, E, None)
@@ -152,8 +168,10 @@ def test_experts_with_no_rows_get_zero_gradient_and_frozen_weights_work() -> Non
     assert torch.isfinite(gx).all()
 
 
-def test_all_tokens_to_one_expert_and_empty_batch() -> None:
-    ex = make_experts()
+@pytest.mark.parametrize("impl", IMPLS)
+def test_all_tokens_to_one_expert_and_empty_batch(impl: str) -> None:
+    skip_unsupported(impl)
+    ex = make_experts(impl=impl)
     x = torch.randn(T, H, requires_grad=True)
     idx = torch.zeros(T, 1, dtype=torch.long)
     w = torch.ones(T, 1, requires_grad=True)
@@ -208,3 +226,46 @@ def test_moe_layer_equals_naive(capacity_factor: float | None) -> None:
     leaves = [x, layer.router.weight, layer.experts.gate_up_proj, layer.experts.down_proj]
     assert_matches(y.reshape(-1, H), ref, leaves)
     assert int(stats.dropped) == T * cfg.top_k - len(kept_assignments(route.topk_idx_TK, layer.capacity(T)))
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_loop_paths_sliced_over_threads_equal_naive(
+    threads: int, group_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With several torch threads the loop paths run slices of experts on separate threads."""
+    used: list[int] = []
+
+    def spy(*args: object) -> list[tuple[int, int]]:
+        got = slices(*args)  # type: ignore[arg-type]
+        used.append(len(got))
+        return got
+
+    monkeypatch.setattr(expert_threads, "slices", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ex = make_experts(dtype=torch.float64)
+        x = torch.randn(T, H, dtype=torch.float64, requires_grad=True)
+        idx, w = routing(2, dtype=torch.float64)
+        out, _ = LocalDispatcher()(x, idx, w, ex, E, None)
+        assert_matches(out, naive_moe(x, idx, w, ex, None), [x, w, ex.gate_up_proj, ex.down_proj])
+        plan = plan_routing(idx, E, None)
+        out = combine(ex(x[plan.token_idx], plan.counts_E), plan, w, T)
+        assert_matches(out, naive_moe(x, idx, w, ex, None), [x, w, ex.gate_up_proj, ex.down_proj])
+        assert torch.get_num_threads() == threads  # restored after the slices ran
+        assert used and (max(used) > 1) == (group_rows < T)  # one group: nothing to split
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_slices_cut_only_where_allowed_and_balance_rows() -> None:
+    rows = [100, 100, 100, 100, 50, 50, 300]
+    can_cut = [True, True, False, True, True, False, True]
+    got = slices(rows, can_cut, 3)
+    assert got[0][0] == 0 and got[-1][1] == len(rows)
+    assert all(a == prev_b for (_, prev_b), (a, _) in zip(got, got[1:]))  # contiguous, complete
+    assert all(can_cut[a] for a, _ in got[1:])
+    assert len(got) == 3
+    assert max(sum(rows[a:b]) for a, b in got) <= 400  # no slice holds more than needed
+    assert slices(rows, [True] + [False] * 6, 4) == [(0, 7)]  # nowhere to cut: one slice
+    assert slices([], [], 2) == []
