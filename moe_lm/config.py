@@ -46,6 +46,9 @@ class ModelConfig:
     capacity_factor: float | None = None  # None: dropless; else capacity = ceil(cf * T * k / E)
     router_jitter: float = 0.0  # multiplicative input noise in training (Mixtral's router_jitter_noise)
     aux_loss_coef: float = 0.01  # load-balance loss weight (Switch form, 1.0 at perfect balance)
+    aux_loss_scope: Literal["micro_batch", "global_batch"] = (
+        "micro_batch"  # aux loss f_i counted per micro-batch and rank, or over the step's global batch
+    )
     z_loss_coef: float = 0.001  # router z-loss weight (ST-MoE)
     aux_free_bias: bool = False  # DeepSeek-V3 bias balancing: bias only picks experts
     aux_free_update_rate: float = 0.001  # gamma in b_i <- b_i - gamma * sign(load_i - mean load)

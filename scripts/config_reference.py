@@ -14,11 +14,16 @@ from moe_lm.config import Config, DataConfig, SourceConfig
 
 
 def field_comments(cls: type) -> dict[str, str]:
-    comments = {}
+    """The comment on a field's line, or on the next lines of a field that spans several."""
+    comments: dict[str, str] = {}
+    current = None
     for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
+        m = re.match(r"\s+(\w+): [^=]+=", line)
         if m:
-            comments[m.group(1)] = m.group(2)
+            current = m.group(1)
+        comment = re.search(r"#\s*(.*)$", line)
+        if current and comment and current not in comments:
+            comments[current] = comment.group(1)
     return comments
 
 

@@ -17,6 +17,20 @@ def load_balance_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor, top_k: int
     return num_experts * torch.sum(f_E * p_E)
 
 
+def global_load_balance_loss(probs_TE: torch.Tensor, step_counts_E: torch.Tensor) -> torch.Tensor:
+    """E * sum_i f_i * P_i with f_i counted over a whole optimizer step (every micro-batch of every
+    data-parallel rank: f_i = assignments to expert i / all assignments) and P_i the mean router
+    probability over this micro-batch's tokens, through which the gradient flows.
+
+    Averaged over the step's equally sized micro-batches, as the trainer averages losses, this is
+    the loss of one process running the whole global batch as one micro-batch.
+    """
+    num_experts = probs_TE.shape[1]
+    counts = step_counts_E.double()
+    f_E = (counts / counts.sum().clamp_min(1)).to(probs_TE.dtype)
+    return num_experts * torch.sum(f_E * probs_TE.mean(dim=0))
+
+
 def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2; keeps router logits small."""
     return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()

@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from moe_lm.config import ModelConfig
+from moe_lm.model.balance import StepCounts
 from moe_lm.model.dispatch import LocalDispatcher, TokenDispatcher
 from moe_lm.model.experts import Experts
 from moe_lm.model.layers import SwiGLU
-from moe_lm.model.losses import load_balance_loss, z_loss
+from moe_lm.model.losses import global_load_balance_loss, load_balance_loss, z_loss
 from moe_lm.model.router import Router
 
 
@@ -20,7 +21,7 @@ from moe_lm.model.router import Router
 class MoEStats:
     """What one MoE layer reports for one forward pass (T tokens)."""
 
-    aux_loss: torch.Tensor  # differentiable, Switch form
+    aux_loss: torch.Tensor  # differentiable, Switch form (f over the step with aux_loss_scope global_batch)
     z_loss: torch.Tensor  # differentiable
     counts_E: torch.Tensor  # (token, slot) assignments chosen per expert, before capacity drops
     probs_mean_E: torch.Tensor  # mean router probability per expert (for the transformers-form loss)
@@ -34,6 +35,7 @@ class MoELayer(nn.Module):
         self.num_experts = cfg.num_experts
         self.top_k = cfg.top_k
         self.capacity_factor = cfg.capacity_factor
+        self.global_batch_balance = cfg.aux_loss_scope == "global_batch"
         self.router = Router(
             cfg.hidden_size, cfg.num_experts, cfg.top_k, cfg.router_jitter, cfg.aux_free_bias
         )
@@ -47,6 +49,10 @@ class MoELayer(nn.Module):
         )
         # Replaced from outside (moe_lm.parallel) for expert parallelism; the layer never knows.
         self.dispatcher: TokenDispatcher = LocalDispatcher()
+        # The model's shared step counts and this layer's index among its MoE layers (set by
+        # MoETransformer); used for global-batch balancing in training passes (model/balance.py).
+        self.step_counts = StepCounts()
+        self.moe_index = 0
 
     def capacity(self, num_tokens: int) -> int | None:
         if self.capacity_factor is None:
@@ -83,8 +89,13 @@ class MoELayer(nn.Module):
         if self.shared is not None:
             y_TH = y_TH + self.shared(x_TH)
         counts_E = torch.bincount(route.topk_idx_TK.reshape(-1), minlength=self.num_experts)
+        if self.global_batch_balance and self.training and torch.is_grad_enabled():
+            step_counts_E = self.step_counts.counts(self.moe_index, counts_E)
+            aux_loss = global_load_balance_loss(route.probs_TE, step_counts_E)
+        else:  # per micro-batch; also every pass without autograd (evaluation, the counting pass)
+            aux_loss = load_balance_loss(route.probs_TE, counts_E, self.top_k)
         stats = MoEStats(
-            aux_loss=load_balance_loss(route.probs_TE, counts_E, self.top_k),
+            aux_loss=aux_loss,
             z_loss=z_loss(route.logits_TE),
             counts_E=counts_E,
             probs_mean_E=route.probs_TE.mean(dim=0),

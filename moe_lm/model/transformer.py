@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moe_lm.config import ModelConfig
 from moe_lm.model.attention import Attention, KVCache
+from moe_lm.model.balance import StepCounts
 from moe_lm.model.experts import Experts
 from moe_lm.model.fused_ce import chunked_linear_cross_entropy
 from moe_lm.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
@@ -71,6 +72,10 @@ class MoETransformer(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.activation_checkpointing = False
+        # Global-batch balancing: the step's expert counts, one object shared by the MoE layers.
+        self.balance = StepCounts()
+        for index, layer in enumerate(self.moe_layers):
+            layer.step_counts, layer.moe_index = self.balance, index
         self.reset_parameters()
 
     @property
@@ -120,6 +125,55 @@ class MoETransformer(nn.Module):
         same_BQK = document_ids_BT[:, :, None] == document_ids_BT[:, None, :]
         return idx_T - first_BT, same_BQK & (idx_T[None, :] <= idx_T[:, None])
 
+    def _attention_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cache: list[KVCache] | None,
+        document_ids: torch.Tensor | None,
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+        """(rotary tables, attention mask, real-token mask or None) of a forward pass."""
+        b, t = input_ids.shape
+        past_len = cache[0][0].shape[2] if cache else 0
+        mask: torch.Tensor | None
+        if document_ids is not None:
+            if cache or attention_mask is not None:
+                raise ValueError("document_ids cannot be combined with a KV cache or an attention_mask")
+            doc_pos, mask = self._document_mask(document_ids)
+            position_ids = doc_pos if position_ids is None else position_ids
+        else:
+            mask = self._mask(attention_mask, t, past_len, input_ids.device)
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + t, device=input_ids.device).expand(b, t)
+        rope = self.rope(position_ids)
+        real_BT = None  # padding positions of this pass, kept out of routing (MoELayer.forward)
+        if attention_mask is not None:
+            real_BT = attention_mask[:, past_len : past_len + t].bool()
+            real_BT = None if bool(real_BT.all()) else real_BT
+        return rope, mask, real_BT
+
+    @torch.no_grad()
+    def route_counts(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Expert assignments per (MoE layer, expert) [L, E] of a pass that stops after the last MoE
+        layer (no LM head): the counting pass of global-batch balancing (model/balance.py)."""
+        moe = [i for i, block in enumerate(self.layers) if block.is_moe]
+        if not moe:
+            return torch.zeros(0, self.cfg.num_experts, dtype=torch.long, device=input_ids.device)
+        rope, mask, real_BT = self._attention_inputs(input_ids, attention_mask, None, None, document_ids)
+        x_BTH = self.embed(input_ids)
+        counts: list[torch.Tensor] = []
+        for block in self.layers[: moe[-1] + 1]:
+            x_BTH, stats, _ = block(x_BTH, rope, mask, None, real_BT)
+            if stats is not None:
+                counts.append(stats.counts_E)
+        return torch.stack(counts)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -139,22 +193,9 @@ class MoETransformer(nn.Module):
         every document is computed as if it were alone.
         """
         b, t = input_ids.shape
-        past_len = cache[0][0].shape[2] if cache else 0
-        mask: torch.Tensor | None
-        if document_ids is not None:
-            if cache or attention_mask is not None:
-                raise ValueError("document_ids cannot be combined with a KV cache or an attention_mask")
-            doc_pos, mask = self._document_mask(document_ids)
-            position_ids = doc_pos if position_ids is None else position_ids
-        else:
-            mask = self._mask(attention_mask, t, past_len, input_ids.device)
-        if position_ids is None:
-            position_ids = torch.arange(past_len, past_len + t, device=input_ids.device).expand(b, t)
-        rope = self.rope(position_ids)
-        real_BT = None  # padding positions of this pass, kept out of routing (MoELayer.forward)
-        if attention_mask is not None:
-            real_BT = attention_mask[:, past_len : past_len + t].bool()
-            real_BT = None if bool(real_BT.all()) else real_BT
+        rope, mask, real_BT = self._attention_inputs(
+            input_ids, attention_mask, position_ids, cache, document_ids
+        )
         x_BTH = self.embed(input_ids)
         all_stats: list[MoEStats] = []
         new_cache: list[KVCache] = []
