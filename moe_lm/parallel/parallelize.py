@@ -3,12 +3,15 @@
     1. expert parallelism   shard each MoE layer's experts by EP rank, route tokens by all-to-all
                             (moe_lm/parallel/expert_parallel.py); in place, so parameter groups
                             built before still hold the same Parameter objects
-    2. activation checkpointing
-    3. data parallelism     DDP: experts kept out of its all-reduce and broadcast within their
+    2. global-batch balance the all-reduce that sums each step's expert counts over the data-
+                            parallel ranks (moe_lm/parallel/balance.py), for aux_loss_scope
+                            global_batch
+    3. activation checkpointing
+    4. data parallelism     DDP: experts kept out of its all-reduce and broadcast within their
                             expert-data-parallel group instead; DeepSpeed: MoE markers so the
                             engine builds its expert groups, expert optimizer groups split out
-    4. optimizer + wrapping accelerate's `prepare` (DDP module or DeepSpeed engine), LR schedule
-    5. torch.compile        of the wrapped model: the module every forward goes through
+    5. optimizer + wrapping accelerate's `prepare` (DDP module or DeepSpeed engine), LR schedule
+    6. torch.compile        of the wrapped model: the module every forward goes through
 
 `build_backend` runs this and returns the backend that steps the result (the one place that
 chooses between DDP and DeepSpeed).
@@ -27,6 +30,7 @@ from moe_lm.config import Config
 from moe_lm.model import MoETransformer
 from moe_lm.model.params import is_expert_param
 from moe_lm.parallel.backend import Backend, DDPBackend, Parallelized
+from moe_lm.parallel.balance import apply_global_balance
 from moe_lm.parallel.deepspeed_backend import DeepSpeedBackend
 from moe_lm.parallel.expert_parallel import apply_expert_parallel
 from moe_lm.parallel.layout import Layout
@@ -44,6 +48,7 @@ def parallelize(
     lr_lambda: Callable[[int], float],
 ) -> Parallelized:
     ep_stats = apply_expert_parallel(model, layout.mesh)
+    apply_global_balance(model, layout.world_size)
     model.activation_checkpointing = cfg.train.activation_checkpointing
     if cfg.parallel.backend == "deepspeed":
         # Imported here so that DDP runs never load deepspeed (half a second, and its log lines).

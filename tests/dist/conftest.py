@@ -143,3 +143,40 @@ def one_proc_resumes(
         for name in ("ep2", "zero2")
     }
     return run_workers("tests.dist.scenarios:many", 1, jobs)[0]
+
+
+# ---- global-batch balancing (tests/dist/test_global_balance.py, global_scenarios.py) ----------
+
+GLOBAL_STEPS = 3
+
+
+def _global(accum: int, **cfg: Any) -> dict[str, Any]:
+    return {"cfg": {"aux_loss_scope": "global_batch", **cfg}, "accum": accum, "steps": GLOBAL_STEPS}
+
+
+@pytest.fixture(scope="session")
+def global_reference() -> dict[str, Any]:
+    """One process: the whole global batch as one micro-batch (the reference), and as 4 micro-batches."""
+    jobs = {"whole": _global(1), "accum4": _global(4)}
+    return run_workers("tests.dist.global_scenarios:many", 1, jobs)[0]
+
+
+@pytest.fixture(scope="session")
+def global_runs() -> list[dict[str, Any]]:
+    """Two processes: DDP with 2 micro-batches each (a counting pass), EP=2 with one micro-batch
+    each (counts summed inside the pass) and with 2 (counting pass through the all-to-all), and
+    EP=2 balanced per micro-batch (which must differ from the reference)."""
+    jobs = {
+        "ddp_accum2": _global(2, ep_size=1),
+        "ep2_accum1": _global(1, ep_size=2),
+        "ep2_accum2": _global(2, ep_size=2),
+        "ep2_micro_batch": {**_global(1, ep_size=2), "cfg": {"ep_size": 2, "aux_loss_scope": "micro_batch"}},
+    }
+    return run_workers("tests.dist.global_scenarios:many", 2, jobs)
+
+
+@pytest.fixture(scope="session")
+def global_zero2(deepspeed_ops: None) -> list[dict[str, Any]]:
+    """DeepSpeed ZeRO-2, EP=2, 2 micro-batches per process."""
+    jobs = {"zero2": _global(2, ep_size=2, backend="deepspeed", zero_stage=2)}
+    return run_workers("tests.dist.global_scenarios:many", 2, jobs)
