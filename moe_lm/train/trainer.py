@@ -23,6 +23,7 @@ from moe_lm.data.corpus import open_data
 from moe_lm.data.loader import ResumableLoader, eval_batches
 from moe_lm.data.tokenizer import Tokenizer, check_vocab, ensure_tokenizer
 from moe_lm.model import MoETransformer
+from moe_lm.model.balance import global_batch_step
 from moe_lm.model.params import count_params
 from moe_lm.parallel.layout import Layout, start_processes
 from moe_lm.parallel.parallelize import build_backend
@@ -139,6 +140,16 @@ class Trainer:
             kwargs["document_ids"] = document_ids(input_ids, self.tokenizer.eos_id).to(b.device)
         return model(input_ids.to(b.device), labels=labels.to(b.device), **kwargs)
 
+    def _count(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Expert counts [L, E] of one micro-batch, without autograd or LM head (the counting pass
+        of model.aux_loss_scope global_batch, moe_lm/model/balance.py)."""
+        b, input_ids = self.backend, batch[0]
+        docs = None
+        if self.cfg.data.document_mask:
+            docs = document_ids(input_ids, self.tokenizer.eos_id).to(b.device)
+        with b.autocast():
+            return b.raw_model.route_counts(input_ids.to(b.device), document_ids=docs)
+
     def train_step(self) -> dict[str, Any]:
         with self.rng.active():  # only the step draws from the training stream
             return self._train_step()
@@ -150,18 +161,22 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         counts_LE: torch.Tensor | None = None
         dropped_L: torch.Tensor | None = None
-        for micro in range(accum):
-            input_ids, labels = self.loader.next_batch()
-            with b.accumulate(sync=micro == accum - 1), b.autocast():
-                out = self._forward(b.model, input_ids, labels, return_logits=False)
-                b.backward(faults.poison(out.loss, self.step + 1) / accum)
-            for key in ("loss", "lm_loss", "aux_loss", "hf_aux_loss", "z_loss"):
-                value = getattr(out, key)
-                if value is not None:
-                    sums[key] = sums.get(key, 0) + value.detach().float() / accum
-            if out.expert_counts_LE is not None and out.dropped_L is not None:
-                counts_LE = out.expert_counts_LE if counts_LE is None else counts_LE + out.expert_counts_LE
-                dropped_L = out.dropped_L if dropped_L is None else dropped_L + out.dropped_L
+        # All of the step's micro-batches first: global-batch balancing may count them before any runs.
+        batches = [self.loader.next_batch() for _ in range(accum)]
+        with global_batch_step(b.raw_model, batches, self._count):
+            for micro, (input_ids, labels) in enumerate(batches):
+                with b.accumulate(sync=micro == accum - 1), b.autocast():
+                    out = self._forward(b.model, input_ids, labels, return_logits=False)
+                    b.backward(faults.poison(out.loss, self.step + 1) / accum)
+                for key in ("loss", "lm_loss", "aux_loss", "hf_aux_loss", "z_loss"):
+                    value = getattr(out, key)
+                    if value is not None:
+                        sums[key] = sums.get(key, 0) + value.detach().float() / accum
+                if out.expert_counts_LE is not None and out.dropped_L is not None:
+                    counts_LE = (
+                        out.expert_counts_LE if counts_LE is None else counts_LE + out.expert_counts_LE
+                    )
+                    dropped_L = out.dropped_L if dropped_L is None else dropped_L + out.dropped_L
         faults.hit("step", self.step + 1)
         grad_norm, stepped = b.step(cfg.optim.grad_clip)
         if counts_LE is not None and cfg.model.aux_free_bias:
