@@ -19,6 +19,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("moe_lm.cli.train", "eval_main", "validation loss and perplexity of a checkpoint"),
     "generate": ("moe_lm.cli.train", "generate_main", "sample text from a checkpoint"),
     "stats": ("moe_lm.cli.stats", "stats_main", "expert-load heatmaps (PNG) from a run or checkpoint"),
+    "routing": (
+        "moe_lm.cli.routing",
+        "routing_main",
+        "expert shares, repetition and a coloured passage per data set",
+    ),
     "export": (
         "moe_lm.cli.hf",
         "export_main",

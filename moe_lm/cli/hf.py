@@ -24,6 +24,9 @@ def export_main(argv: list[str]) -> int:
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer dir (default: the config's data.tokenizer)")
     p.add_argument("--repo-id", metavar="OWNER/NAME", help="name used in the model card")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out that is not an export")
+    p.add_argument(
+        "--routing", metavar="DIR", help="a `moe-lm routing` output for the card (default: RUN/routing)"
+    )
     args = p.parse_args(argv)
     out = export_checkpoint(
         args.checkpoint,
@@ -33,6 +36,7 @@ def export_main(argv: list[str]) -> int:
         args.overwrite,
         args.tokenizer,
         args.repo_id,
+        args.routing,
     )
     print(f"exported {args.checkpoint} to {out} ({args.dtype})")
     return 0

@@ -1,5 +1,5 @@
 """Export a checkpoint as a transformers `MixtralForCausalLM` folder: weights, config, tokenizer,
-generation config, model card and expert-load heatmap.
+generation config, model card and expert-load heatmap (and the run's routing figures, if any).
 
 The folder is built under a temporary name beside its destination and renamed into place at the
 end (moe_lm.fsutil.staged_dir), so an interrupted export never leaves a half-written folder.
@@ -22,6 +22,7 @@ from moe_lm.errors import UserError
 from moe_lm.fsutil import staged_dir
 from moe_lm.hf.convert import check_exportable, to_hf_model
 from moe_lm.hf.model_card import render_model_card
+from moe_lm.hf.routing_card import copy_routing, find_routing
 from moe_lm.state.resolve import resolve_checkpoint
 from moe_lm.state.weights import check_state, load_model_state
 
@@ -89,6 +90,7 @@ def export_checkpoint(
     overwrite: bool = False,
     tokenizer: str | None = None,
     repo_id: str | None = None,
+    routing: str | None = None,
 ) -> Path:
     """Write a folder that `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer` load offline."""
     if dtype not in DTYPES:
@@ -98,6 +100,7 @@ def export_checkpoint(
     cfg = load_config(ckpt / "config.yaml")
     check_exportable(cfg.model)  # before any weight is read
     tok_dir = find_tokenizer(cfg, ckpt, tokenizer)
+    routing_dir = find_routing(ckpt, routing)
     with staged_dir(out, overwrite, _is_export, "--overwrite") as tmp:
         bos, eos = 1, 2  # moe_lm's sentencepiece convention, used when there is no tokenizer
         if tok_dir is None:
@@ -130,7 +133,8 @@ def export_checkpoint(
                 cfg.model.moe_layer_indices,
             )
             has_png = True
-        (tmp / "README.md").write_text(render_model_card(cfg, records, has_png, repo_id))
+        summary = copy_routing(routing_dir, tmp) if routing_dir is not None else None
+        (tmp / "README.md").write_text(render_model_card(cfg, records, has_png, repo_id, summary))
     return Path(out)
 
 

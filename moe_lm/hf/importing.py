@@ -1,5 +1,6 @@
 """transformers folders in: import a Mixtral folder, or upcycle a dense Llama-style one, as a
-moe_lm checkpoint (step 0, weights only) for `train.init_from`.
+moe_lm checkpoint (step 0, weights only) for `train.init_from`; or load a Mixtral folder as a
+moe_lm model in memory (`load_hf_model`, for `moe-lm routing`).
 
 The checkpoint is built under a temporary name beside its destination and renamed into place at
 the end (moe_lm.fsutil.staged_dir), so an interrupted command never leaves a half-written one.
@@ -24,6 +25,7 @@ from moe_lm.hf.convert import (
     from_hf_state_dict,
     upcycle_state_dict,
 )
+from moe_lm.model import MoETransformer
 from moe_lm.state.checkpoint import write_weights_checkpoint
 
 
@@ -132,3 +134,40 @@ def upcycle_dense(
     with staged_dir(out, overwrite, lambda p: False, "--overwrite") as tmp:
         write_weights_checkpoint(tmp, cfg, upcycle_state_dict(_hf_weights(src), cfg.model, generator))
     return Path(out)
+
+
+class HFTextCodec:
+    """A transformers tokenizer as the analysis code's TextCodec (moe_lm.analysis.routing)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        if tokenizer.eos_token_id is None:
+            raise UserError("the tokenizer has no end-of-sequence token; documents could not be separated")
+        self.eos_id = int(tokenizer.eos_token_id)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: Any) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+
+def load_hf_model(
+    hf_dir: str | Path, tokenizer: str | None = None
+) -> tuple[Config, MoETransformer, HFTextCodec]:
+    """A local transformers Mixtral folder as a moe_lm model in memory (every expert, fp32) and its
+    tokenizer (the folder's, or `tokenizer`), for analysis; nothing is written."""
+    from transformers import AutoTokenizer
+
+    src = Path(hf_dir)
+    cfg = _import_config(from_hf_config(_hf_config(src, ("mixtral",))), src, None, src.name)
+    model = MoETransformer(cfg.model)
+    model.load_state_dict(from_hf_state_dict(_hf_weights(src), cfg.model))
+    where = Path(tokenizer) if tokenizer else src
+    try:
+        tok = AutoTokenizer.from_pretrained(str(where), local_files_only=True)
+    except Exception as e:  # transformers raises many kinds; the user needs the cause in one line
+        raise UserError(
+            f"no tokenizer loads from '{where}' ({type(e).__name__}); pass --tokenizer DIR"
+        ) from None
+    return cfg, model.float(), HFTextCodec(tok)

@@ -11,6 +11,7 @@ import yaml
 from moe_lm.analysis.expert_load import LATEST_PNG, load_table
 from moe_lm.analysis.records import RunRecords
 from moe_lm.config import Config
+from moe_lm.hf.routing_card import routing_section
 from moe_lm.model.params import count_params, human
 
 
@@ -143,7 +144,13 @@ print(tokenizer.decode(model.generate(**inputs, max_new_tokens=50, do_sample=Tru
 ```"""
 
 
-def render_model_card(cfg: Config, records: RunRecords, has_heatmap: bool, repo_id: str | None = None) -> str:
+def render_model_card(
+    cfg: Config,
+    records: RunRecords,
+    has_heatmap: bool,
+    repo_id: str | None = None,
+    routing: dict[str, Any] | None = None,
+) -> str:
     meta = yaml.safe_dump(front_matter(cfg), sort_keys=False).strip()
     sections = [
         f"---\n{meta}\n---",
@@ -159,4 +166,6 @@ def render_model_card(cfg: Config, records: RunRecords, has_heatmap: bool, repo_
         "## Expert load",
         expert_load_section(cfg, records, has_heatmap),
     ]
+    if routing is not None:  # the figures of `moe-lm routing` (moe_lm/hf/routing_card.py)
+        sections += ["## Routing", routing_section(routing)]
     return "\n\n".join(sections) + "\n"
