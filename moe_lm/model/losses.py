@@ -50,6 +50,13 @@ def hf_load_balance_loss(
     return num_experts * torch.sum(f_E * p_E)
 
 
+def router_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of the router distribution's entropy, in nats: ln E when every token is
+    spread evenly over the E experts, 0 when every token is certain of one. A health metric (no
+    gradient): it falls as routing sharpens; a collapse to a few experts shows in the load instead."""
+    return torch.special.entr(probs_TE.detach().float()).sum(dim=-1).mean()
+
+
 def imbalance(counts_E: torch.Tensor) -> torch.Tensor:
     """max load / mean load: 1.0 is perfect balance, E means every token went to one expert."""
     counts_E = counts_E.float()

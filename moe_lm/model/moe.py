@@ -13,7 +13,7 @@ from moe_lm.model.balance import StepCounts
 from moe_lm.model.dispatch import LocalDispatcher, TokenDispatcher
 from moe_lm.model.experts import Experts
 from moe_lm.model.layers import SwiGLU
-from moe_lm.model.losses import global_load_balance_loss, load_balance_loss, z_loss
+from moe_lm.model.losses import global_load_balance_loss, load_balance_loss, router_entropy, z_loss
 from moe_lm.model.router import Router
 
 
@@ -26,6 +26,7 @@ class MoEStats:
     counts_E: torch.Tensor  # (token, slot) assignments chosen per expert, before capacity drops
     probs_mean_E: torch.Tensor  # mean router probability per expert (for the transformers-form loss)
     dropped: torch.Tensor  # assignments dropped by capacity
+    entropy: torch.Tensor  # mean router entropy over the tokens (nats), detached
     num_tokens: int
 
 
@@ -100,6 +101,7 @@ class MoELayer(nn.Module):
             counts_E=counts_E,
             probs_mean_E=route.probs_TE.mean(dim=0),
             dropped=dropped,
+            entropy=router_entropy(route.probs_TE),
             num_tokens=num_tokens,
         )
         return y_TH, stats

@@ -58,6 +58,7 @@ class CausalLMOutput:
     z_loss: torch.Tensor | None = None  # mean over MoE layers
     expert_counts_LE: torch.Tensor | None = None  # assignments per (MoE layer, expert), detached
     dropped_L: torch.Tensor | None = None  # capacity-dropped assignments per MoE layer
+    router_entropy_L: torch.Tensor | None = None  # mean router entropy per MoE layer (nats), detached
     num_tokens: int = 0  # tokens routed per MoE layer in this pass (padding is not routed)
     cache: list[KVCache] = field(default_factory=list)
 
@@ -247,6 +248,7 @@ class MoETransformer(nn.Module):
         out.hf_aux_loss = hf_load_balance_loss(counts_LE, probs_LE.detach(), stats[0].num_tokens)
         out.expert_counts_LE = counts_LE.detach()
         out.dropped_L = torch.stack([s.dropped for s in stats]).detach()
+        out.router_entropy_L = torch.stack([s.entropy for s in stats])
         out.num_tokens = stats[0].num_tokens
 
     @torch.no_grad()

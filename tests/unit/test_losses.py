@@ -148,3 +148,20 @@ def test_imbalance() -> None:
     assert imbalance(torch.tensor([16, 0, 0, 0])).item() == pytest.approx(4.0)  # = E when collapsed
     assert imbalance(torch.tensor([6, 2, 2, 2])).item() == pytest.approx(2.0)  # 6 / mean 3
     assert torch.isfinite(imbalance(torch.zeros(4, dtype=torch.long)))  # no tokens: no NaN
+
+
+def test_router_entropy_by_hand_and_from_the_forward() -> None:
+    from moe_lm.model.losses import router_entropy
+
+    assert router_entropy(torch.full((3, 8), 1 / 8)).item() == pytest.approx(math.log(8))
+    assert router_entropy(torch.eye(4)).item() == 0.0
+    # token 1: -(0.5 ln 0.5) * 2 = ln 2; token 2: 0 -> mean ln(2) / 2
+    assert router_entropy(torch.tensor([[0.5, 0.5], [1.0, 0.0]])).item() == pytest.approx(math.log(2) / 2)
+    model = MoETransformer(tiny_model_config(init_std=0.3))
+    probs: list[torch.Tensor] = []
+    for layer in model.moe_layers:
+        layer.router.register_forward_hook(lambda m, i, out: probs.append(out.probs_TE))
+    out = model(torch.randint(0, 128, (2, 8)))
+    want = [float(-(p * p.log()).sum(-1).mean()) for p in probs]
+    assert out.router_entropy_L.tolist() == pytest.approx(want, rel=1e-5)
+    assert not out.router_entropy_L.requires_grad
