@@ -24,13 +24,6 @@ from moe_lm.config import Config
 _GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
 
-def flops_per_token(cfg: Config, active_params: int) -> float:
-    """Training FLOPs per token: 6 x active parameters + attention scores (PaLM appendix B)."""
-    m = cfg.model
-    attn = 12 * m.num_layers * m.num_heads * m.resolved_head_dim * cfg.data.seq_len
-    return 6.0 * active_params + attn
-
-
 def peak_flops(cfg: Config, device: torch.device) -> float:
     """One process's FLOP/s that MFU is measured against: configured, a known GPU's bf16 peak, or
     on CPU an estimate (there is no spec sheet to read: the best of several matmul probes)."""

@@ -23,7 +23,7 @@ from moe_lm.data.corpus import open_data
 from moe_lm.data.loader import ResumableLoader, eval_batches
 from moe_lm.data.tokenizer import Tokenizer, check_vocab, ensure_tokenizer
 from moe_lm.model import MoETransformer
-from moe_lm.model.params import count_params
+from moe_lm.model.params import count_params, flops_per_token
 from moe_lm.parallel.layout import Layout, start_processes
 from moe_lm.parallel.parallelize import build_backend
 from moe_lm.state import checkpoint as ckpt
@@ -31,7 +31,6 @@ from moe_lm.state.resolve import resolve_resume
 from moe_lm.train.metrics import (
     MetricsLogger,
     NullLogger,
-    flops_per_token,
     mfu,
     peak_flops,
     router_metrics,
@@ -123,7 +122,8 @@ class Trainer:
             cfg.train.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps * b.dp_size
         )
         # Both global: every process's tokens, and (in mfu()) every process's peak.
-        self.flops_per_step = flops_per_token(cfg, int(self.counts["active_params"])) * self.tokens_per_step  # type: ignore[call-overload]
+        per_token = flops_per_token(cfg.model, cfg.data.seq_len, self.counts.active_params).train_total
+        self.flops_per_step = per_token * self.tokens_per_step
         self.peak = peak_flops(cfg, b.device)
         self.log = MetricsLogger(cfg, self.step, resumed_from is not None) if b.is_main else NullLogger()
         self.nonfinite_in_row = 0
