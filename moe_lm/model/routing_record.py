@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,60 +24,81 @@ if TYPE_CHECKING:
     from moe_lm.model.transformer import MoETransformer
 
 
-def repetitions(idx_BTK: torch.Tensor, real_BT: torch.Tensor | None = None) -> tuple[int, int, int]:
-    """(consecutive pairs, pairs whose first choices agree, pairs sharing any expert) of the
-    choices [B, T, k] (best first); a pair counts only when both tokens are real."""
+def repetition_counts(idx_BTK: torch.Tensor, real_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """[consecutive pairs, pairs whose first choices agree, pairs sharing any expert] (int64, on
+    the choices' device) of the choices [B, T, k] (best first); a pair counts only when both
+    tokens are real."""
     a_BTK, b_BTK = idx_BTK[:, :-1], idx_BTK[:, 1:]
     valid = torch.ones(a_BTK.shape[:2], dtype=torch.bool, device=idx_BTK.device)
     if real_BT is not None:
         valid = real_BT[:, :-1] & real_BT[:, 1:]
     first = (a_BTK[..., 0] == b_BTK[..., 0]) & valid
     either = (a_BTK[..., :, None] == b_BTK[..., None, :]).flatten(2).any(-1) & valid
-    return int(valid.sum()), int(first.sum()), int(either.sum())
+    return torch.stack([valid.sum(), first.sum(), either.sum()])
 
 
-@dataclass
+def repetitions(idx_BTK: torch.Tensor, real_BT: torch.Tensor | None = None) -> tuple[int, int, int]:
+    """`repetition_counts` as three ints."""
+    pairs, first, either = repetition_counts(idx_BTK, real_BT).tolist()
+    return pairs, first, either
+
+
 class RoutingTally:
-    """One MoE layer's routing over everything recorded."""
+    """One MoE layer's routing over everything recorded: [assignments per expert (E), first
+    choices per expert (E), consecutive pairs, first-choice repeats, either-of-k repeats] in one
+    int64 vector, kept on the device of the choices (no host sync while recording)."""
 
-    num_experts: int
-    assignments_E: torch.Tensor = field(init=False)  # (token, slot) assignments per expert
-    first_E: torch.Tensor = field(init=False)  # tokens whose first choice is each expert
-    pairs: int = 0  # consecutive token pairs in a sequence
-    first_repeats: int = 0  # ... whose first choices agree
-    either_repeats: int = 0  # ... that share any of their k experts
+    def __init__(self, num_experts: int) -> None:
+        self.num_experts = num_experts
+        self.counts = torch.zeros(2 * num_experts + 3, dtype=torch.long)
 
-    def __post_init__(self) -> None:
-        self.assignments_E = torch.zeros(self.num_experts, dtype=torch.long)
-        self.first_E = torch.zeros(self.num_experts, dtype=torch.long)
+    def add(self, idx_BTK: torch.Tensor, real_BT: torch.Tensor | None) -> None:
+        chosen_NK = idx_BTK.reshape(-1, idx_BTK.shape[-1]) if real_BT is None else idx_BTK[real_BT]
+        e = self.num_experts
+        part = torch.cat(
+            [
+                torch.bincount(chosen_NK.reshape(-1), minlength=e),
+                torch.bincount(chosen_NK[:, 0], minlength=e),
+                repetition_counts(idx_BTK, real_BT),
+            ]
+        )
+        self.counts = self.counts.to(part.device) + part
+
+    def as_tensor(self) -> torch.Tensor:
+        """Everything as one int64 vector (to sum over ranks)."""
+        return self.counts
+
+    @classmethod
+    def from_tensor(cls, values: torch.Tensor, num_experts: int) -> RoutingTally:
+        tally = cls(num_experts)
+        tally.counts = values.long().clone()
+        return tally
+
+    @property
+    def assignments_E(self) -> torch.Tensor:
+        """(token, slot) assignments per expert (on the CPU)."""
+        return self.counts[: self.num_experts].cpu()
+
+    @property
+    def first_E(self) -> torch.Tensor:
+        """Tokens whose first choice is each expert (on the CPU)."""
+        return self.counts[self.num_experts : 2 * self.num_experts].cpu()
 
     @property
     def tokens(self) -> int:
         return int(self.first_E.sum())
 
-    def add(self, idx_BTK: torch.Tensor, real_BT: torch.Tensor | None) -> None:
-        chosen_NK = idx_BTK.reshape(-1, idx_BTK.shape[-1]) if real_BT is None else idx_BTK[real_BT]
-        e = self.num_experts
-        self.assignments_E += torch.bincount(chosen_NK.reshape(-1), minlength=e).cpu()
-        self.first_E += torch.bincount(chosen_NK[:, 0], minlength=e).cpu()
-        pairs, first, either = repetitions(idx_BTK, real_BT)
-        self.pairs += pairs
-        self.first_repeats += first
-        self.either_repeats += either
+    @property
+    def pairs(self) -> int:
+        return int(self.counts[-3])
 
-    def as_tensor(self) -> torch.Tensor:
-        """Everything as one int64 vector (to sum over ranks)."""
-        rates = torch.tensor([self.pairs, self.first_repeats, self.either_repeats])
-        return torch.cat([self.assignments_E, self.first_E, rates])
+    @property
+    def first_repeats(self) -> int:
+        return int(self.counts[-2])
 
-    @classmethod
-    def from_tensor(cls, values: torch.Tensor, num_experts: int) -> RoutingTally:
-        tally = cls(num_experts)
-        values = values.long().cpu()
-        tally.assignments_E = values[:num_experts].clone()
-        tally.first_E = values[num_experts : 2 * num_experts].clone()
-        tally.pairs, tally.first_repeats, tally.either_repeats = (int(v) for v in values[2 * num_experts :])
-        return tally
+    @property
+    def either_repeats(self) -> int:
+        return int(self.counts[-1])
 
     def first_repeat_rate(self) -> float:
         return self.first_repeats / self.pairs if self.pairs else float("nan")

@@ -24,6 +24,7 @@ sink (`moe_lm/train/sinks.py`).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,11 +34,15 @@ from moe_lm.model.params import count_params, flops_per_token
 from moe_lm.state import checkpoint as ckpt
 from moe_lm.train.evaluation import evaluate, sample
 from moe_lm.train.metrics import mfu, peak_flops, router_metrics
+from moe_lm.train.routing_health import eval_repetition, router_entropy
 
 if TYPE_CHECKING:
     from moe_lm.train.trainer import StepResult, Trainer
 
 Record = dict[str, Any]
+# Entered around the evaluation passes; gives a function that, called after them, returns entries
+# for the eval record (every process calls it, so it may use collectives).
+EvalProbe = Callable[["Trainer"], AbstractContextManager[Callable[[], Record]]]
 
 
 class Callback:
@@ -60,9 +65,9 @@ def default_callbacks(cfg: Config) -> list[Callback]:
     """Every run's callbacks, in the order they run at each point."""
     t = cfg.train
     return [
-        LogMetrics(cfg.logging.log_every),
+        LogMetrics(cfg.logging.log_every, extra=[router_entropy]),
         CollapseWarning(t.collapse_ratio, t.collapse_patience),
-        Evaluate(t.eval_every),
+        Evaluate(t.eval_every, probes=[eval_repetition]),
         Sample(t.sample_every),
         Checkpoint(cfg.checkpoint.every),
     ]
@@ -151,11 +156,19 @@ class Evaluate(Callback):
     the last step. That one runs in post_train, before the final checkpoint, which then carries it.
 
     `extra`: functions of the trainer whose dicts are added to the eval record (every process runs
-    them, so they may use collectives); `post_train` returns the record into fit's summary."""
+    them, so they may use collectives); `probes` (EvalProbe) measure during the evaluation passes
+    themselves, e.g. the routing (moe_lm/train/routing_health.py); `post_train` returns the record
+    into fit's summary."""
 
-    def __init__(self, every: int, extra: Sequence[Callable[[Trainer], Record]] = ()) -> None:
+    def __init__(
+        self,
+        every: int,
+        extra: Sequence[Callable[[Trainer], Record]] = (),
+        probes: Sequence[EvalProbe] = (),
+    ) -> None:
         self.every = every
         self.extra = list(extra)
+        self.probes = list(probes)
 
     def pre_train(self, trainer: Trainer) -> None:
         if trainer.step == 0 and self.every:
@@ -173,7 +186,11 @@ class Evaluate(Callback):
         sets = trainer.data.val
         if not sets:  # no validation set configured
             return {}
-        record = evaluate(trainer)
+        with ExitStack() as stack:
+            reads = [stack.enter_context(probe(trainer)) for probe in self.probes]
+            record = evaluate(trainer)
+        for read in reads:
+            record.update(read())
         for extra in self.extra:
             record.update(extra(trainer))
         trainer.emit(record)

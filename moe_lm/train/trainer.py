@@ -52,6 +52,9 @@ class StepResult:
     grad_norm: float  # global, before clipping
     stepped: bool  # False: the norm was not finite and the update was skipped
     seconds: float  # wall-clock time of the step
+    router_entropy_L: torch.Tensor | None = (
+        None  # per MoE layer, mean router entropy (nats) over the micro-batches
+    )
 
     @property
     def finite(self) -> bool:
@@ -177,6 +180,7 @@ class Trainer:
         losses: dict[str, torch.Tensor] = {}
         counts_LE: torch.Tensor | None = None
         dropped_L: torch.Tensor | None = None
+        entropy_L: torch.Tensor | None = None
         # All of the step's micro-batches first: global-batch balancing may count them before any runs.
         batches = [self.loader.next_batch() for _ in range(accum)]
         with global_batch_step(b.raw_model, batches, self._count):
@@ -193,12 +197,16 @@ class Trainer:
                         out.expert_counts_LE if counts_LE is None else counts_LE + out.expert_counts_LE
                     )
                     dropped_L = out.dropped_L if dropped_L is None else dropped_L + out.dropped_L
+                if out.router_entropy_L is not None:
+                    entropy = out.router_entropy_L / accum
+                    entropy_L = entropy if entropy_L is None else entropy_L + entropy
         faults.hit("step", self.step + 1)
         grad_norm, stepped = b.step(cfg.optim.grad_clip)
         if counts_LE is not None and cfg.model.aux_free_bias:
             # Every rank applies the same update from the global load, so biases stay identical.
             b.raw_model.update_expert_bias(b.all_reduce(counts_LE.float(), "sum"))
-        return StepResult(losses, counts_LE, dropped_L, grad_norm, stepped, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        return StepResult(losses, counts_LE, dropped_L, grad_norm, stepped, seconds, entropy_L)
 
     def _guard(self, result: StepResult) -> None:
         """Non-finite loss or gradient: the update was skipped; too many in a row stops the run."""

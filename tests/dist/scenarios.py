@@ -263,13 +263,17 @@ def dispatcher_inputs(
 
 
 def trainer_evaluate(rank: int, args: dict[str, Any]) -> dict[str, Any]:
-    """The real Trainer's validation pass at step 0 (weights from the seed: the same everywhere)."""
+    """The real Trainer's validation pass at step 0 (weights from the seed: the same everywhere),
+    with the routing-repetition probe the Evaluate callback runs."""
     from moe_lm.config import config_from_dict
     from moe_lm.train.evaluation import evaluate
+    from moe_lm.train.routing_health import eval_repetition
     from moe_lm.train.trainer import Trainer
 
     trainer = Trainer(config_from_dict(args["cfg"]))
     try:
-        return evaluate(trainer)
+        with eval_repetition(trainer) as read:
+            record = evaluate(trainer)
+        return {**record, **read()}
     finally:
         trainer.log.close()

@@ -1,5 +1,6 @@
 """Validation through the real Trainer: `train.eval_batches` counts the micro-batches of all
-processes, so one process and two (DDP, or EP=2 with its all-to-alls) report the same loss."""
+processes, so one process and two (DDP, or EP=2 with its all-to-alls) report the same loss, and
+the same routing repetition rates (counts summed over processes)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,6 @@ def test_one_and_two_processes_report_the_same_validation_loss(tmp_path: Path) -
             err = abs(two[rank][case]["val_loss"] - one["val_loss"])
             record(f"validation loss, 2 processes ({case}) vs 1", err)
             assert err < 1e-5
+            for key in ("repetition_first", "repetition_either"):
+                assert two[rank][case][key] == pytest.approx(one[key], abs=1e-9)
+    assert 0 < one["repetition_first"][0] < one["repetition_either"][0] < 1
