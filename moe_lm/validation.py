@@ -189,3 +189,17 @@ def _validate_sources(cfg: Config) -> None:
             raise ConfigError(
                 f"data.val_sources.{name}: the name is taken by a training source's validation set; rename it"
             )
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Legal but probably unintended settings, one line each (`moe-lm train` prints them before step 1)."""
+    o, t = cfg.optim, cfg.train
+    found = []
+    if o.warmup_steps >= t.max_steps:
+        peak = o.lr * t.max_steps / o.warmup_steps
+        found.append(
+            f"warning: optim.warmup_steps = {o.warmup_steps} ≥ train.max_steps = {t.max_steps}: training ends "
+            f"inside the warm-up, at lr {peak:.3g} instead of optim.lr = {o.lr:g}, with no decay; lower "
+            "optim.warmup_steps"
+        )
+    return found

@@ -6,6 +6,7 @@ Every user error (bad config, data, checkpoint or flag) is printed as one line a
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from moe_lm.errors import UserError, report
@@ -55,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    code = main()
-    sys.stdout.flush()
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`moe-lm info CONFIG --json | head`): end quietly, as Unix tools do.
+        # stdout is pointed at /dev/null so the interpreter's own final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 128 + 13  # what a process killed by SIGPIPE reports
     sys.exit(code)

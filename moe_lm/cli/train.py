@@ -15,6 +15,7 @@ import torch
 
 from moe_lm.config import Config, load_config
 from moe_lm.errors import ArgumentParser, UserError, report
+from moe_lm.validation import config_warnings
 
 if TYPE_CHECKING:
     from moe_lm.parallel.layout import Layout
@@ -43,9 +44,23 @@ def train_main(argv: list[str]) -> int:
 
 
 def _train(cfg: Config, layout: Layout) -> int:
+    from moe_lm.train.rundir import RunFinished
     from moe_lm.train.trainer import Trainer
 
-    trainer = Trainer(cfg, layout)
+    try:
+        trainer = Trainer(cfg, layout)
+    except RunFinished as done:  # a requeued job whose run already ended: every rank stops here
+        message = str(done)
+    else:
+        message = ""
+    if message:
+        layout.shutdown()
+        if layout.is_main:
+            print(message)
+        return 0
+    if layout.is_main:  # once every input has loaded: a run that fails on bad input only says why
+        for line in config_warnings(cfg):
+            print(line, file=sys.stderr, flush=True)
     try:
         summary = trainer.fit()
     finally:

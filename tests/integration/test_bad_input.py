@@ -1,8 +1,9 @@
 """The bad-input table: each row is one line on stderr naming the culprit and the fix, exit code 2,
 and nothing in the run directory touched (files and mtimes compared before and after).
 
-Most rows run against a copy of a finished run, resuming it or overwriting it where that makes the
-row most dangerous: bad input must be caught before the first write.
+Most rows run against a copy of a finished run, resuming it (with more steps: a finished run resumed
+as it is has nothing to do) or overwriting it where that makes the row most dangerous: bad input
+must be caught before the first write.
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     return {
         str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))
     }
+
+
+UTF16 = "ROMEO: wherefore\n".encode("utf-16")  # text, but not UTF-8 (NUL bytes too)
 
 
 def write(path: Path, data: bytes) -> str:
@@ -161,7 +165,9 @@ ROWS: list[tuple[str, Callable[[Ctx], tuple[list[str], Path]], list[str]]] = [
     ),
     (
         "data-missing",
-        lambda c: train(c, "train.resume=latest", f"data.train_files=[{c.tmp}/nope.txt]"),
+        lambda c: train(
+            c, "train.resume=latest", "train.max_steps=4", f"data.train_files=[{c.tmp}/nope.txt]"
+        ),
         ["data.train_files: file", "nope.txt' not found", "check the path"],
     ),
     (
@@ -172,7 +178,10 @@ ROWS: list[tuple[str, Callable[[Ctx], tuple[list[str], Path]], list[str]]] = [
     (
         "data-binary",
         lambda c: train(
-            c, "train.resume=latest", f"data.train_files=[{write(c.tmp / 'b.txt', bytes(range(256)) * 64)}]"
+            c,
+            "train.resume=latest",
+            "train.max_steps=4",
+            f"data.train_files=[{write(c.tmp / 'b.txt', bytes(range(256)) * 64)}]",
         ),
         ["data.train_files:", "b.txt' is binary (NUL bytes)", "list only UTF-8 text files"],
     ),
@@ -232,7 +241,30 @@ ROWS: list[tuple[str, Callable[[Ctx], tuple[list[str], Path]], list[str]]] = [
     (
         "config-not-yaml",
         lambda c: (["train", write(c.tmp / "bad.yaml", b"model: [1,\n")], c.run),
-        ["is not valid YAML at line", "fix the syntax"],
+        ["is not valid YAML: the '[' at line 1, column 8 is never closed (the file ends)", "fix the syntax"],
+    ),
+    (
+        "config-yaml-unclosed-mapping",
+        lambda c: (
+            ["train", write(c.tmp / "bad.yaml", b"name: x\ntrain: {max_steps: 3\nmodel: {}\n")],
+            c.run,
+        ),
+        ["the '{' at line 2, column 8 is never closed", "but got ':' at line 3"],
+    ),
+    (
+        "resume-shorter-than-checkpoint",
+        lambda c: train(c, "train.resume=latest", "train.max_steps=1"),
+        ["train.max_steps = 1 is below the step of checkpoint", "(2)", "raise train.max_steps above 2"],
+    ),
+    (
+        "data-unknown-extension-not-text",
+        lambda c: train(
+            c,
+            "train.resume=latest",
+            "train.max_steps=4",
+            f"data.train_files=[{write(c.tmp / 'x.bin', UTF16)}]",
+        ),
+        ["data.train_files:", "x.bin' has an extension", "is not UTF-8 text", "set data.format"],
     ),
     (
         "unknown-command",
