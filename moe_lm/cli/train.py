@@ -21,11 +21,15 @@ if TYPE_CHECKING:
     from moe_lm.parallel.layout import Layout
 
 
-def train_main(argv: list[str]) -> int:
+def train_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="moe-lm train", description="Pretrain from a YAML config.")
     parser.add_argument("config", help="YAML run config, e.g. configs/tiny-shakespeare.yaml")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=100")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def train_main(argv: list[str]) -> int:
+    args = train_parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     from moe_lm.parallel.layout import start_processes
 

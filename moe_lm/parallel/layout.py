@@ -32,8 +32,8 @@ def resolve_precision(setting: str, device_type: str) -> str:
 
 def launch_hint(cfg: Config) -> str:
     if cfg.parallel.backend == "deepspeed":
-        return "accelerate launch --config_file configs/accelerate/deepspeed-zero2.yaml -m moe_lm.cli train CONFIG"
-    return "accelerate launch --config_file configs/accelerate/cpu-2proc.yaml -m moe_lm.cli train CONFIG"
+        return "moe-lm launch --config_file configs/accelerate/deepspeed-zero2.yaml train CONFIG"
+    return "moe-lm launch --config_file configs/accelerate/cpu-2proc.yaml train CONFIG"
 
 
 def check_launch(cfg: Config, joined: int) -> None:
