@@ -2,7 +2,8 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-export HF_HUB_OFFLINE := 1
+# Offline by default (nothing is downloaded at run time); `make train HF_HUB_OFFLINE=0 ARGS=...` for hub.push_at_end.
+export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline

@@ -114,6 +114,7 @@ def export_checkpoint(
                     f"{cfg.model.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)"
                 )
             bos, eos = tok.bos_token_id, tok.eos_token_id
+            set_model_max_length(tmp, cfg.model.max_seq_len)
         state = load_model_state(ckpt)
         check_state(cfg.model, state, f"checkpoint '{ckpt}'")
         model = to_hf_model(cfg.model, state, DTYPES[dtype], bos, eos)
@@ -132,6 +133,16 @@ def export_checkpoint(
             has_png = True
         (tmp / "README.md").write_text(render_model_card(cfg, records, has_png, repo_id))
     return Path(out)
+
+
+def set_model_max_length(folder: Path, context: int) -> None:
+    """The tokenizer's model_max_length is the model's context; transformers' default when it is
+    unset (1e30) lets pipelines feed inputs of any length without truncation or a warning."""
+    path = folder / "tokenizer_config.json"
+    if path.is_file():
+        config = json.loads(path.read_text())
+        config["model_max_length"] = context
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def _check_shard_size(size: str) -> None:

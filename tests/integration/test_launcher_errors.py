@@ -118,3 +118,15 @@ def test_make_train_prints_the_one_line_and_then_only_makes_own(target: str) -> 
     assert lines[0].startswith("error: unknown config key 'train.max_step'; did you mean 'train.max_steps'?")
     assert lines[1].startswith("make: *** [Makefile:") and lines[1].endswith(f"{target}] Error 2")
     assert proc.stdout == ""
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_is_offline_unless_told_otherwise_so_push_at_end_can_run() -> None:
+    """HF_HUB_OFFLINE was forced to 1, so `make train` could never push (hub.push_at_end)."""
+    show = ["make", "-s", "--eval", "show-offline: ; @echo $$HF_HUB_OFFLINE", "show-offline"]
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    offline = subprocess.run(show, capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
+    online = subprocess.run(
+        [*show, "HF_HUB_OFFLINE=0"], capture_output=True, text=True, cwd=REPO, env=env, timeout=60
+    )
+    assert (offline.stdout.strip(), online.stdout.strip()) == ("1", "0")
