@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_lm.errors import ERROR_DIR_ENV, UserError
+from moe_lm.libraries import configure_deepspeed
 
 USAGE = (
     "usage: moe-lm launch [accelerate launch options] COMMAND [ARGS...]\n"
@@ -122,6 +123,7 @@ def launch_main(argv: list[str]) -> int:
     # torchrun's agent logs every worker's exit and closing signal; the workers and this command say
     # what matters. Exceptions it raises still reach us.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    configure_deepspeed()  # accelerate's DeepSpeed launcher imports it; the workers inherit the settings
     from accelerate.commands.launch import launch_command
 
     error_dir = Path(tempfile.mkdtemp(prefix="moe-lm-launch-"))

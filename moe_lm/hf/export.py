@@ -22,6 +22,7 @@ from moe_lm.errors import UserError
 from moe_lm.fsutil import staged_dir
 from moe_lm.hf.convert import check_exportable, to_hf_model
 from moe_lm.hf.model_card import render_model_card
+from moe_lm.libraries import configure_deepspeed
 from moe_lm.state.resolve import resolve_checkpoint
 from moe_lm.state.weights import check_state, load_model_state
 
@@ -93,6 +94,7 @@ def export_checkpoint(
     """Write a folder that `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer` load offline."""
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    configure_deepspeed()  # transformers imports DeepSpeed, which has a notice for CPU machines
     _check_shard_size(max_shard_size)
     ckpt = resolve_checkpoint(checkpoint)
     cfg = load_config(ckpt / "config.yaml")

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from moe_lm.config import Config
 from moe_lm.errors import UserError
+from moe_lm.libraries import configure_deepspeed
 from moe_lm.parallel.deepspeed_config import deepspeed_accelerator
 from moe_lm.parallel.mesh import Mesh, build_mesh
 
@@ -107,6 +108,7 @@ class Layout:
 
 def start_processes(cfg: Config) -> Layout:
     """Join the launched processes and build the expert-parallel groups. Collective."""
+    configure_deepspeed()  # before accelerate imports it (its op cache, its CPU notice)
     precision = resolve_precision(cfg.train.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu")
     if cfg.parallel.backend == "deepspeed":
         accelerator = deepspeed_accelerator(cfg, precision)
