@@ -21,7 +21,7 @@ from moe_lm.config import Config
 from moe_lm.errors import UserError
 from moe_lm.libraries import configure_deepspeed
 from moe_lm.parallel.deepspeed_config import deepspeed_accelerator
-from moe_lm.parallel.mesh import Mesh, build_mesh
+from moe_lm.parallel.mesh import Mesh, build_mesh, ep_groups_cross_nodes
 
 
 def resolve_precision(setting: str, device_type: str) -> str:
@@ -116,4 +116,13 @@ def start_processes(cfg: Config) -> Layout:
         accelerator = ddp_accelerator(cfg, precision)
     check_launch(cfg, accelerator.num_processes)
     mesh = build_mesh(cfg.parallel.ep_size, cfg.model.num_experts)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", mesh.world_size))
+    if mesh.rank == 0 and ep_groups_cross_nodes(mesh.world_size, mesh.ep_size, per_node):
+        print(
+            f"warning: parallel.ep_size = {mesh.ep_size} with {per_node} processes per node puts expert-parallel "
+            "groups across nodes: their all-to-all goes over the network; an ep_size that divides the "
+            "processes per node keeps it inside one",
+            file=sys.stderr,
+            flush=True,
+        )
     return Layout(accelerator=accelerator, mesh=mesh)
