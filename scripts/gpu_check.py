@@ -208,8 +208,7 @@ def train_resume_export(a: argparse.Namespace, out: Path) -> list[Row]:
 def params(cfg: Any) -> str:
     from moe_lm.model.params import count_params
 
-    counts = count_params(cfg.model)
-    return f"{int(counts['total_params']) / 1e6:.1f}M params"  # type: ignore[call-overload]
+    return f"{count_params(cfg.model).total_params / 1e6:.1f}M params"
 
 
 @torch.no_grad()

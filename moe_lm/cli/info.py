@@ -3,13 +3,9 @@
 Parameters are counted on the meta device (`moe_lm.model.params.count_params`), so the real
 Mixtral 8x7B shape answers instantly and allocates nothing.
 
-FLOPs per token follow the usual dense-equivalent estimate on *active* parameters:
-forward = 2 * N_active (one multiply-add per weight), training = 6 * N_active (the backward pass
-costs twice the forward). N_active includes the embedding and the LM head: the head is a real
-matmul, the embedding lookup is not, so with untied embeddings this slightly over-counts. The
-attention score/value matmuls grow with context and are not in N; they are reported separately
-as 6 * 2 * L * n_heads * head_dim * seq_len per token (training, full causal cost without the
-1/2 for masking, as PaLM's MFU formula counts it).
+FLOPs per token are the ones MFU is measured with (`moe_lm.model.params.flops_per_token`):
+forward = 2 * N_active, training = 6 * N_active, and the attention score/value matmuls, which grow
+with context and are not in N, reported separately.
 """
 
 from __future__ import annotations
@@ -17,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, cast
+from typing import Any
 
 from moe_lm.config import Config, load_config
 from moe_lm.errors import ArgumentParser
@@ -36,18 +32,16 @@ def _parser() -> argparse.ArgumentParser:
 def summarize(cfg: Config) -> dict[str, Any]:
     """Counts, per-component shares, active ratio and FLOPs estimates for a resolved config."""
     # Imported here so that a bad config is reported before paying for `import torch` (~2 s).
-    from moe_lm.model.params import count_params
+    from moe_lm.model.params import count_params, flops_per_token
 
     m = cfg.model
     counts = count_params(m)
-    total = cast(int, counts["total_params"])
-    active = cast(int, counts["active_params"])
-    components = dict(cast(dict[str, int], counts["components"]))
+    total, active, components = counts.total_params, counts.active_params, counts.components
     # Only routed experts are partly active (k of E); every other component runs for every token.
     active_components = {
         name: (n * m.top_k // m.num_experts if name == "experts" else n) for name, n in components.items()
     }
-    attn_flops = 6 * 2 * m.num_layers * m.num_heads * m.resolved_head_dim * cfg.data.seq_len
+    flops = flops_per_token(m, cfg.data.seq_len, active)
     return {
         "name": cfg.name,
         "total_params": total,
@@ -57,9 +51,9 @@ def summarize(cfg: Config) -> dict[str, Any]:
         "active_components": active_components,
         "moe_layers": len(m.moe_layer_indices),
         "dense_layers": m.num_layers - len(m.moe_layer_indices),
-        "forward_flops_per_token": 2 * active,
-        "train_flops_per_token": 6 * active,
-        "attention_train_flops_per_token": attn_flops,
+        "forward_flops_per_token": flops.forward,
+        "train_flops_per_token": flops.train,
+        "attention_train_flops_per_token": flops.attention_train,
         "seq_len": cfg.data.seq_len,
         "config": cfg.to_dict(),
     }

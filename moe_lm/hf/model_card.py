@@ -134,7 +134,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
 def architecture_table(cfg: Config) -> str:
     m = cfg.model
     counts = count_params(m)
-    total, active = int(counts["total_params"]), int(counts["active_params"])  # type: ignore[call-overload]
+    total, active = counts.total_params, counts.active_params
     rows = [
         ("architecture", "MixtralForCausalLM (decoder-only, every FFN a mixture of experts)"),
         ("layers", m.num_layers),

@@ -9,6 +9,7 @@ Counts are made on a model built on the meta device, so the real Mixtral 8x7B sh
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 
@@ -42,8 +43,14 @@ def build_meta_model(cfg: ModelConfig) -> MoETransformer:
         return MoETransformer(cfg)
 
 
-def count_params(cfg: ModelConfig) -> dict[str, object]:
-    """{"total_params", "active_params", "components": {name: count}} for a config."""
+@dataclass(frozen=True)
+class ParamCounts:
+    total_params: int
+    active_params: int  # per token: k of the E routed experts, everything else
+    components: dict[str, int]  # parameters per component (experts, attention, ...), summing to the total
+
+
+def count_params(cfg: ModelConfig) -> ParamCounts:
     model = build_meta_model(cfg)
     components: dict[str, int] = defaultdict(int)
     for name, p in model.named_parameters():
@@ -59,7 +66,30 @@ def count_params(cfg: ModelConfig) -> dict[str, object]:
     total = sum(components.values())
     # Each token runs k of E routed experts; everything else is always active.
     inactive = components["experts"] * (cfg.num_experts - cfg.top_k) // cfg.num_experts
-    return {"total_params": total, "active_params": total - inactive, "components": dict(components)}
+    return ParamCounts(total, total - inactive, dict(components))
+
+
+@dataclass(frozen=True)
+class FlopsPerToken:
+    """The dense-equivalent estimate on *active* parameters that `moe-lm info` reports and MFU uses.
+    The embedding lookup counts as the matmul it is not, so with untied embeddings this over-counts
+    slightly."""
+
+    forward: int  # 2 x active parameters: one multiply-add per weight
+    train: int  # 6 x active parameters: the backward pass costs twice the forward
+    # The attention score and value matmuls in training, which grow with the context and are in no
+    # parameter count: 6 x 2 x layers x heads x head_dim x seq_len, the full causal cost without the
+    # 1/2 for the mask, as PaLM's MFU formula (appendix B) counts it.
+    attention_train: int
+
+    @property
+    def train_total(self) -> int:
+        return self.train + self.attention_train
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, active_params: int) -> FlopsPerToken:
+    attention = 6 * 2 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim * seq_len
+    return FlopsPerToken(forward=2 * active_params, train=6 * active_params, attention_train=attention)
 
 
 def human(n: int | float) -> str:

@@ -62,7 +62,7 @@ def estimate_memory(cfg: Config, world_size: int, device_type: str = "cpu") -> M
     from moe_lm.model.params import count_params  # builds on the meta device: no memory
 
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    parts: dict[str, int] = count_params(m)["components"]  # type: ignore[assignment]
+    parts = count_params(m).components
     experts = parts.get("experts", 0) // p.ep_size
     dense = sum(n for k, n in parts.items() if k != "experts")
     trainable_experts = experts if t.freeze in ("none", "non_expert", "router") else 0

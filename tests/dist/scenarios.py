@@ -265,10 +265,11 @@ def dispatcher_inputs(
 def trainer_evaluate(rank: int, args: dict[str, Any]) -> dict[str, Any]:
     """The real Trainer's validation pass at step 0 (weights from the seed: the same everywhere)."""
     from moe_lm.config import config_from_dict
+    from moe_lm.train.evaluation import evaluate
     from moe_lm.train.trainer import Trainer
 
     trainer = Trainer(config_from_dict(args["cfg"]))
     try:
-        return trainer.evaluate()
+        return evaluate(trainer)
     finally:
         trainer.log.close()

@@ -15,9 +15,8 @@ import pytest
 import yaml
 
 from moe_lm.config import load_config
-from moe_lm.model.params import count_params
+from moe_lm.model.params import count_params, flops_per_token
 from moe_lm.state.weights import load_pretrained
-from moe_lm.train.metrics import flops_per_token
 from tests.integration.conftest import run_config_dict
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,7 +103,7 @@ def test_two_process_ep2_trains_and_logs_per_rank_load(ddp_ep2: Path) -> None:
 def test_two_process_mfu_is_global_flops_over_every_process_peak(ddp_ep2: Path) -> None:
     # Two processes: FLOPs of both ranks over the peak of both (it was over one rank's peak: > 100%).
     cfg = load_config(ddp_ep2 / "config.yaml")
-    per_token = flops_per_token(cfg, int(count_params(cfg.model)["active_params"]))
+    per_token = flops_per_token(cfg.model, cfg.data.seq_len, count_params(cfg.model).active_params).train_total
     for r in train_records(ddp_ep2)[:4]:
         assert r["mfu"] == pytest.approx(r["tokens_per_s"] * per_token / (2 * PEAK_TFLOPS * 1e12), rel=1e-9)
 

@@ -56,6 +56,7 @@ def test_trainer_step_eval_and_sample_on_cuda(tmp_path) -> None:
     # The trainer's own paths on a real device: a CPU tensor mixed into them fails only here.
     from moe_lm.config import config_from_dict
     from moe_lm.data.tokenizer import train_tokenizer
+    from moe_lm.train.evaluation import evaluate, sample
     from moe_lm.train.trainer import Trainer
     from tests.integration.conftest import REPO, run_config_dict
 
@@ -77,10 +78,10 @@ def test_trainer_step_eval_and_sample_on_cuda(tmp_path) -> None:
         for _ in range(5):
             trainer.train_step()
         assert trainer.backend.device.type == "cuda"
-        assert first["grad_norm"] > 0 and torch.isfinite(first["sums"]["loss"])
-        record = trainer.evaluate()
+        assert first.grad_norm > 0 and torch.isfinite(first.losses["loss"])
+        record = evaluate(trainer)
         assert 0 < record["val_loss"] < 10
-        assert trainer.sample().startswith(cfg.train.sample_prompt[:3])
+        assert sample(trainer).startswith(cfg.train.sample_prompt[:3])
     finally:
         trainer.log.close()
         trainer.backend.shutdown()

@@ -59,6 +59,7 @@ def test_the_checker_sees_a_factory_call_without_device() -> None:
     ids=["dropless", "jitter-capacity-auxfree"],
 )
 def test_step_eval_and_sample_make_tensors_on_the_device(make_config, model: dict[str, Any]) -> None:
+    from moe_lm.train.evaluation import evaluate, sample
     from moe_lm.train.trainer import Trainer
 
     cfg = make_config(model=model, train={"grad_accum_steps": 2, "eval_batches": 2})
@@ -66,8 +67,8 @@ def test_step_eval_and_sample_make_tensors_on_the_device(make_config, model: dic
     try:
         with FactoryCallsWithoutDevice() as check:
             trainer.train_step()
-            trainer.evaluate()
-            trainer.sample()
+            evaluate(trainer)
+            sample(trainer)
     finally:
         trainer.log.close()
         trainer.backend.shutdown()

@@ -51,9 +51,9 @@ def test_shipped_config_loads_and_counts_match_formula(path: Path) -> None:
     cfg = load_config(path)
     counts = count_params(cfg.model)
     total, active = analytic_params(cfg.model)
-    assert counts["total_params"] == total
-    assert counts["active_params"] == active
-    components = counts["components"]
+    assert counts.total_params == total
+    assert counts.active_params == active
+    components = counts.components
     assert isinstance(components, dict) and sum(components.values()) == total
 
 
@@ -101,8 +101,8 @@ def test_mixtral_8x7b_is_46_7b_total_12_9b_active() -> None:
     assert shape == (vocab, h, inter, layers, heads, kv_heads, experts, top_k)
     assert not m.tie_embeddings and m.moe_layer_freq == 1 and m.first_dense_layers == 0
     counts = count_params(m)
-    assert (counts["total_params"], counts["active_params"]) == (total, active)
-    assert counts["components"] == {
+    assert (counts.total_params, counts.active_params) == (total, active)
+    assert counts.components == {
         "embedding": vocab * h,
         "lm_head": vocab * h,
         "attention": layers * attn,
@@ -128,4 +128,4 @@ def test_formula_covers_architecture_variants(overrides: dict) -> None:
     )
     m = ModelConfig(**{**base, **overrides})
     counts = count_params(m)
-    assert (counts["total_params"], counts["active_params"]) == analytic_params(m)
+    assert (counts.total_params, counts.active_params) == analytic_params(m)

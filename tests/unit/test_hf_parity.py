@@ -206,7 +206,7 @@ def test_shipped_mixtral_8x7b_config_maps_to_the_real_mixtral_shape() -> None:
     with torch.device("meta"):
         hf = MixtralForCausalLM(hf_cfg)
     total = sum(p.numel() for p in hf.parameters())
-    assert total == count_params(cfg)["total_params"]
+    assert total == count_params(cfg).total_params
     assert round(total / 1e9, 1) == 46.7
     real = MixtralConfig()  # transformers' defaults are Mixtral-8x7B-v0.1
     for key in (

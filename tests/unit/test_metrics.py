@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from moe_lm.config import Config, LoggingConfig
+from moe_lm.config import Config, LoggingConfig, load_config
+from moe_lm.model.params import FlopsPerToken, flops_per_token
 from moe_lm.train.metrics import cpu_matmul_peak, mfu, peak_flops
 from moe_lm.train.rng import TrainingRNG
 
@@ -33,6 +36,14 @@ def test_mfu_is_global_flops_over_every_process_peak() -> None:
     assert one == pytest.approx(0.3)
     # Two processes doing the same work each in the same time: twice the FLOPs, the same MFU.
     assert mfu(12e12, 2.0, 1e13, 2) == pytest.approx(one)
+
+
+def test_flops_per_token_is_palms_formula() -> None:
+    # The one formula behind `moe-lm info` and MFU. Mixtral 8x7B: 32 layers, 32 heads of 128.
+    m = load_config(Path(__file__).parents[2] / "configs" / "mixtral-8x7b.yaml").model
+    flops = flops_per_token(m, 4096, active_params=1000)
+    assert flops == FlopsPerToken(forward=2000, train=6000, attention_train=12 * 32 * 32 * 128 * 4096)
+    assert flops.train_total == 6000 + 12 * 32 * 32 * 128 * 4096
 
 
 def test_training_rng_ignores_draws_between_steps() -> None:

@@ -1,0 +1,70 @@
+"""What a run measures besides the step: validation loss on every validation set, and a sample.
+
+Both run on every process (evaluation reduces over them) with the unwrapped model, and neither
+draws from the training RNG, so when they run cannot change the training that follows.
+The `Evaluate` and `Sample` callbacks decide when.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from moe_lm.data.loader import eval_batches
+
+if TYPE_CHECKING:
+    from moe_lm.train.trainer import Trainer
+
+
+@torch.no_grad()
+def evaluate(trainer: Trainer) -> dict[str, Any]:
+    """The eval record: each validation set as val/<name>/loss and /ppl; val_loss is their mean."""
+    assert trainer.data.val
+    model = trainer.backend.raw_model
+    model.eval()
+    record: dict[str, Any] = {"kind": "eval", "step": trainer.step, "tokens": trainer.tokens}
+    losses = []
+    for name, blocks in trainer.data.val.items():
+        loss, _ = _eval_set(trainer, blocks)
+        losses.append(loss)
+        record[f"val/{name}/loss"] = loss
+        record[f"val/{name}/ppl"] = math.exp(min(loss, 50.0))
+    model.train()
+    val_loss = sum(losses) / len(losses)
+    return {**record, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+
+@torch.no_grad()
+def _eval_set(trainer: Trainer, blocks: Any) -> tuple[float, int]:
+    """(mean loss, tokens) of one validation set over every rank."""
+    b, cfg = trainer.backend, trainer.cfg
+    # [sum of token losses, tokens], on the device; float64 so that the sum does not depend on
+    # how the blocks are split over ranks. train.eval_batches counts the batches of all ranks.
+    total = torch.zeros(2, dtype=torch.float64, device=b.device)
+    for input_ids, labels in eval_batches(
+        blocks, cfg.train.micro_batch_size, b.dp_rank, b.dp_size, cfg.train.eval_batches
+    ):
+        with b.autocast():
+            out = trainer.forward(b.raw_model, input_ids, labels)
+        assert out.lm_loss is not None
+        tokens = int((labels != -100).sum())  # labels are still on the CPU: no device sync
+        if tokens:
+            total[0] += out.lm_loss.double() * tokens
+            total[1] += tokens
+    total = b.all_reduce(total, "sum")
+    return float(total[0] / total[1]), int(total[1])
+
+
+@torch.no_grad()
+def sample(trainer: Trainer) -> str:
+    """`train.sample_tokens` tokens after `train.sample_prompt`, from the model as it is now."""
+    cfg, b, tokenizer = trainer.cfg, trainer.backend, trainer.tokenizer
+    prompt = tokenizer.encode(cfg.train.sample_prompt) or [tokenizer.bos_id]
+    # A generator of its own: sampling must not move the training RNG (exact resume).
+    gen = torch.Generator(device=b.device).manual_seed(cfg.train.seed + trainer.step)
+    ids = torch.tensor([prompt], device=b.device)
+    with b.autocast():
+        out = b.raw_model.generate(ids, cfg.train.sample_tokens, temperature=0.8, top_k=50, generator=gen)
+    return tokenizer.decode(out[0].tolist())

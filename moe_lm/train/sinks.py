@@ -1,0 +1,175 @@
+"""Where records go: metrics.jsonl in the run directory, wandb, and the console (progress bar and messages).
+
+A record is one JSON-able dict with a `kind` ("train", "eval", "sample") and a `step`. The main
+process writes every record to each sink, in order; the other processes get a `MetricsLogger` with
+no sinks. A new sink (TensorBoard, say) is a `Sink` subclass added in `build_logger`.
+wandb never blocks training: without an API key it runs offline, and any failure to start it or to
+log turns it off with one warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from moe_lm.config import Config
+
+
+class Sink:
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class JsonlSink(Sink):
+    """One line per record; a resumed run appends to the lines of the run it continues."""
+
+    def __init__(self, path: Path, resumed: bool) -> None:
+        self.file = open(path, "a" if resumed else "w", buffering=1)  # noqa: SIM115
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class ConsoleSink(Sink):
+    """Messages for people, and a tqdm bar (when `logging.progress_bar`) that train records move."""
+
+    def __init__(self, cfg: Config, start_step: int) -> None:
+        self.bar = None
+        if cfg.logging.progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=cfg.train.max_steps,
+                initial=start_step,
+                desc=cfg.name,
+                dynamic_ncols=True,
+                file=sys.stdout,
+                mininterval=1.0,
+            )
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.bar is None or record["kind"] != "train":
+            return
+        self.bar.n = record["step"]
+        postfix = {
+            "loss": f"{record['loss']:.3f}",
+            "aux": f"{record.get('aux_loss', 0):.3f}",
+            "tok/s": f"{record['tokens_per_s']:.0f}",
+        }
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.refresh()
+
+    def message(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)  # above the bar, which stays at the bottom
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class WandbSink(Sink):
+    def __init__(self, cfg: Config, resumed: bool, warn: Callable[[str], None]) -> None:
+        self.warn = warn
+        self.run = self._start(cfg, resumed)
+
+    def _start(self, cfg: Config, resumed: bool) -> Any:
+        try:
+            import wandb
+
+            has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").is_file()
+            mode = os.environ.get("WANDB_MODE") or ("online" if has_key else "offline")
+            return wandb.init(
+                project=cfg.logging.wandb_project,
+                entity=cfg.logging.wandb_entity,
+                name=cfg.logging.wandb_run_name or cfg.name,
+                config=cfg.to_dict(),
+                dir=str(cfg.output_dir),
+                mode=mode,  # type: ignore[arg-type]
+                resume="allow" if resumed else None,
+                settings=wandb.Settings(init_timeout=30, silent=True),
+            )
+        except Exception as e:  # wandb must never stop a training run
+            self.warn(f"warning: wandb disabled ({type(e).__name__}: {e})")
+            return None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.log(_flatten_for_wandb(record), step=record["step"])
+        except Exception as e:
+            self.warn(f"warning: wandb log failed ({e}); continuing without it")
+            self.run = None
+
+    def close(self) -> None:
+        if self.run is not None:
+            with contextlib.suppress(Exception):
+                self.run.finish()
+
+
+class MetricsLogger:
+    """Fans records out to the sinks, in order, and messages out to the console."""
+
+    def __init__(self, sinks: list[Sink], console: ConsoleSink | None = None) -> None:
+        self.sinks = sinks
+        self.console = console
+
+    def log(self, record: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.write(record)
+
+    def message(self, text: str) -> None:
+        if self.console is not None:
+            self.console.message(text)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+def build_logger(cfg: Config, start_step: int, resumed: bool, is_main: bool) -> MetricsLogger:
+    """The main process's sinks from `cfg.logging`; none elsewhere (every process makes the records,
+    since they need collectives, but one writes them)."""
+    if not is_main:
+        return MetricsLogger([])
+    # Made in this order so that metrics.jsonl exists before wandb starts, and a wandb warning
+    # finds the bar; records reach the console last, after the files.
+    jsonl = JsonlSink(cfg.output_dir / "metrics.jsonl", resumed) if cfg.logging.jsonl else None
+    console = ConsoleSink(cfg, start_step)
+    wandb = WandbSink(cfg, resumed, console.message) if cfg.logging.wandb else None
+    sinks = [s for s in (jsonl, wandb) if s is not None]
+    return MetricsLogger([*sinks, console], console)
+
+
+def _flatten_for_wandb(record: dict[str, Any]) -> dict[str, Any]:
+    """Lists of per-layer values become scalar series: expert_load/L0/E3, imbalance/L0, ..."""
+    flat: dict[str, Any] = {}
+    for key, value in record.items():
+        if key in ("kind", "step"):
+            continue
+        if key == "expert_load":
+            for layer, row in enumerate(value):
+                for expert, frac in enumerate(row):
+                    flat[f"expert_load/L{layer}/E{expert}"] = frac
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                if isinstance(v, int | float):
+                    flat[f"{key}/{i}"] = v
+        elif isinstance(value, int | float | str):
+            prefix = "eval/" if record.get("kind") == "eval" else ""
+            flat[prefix + key] = value
+    return flat
