@@ -151,9 +151,12 @@ class ParallelConfig:
 @dataclass(frozen=True)
 class LoggingConfig:
     log_every: int = 10  # steps between metric records (console, metrics.jsonl, wandb)
-    progress_bar: bool = True  # tqdm bar with loss, aux loss, tokens/s, ETA
+    progress_bar: bool = True  # tqdm bar with loss, aux loss, lr, grad norm, tokens/s, ETA
     jsonl: bool = True  # write RUN/metrics.jsonl
     wandb: bool = False  # log to wandb (offline without an API key; never blocks training)
+    tensorboard: bool = (
+        False  # also write TensorBoard event files to RUN/tensorboard (extra: moe_lm[tensorboard])
+    )
     wandb_project: str = "moe_lm"  # wandb project
     wandb_entity: str | None = None  # wandb entity (team or user)
     wandb_run_name: str | None = None  # None: the config name

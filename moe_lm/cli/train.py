@@ -6,6 +6,7 @@ The trainer, accelerate and the Hub client are imported inside the command that 
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import sys
@@ -31,6 +32,7 @@ def train_parser() -> ArgumentParser:
 def train_main(argv: list[str]) -> int:
     args = train_parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    preflight(cfg)
     from moe_lm.parallel.layout import start_processes
 
     layout = start_processes(cfg)
@@ -45,6 +47,22 @@ def train_main(argv: list[str]) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def preflight(cfg: Config) -> None:
+    """What would otherwise fail late, checked before any process group, data or model: the
+    TensorBoard package, and everything the final push needs (on the first process only: it
+    asks the Hub once)."""
+    if cfg.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UserError(
+            "logging.tensorboard needs the tensorboard package: pip install 'moe_lm[tensorboard]' "
+            "(or set logging.tensorboard=false)"
+        )
+    if cfg.hub.push_at_end and cfg.hub.repo_id and os.environ.get("RANK", "0") == "0":
+        from moe_lm.hf.hub import check_can_push
+
+        user = check_can_push(cfg.hub.repo_id, key="hub.repo_id")
+        print(f"hub.push_at_end: '{user}' may push to {cfg.hub.repo_id}; the run is pushed when it finishes")
 
 
 def _train(cfg: Config, layout: Layout) -> int:

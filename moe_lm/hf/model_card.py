@@ -222,7 +222,7 @@ print(tokenizer.decode(model.generate(**inputs, max_new_tokens=50, do_sample=Tru
 def render_model_card(cfg: Config, records: RunRecords, has_heatmap: bool, repo_id: str | None = None) -> str:
     meta = yaml.safe_dump(front_matter(cfg), sort_keys=False).strip()
     counts = count_params(cfg.model)
-    total, active = int(counts["total_params"]), int(counts["active_params"])  # type: ignore[call-overload]
+    total, active = counts.total_params, counts.active_params
     sections = [
         f"---\n{meta}\n---",
         f"# {repo_id or cfg.name}",

@@ -116,6 +116,25 @@ def disk_full(c: Ctx) -> tuple[list[str], Path]:
     return train(c, "train.resume=latest", "train.max_steps=4")[0], c.run / "checkpoints"
 
 
+def push_at_end_offline(c: Ctx) -> tuple[list[str], Path]:
+    """A token, but the Hub offline (as make used to force): refused before step 1, not after training."""
+    import huggingface_hub.constants as hf_constants
+
+    c.monkeypatch.setenv("HF_TOKEN", "hf_some_token")
+    c.monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    return train(c, "train.overwrite=true", "hub.push_at_end=true", "hub.repo_id=alice/tiny")
+
+
+def tensorboard_missing(c: Ctx) -> tuple[list[str], Path]:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    c.monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a)
+    )
+    return train(c, "train.overwrite=true", "logging.tensorboard=true")
+
+
 def hub_push(c: Ctx) -> tuple[list[str], Path]:
     return ["push", str(no_token(c)), "--repo-id", "a/b"], c.tmp / "export"
 
@@ -273,6 +292,8 @@ ROWS: list[tuple[str, Callable[[Ctx], tuple[list[str], Path]], list[str]]] = [
     ),
     ("unknown-flag", lambda c: train(c, "--max-steps", "3"), ["unrecognized arguments: --max-steps 3"]),
     ("hub-push-without-token", hub_push, ["no Hugging Face token", "set HF_TOKEN or run `hf auth login`"]),
+    ("hub-push-at-end-offline", push_at_end_offline, ["offline mode is on", "set HF_HUB_OFFLINE=0"]),
+    ("tensorboard-missing", tensorboard_missing, ["logging.tensorboard needs the tensorboard package"]),
 ]
 MARKS = {
     "hub-push-without-token": pytest.mark.skipif(

@@ -334,10 +334,13 @@ def test_push_at_end_exports_and_pushes(
 
 
 def test_the_train_command_pushes_its_final_checkpoint_once_finished(
-    make_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    hub: StandInHub, make_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import huggingface_hub.constants
+
     import moe_lm.hf.hub
 
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)  # what HF_ENDPOINT sets
     pushed: list[tuple[str, Path]] = []
     monkeypatch.setattr(moe_lm.hf.hub, "push_at_end", lambda cfg, ckpt: pushed.append((cfg.name, Path(ckpt))))
     cfg = make_config(train={"max_steps": 4}, hub={"push_at_end": True, "repo_id": "alice/final"})
@@ -347,3 +350,26 @@ def test_the_train_command_pushes_its_final_checkpoint_once_finished(
     assert pushed == []  # stopped early: not the end of training
     assert main(["train", str(path), "train.resume=latest"]) == 0
     assert pushed == [(cfg.name, cfg.output_dir / "checkpoints" / "step-4")]
+
+
+def test_train_refuses_a_push_that_would_fail_before_the_first_step(
+    hub: StandInHub, make_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """It used to find out after training (and the Makefile's HF_HUB_OFFLINE=1 made it certain)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+    hub.whoami["auth"] = {"accessToken": {"role": "read"}}
+    cfg = make_config(train={"max_steps": 2}, hub={"push_at_end": True, "repo_id": "alice/final"})
+    path = tmp_path / "run.yaml"
+    path.write_text(cfg.to_yaml())
+    capsys.readouterr()
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: the Hugging Face token of 'alice' is read-only") and "\n" not in err
+    assert not cfg.output_dir.exists()  # no step, no run directory
+    hub.whoami["auth"] = {"accessToken": {"role": "write"}}
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert main(["train", str(path)]) == 2
+    assert "offline mode is on" in capsys.readouterr().err
+    assert not cfg.output_dir.exists()
