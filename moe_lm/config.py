@@ -130,7 +130,7 @@ class TrainConfig:
     sample_prompt: str = "ROMEO:"  # prompt of the logged text samples
     sample_tokens: int = 64  # tokens generated per sample
     resume: str | None = None  # "auto" (newest checkpoint, else a fresh start), "latest" or a checkpoint dir
-    init_from: str | None = None  # load weights only (no optimizer) from this checkpoint
+    init_from: str | None = None  # start from this checkpoint's weights only (with resume=auto: first start)
     freeze: Literal["none", "non_expert", "experts", "router"] = (
         "none"  # train only experts / all but experts / all but routers
     )

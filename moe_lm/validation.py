@@ -107,10 +107,11 @@ def validate(cfg: Config) -> None:
     _positive("train.max_tokens", t.max_tokens)
     _positive("train.stop_at_step", t.stop_at_step)
     _positive("train.collapse_ratio", t.collapse_ratio)
-    if t.resume and t.init_from:
+    if t.resume and t.resume != "auto" and t.init_from:
         raise ConfigError(
             "train.resume and train.init_from are exclusive: resume continues a run, "
-            "init_from starts a new one from weights"
+            "init_from starts a new one from weights (train.resume=auto takes both: init_from on the "
+            "first start, the run's own checkpoints after)"
         )
     _positive("optim.lr", o.lr)
     _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)

@@ -79,22 +79,11 @@ def accelerate_args(options: list[str], command: list[str]) -> Any:
     return parser.parse_args([*options, "-m", "moe_lm", *command])
 
 
-def _first_failure(e: BaseException) -> tuple[int | None, int]:
-    """(rank, exit code) of the worker that failed first, from accelerate's or torchrun's exception."""
-    if isinstance(e, subprocess.CalledProcessError):
-        return 0, e.returncode
-    failures = getattr(e, "failures", None)
-    if failures:
-        rank, failure = min(failures.items(), key=lambda kv: kv[1].timestamp)
-        return rank, int(failure.exitcode)
-    return None, 1
-
-
 def _exit_code(code: int) -> int:
     return 128 - code if code < 0 else code  # killed by signal N: the shell's 128 + N
 
 
-def report_workers(error_dir: Path, rank: int | None, code: int) -> int:
+def report_workers(error_dir: Path, rank: int, code: int) -> int:
     """Print what the workers left in `error_dir` and return this command's exit code."""
     lines = sorted(error_dir.glob("rank*.error"), key=lambda p: int(p.stem[4:]))
     if lines:  # bad input: the lowest rank's line (every rank usually has the same one)
@@ -125,25 +114,20 @@ def launch_main(argv: list[str]) -> int:
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     configure_deepspeed()  # accelerate's DeepSpeed launcher imports it; the workers inherit the settings
     from accelerate.commands.launch import launch_command
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     error_dir = Path(tempfile.mkdtemp(prefix="moe-lm-launch-"))
     os.environ[ERROR_DIR_ENV] = str(error_dir)  # the workers inherit it
     try:
         launch_command(args)
         return 0
+    except subprocess.CalledProcessError as e:  # the single-process launcher
+        return report_workers(error_dir, 0, e.returncode)
+    except ChildFailedError as e:  # torchrun's: several processes, DeepSpeed
+        rank, failure = min(e.failures.items(), key=lambda kv: kv[1].timestamp)
+        return report_workers(error_dir, rank, int(failure.exitcode))
     except ValueError as e:  # accelerate's own checks of its options, before any worker starts
-        if not any(error_dir.iterdir()):
-            raise UserError(f"moe-lm launch: {str(e).splitlines()[0]}") from None
-        return report_workers(error_dir, None, 1)
-    except Exception as e:
-        rank, code = _first_failure(e)
-        if (
-            not any(error_dir.iterdir())
-            and not hasattr(e, "failures")
-            and not isinstance(e, subprocess.CalledProcessError)
-        ):
-            raise
-        return report_workers(error_dir, rank, code)
+        raise UserError(f"moe-lm launch: {str(e).splitlines()[0]}") from None
     finally:
         os.environ.pop(ERROR_DIR_ENV, None)
         shutil.rmtree(error_dir, ignore_errors=True)

@@ -118,3 +118,30 @@ def test_auto_never_deletes_damaged_checkpoints(make_config, tmp_path, capsys, r
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "every checkpoint in" in err and "nothing was deleted" in err
     assert snapshot(cfg.output_dir) == before
+
+
+def test_auto_with_init_from_starts_from_the_weights_then_resumes_its_own_run(make_config, tmp_path, capsys):
+    """A preemptible fine-tuning job: init_from on the first start only (the two were exclusive)."""
+    import torch
+
+    from moe_lm.state.weights import load_model_state
+
+    base = make_config("base", train={"max_steps": 2})
+    assert main(["train", str(write(base, tmp_path / "base.yaml"))]) == 0
+    init = base.output_dir / "checkpoints" / "step-2"
+    tune = make_config(
+        "tune", train={"max_steps": 4, "stop_at_step": 2, "resume": "auto", "init_from": str(init)}
+    )
+    path = write(tune, tmp_path / "tune.yaml")
+    assert main(["train", str(path)]) == 0
+    first = records(tune.output_dir, "train")
+    assert [r["step"] for r in first] == [1, 2]  # a new run: steps count from 0
+    # same seed and data: only the init weights can make step 1 differ from a fresh start's
+    assert first[0]["loss"] != records(base.output_dir, "train")[0]["loss"]
+    init.rename(init.parent / "moved")  # a requeue must not need the init checkpoint any more
+    capsys.readouterr()
+    assert main(["train", str(path), "train.stop_at_step=null"]) == 0
+    assert "at step 2" in capsys.readouterr().out
+    assert [r["step"] for r in records(tune.output_dir, "train")] == [1, 2, 3, 4]
+    weights = load_model_state(tune.output_dir / "checkpoints" / "step-4")
+    assert all(torch.isfinite(w).all() for w in weights.values())
