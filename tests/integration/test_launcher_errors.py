@@ -29,7 +29,9 @@ pytestmark = pytest.mark.slow
 
 
 def run(argv: list[str], **env: str) -> subprocess.CompletedProcess[str]:
-    full = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env}
+    # as a user's shell: under `make test` the inherited MAKELEVEL would turn `make:` into `make[1]:`
+    outer = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    full = {**outer, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env}
     return subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=full, timeout=300)
 
 
