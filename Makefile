@@ -2,7 +2,8 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-export HF_HUB_OFFLINE := 1
+# Offline by default (nothing is downloaded at run time); `make train HF_HUB_OFFLINE=0 ARGS=...` for hub.push_at_end.
+export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
@@ -28,14 +29,16 @@ $(STAMP): pyproject.toml
 # each step, so keep them (measured -11% step time on CPU, scripts/bench_train.py's profile).
 TRAIN_ENV := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_TOP_PAD_=268435456
 
+# `moe-lm launch` is `accelerate launch` (same options) that keeps bad input to one `error:` line
+# and exit code 2 (README, Launch recipes); make then adds its own `make: *** [...] Error 2`.
 train: setup
-	$(TRAIN_ENV) $(VENV)/bin/accelerate launch --config_file configs/accelerate/cpu-1proc.yaml --num_cpu_threads_per_process $(shell nproc) \
-	  -m moe_lm.cli train configs/tiny-shakespeare.yaml train.overwrite=true $(ARGS)
+	@$(TRAIN_ENV) $(PY) -m moe_lm launch --config_file configs/accelerate/cpu-1proc.yaml --num_cpu_threads_per_process $(shell nproc) \
+	  train configs/tiny-shakespeare.yaml train.overwrite=true $(ARGS)
 
 # Two CPU processes, experts split across them (EP=2): the multi-process path on one machine.
 train-ep2: setup
-	$(TRAIN_ENV) $(VENV)/bin/accelerate launch --config_file configs/accelerate/cpu-2proc.yaml --num_cpu_threads_per_process 1 \
-	  -m moe_lm.cli train configs/tiny-shakespeare.yaml parallel.ep_size=2 \
+	@$(TRAIN_ENV) $(PY) -m moe_lm launch --config_file configs/accelerate/cpu-2proc.yaml --num_cpu_threads_per_process 1 \
+	  train configs/tiny-shakespeare.yaml parallel.ep_size=2 \
 	  train.output_dir=runs/tiny-shakespeare-ep2 train.overwrite=true $(ARGS)
 
 test: setup

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import NoReturn
+
+# Set by `moe-lm launch` for its workers: they leave their error line here (rankN.error) instead
+# of printing it, and the launching process prints it once for all ranks (moe_lm/cli/launch.py).
+ERROR_DIR_ENV = "MOE_LM_ERROR_DIR"
 
 
 class UserError(Exception):
@@ -24,5 +30,10 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def report(e: UserError) -> int:
     """Print a user error as the one line the CLI promises (stderr) and return its exit code, 2."""
-    print(f"error: {e}", file=sys.stderr)
+    line = f"error: {e}"
+    error_dir = os.environ.get(ERROR_DIR_ENV)
+    if error_dir:
+        Path(error_dir, f"rank{os.environ.get('RANK', '0')}.error").write_text(line + "\n")
+    else:
+        print(line, file=sys.stderr)
     return 2

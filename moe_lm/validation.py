@@ -107,10 +107,11 @@ def validate(cfg: Config) -> None:
     _positive("train.max_tokens", t.max_tokens)
     _positive("train.stop_at_step", t.stop_at_step)
     _positive("train.collapse_ratio", t.collapse_ratio)
-    if t.resume and t.init_from:
+    if t.resume and t.resume != "auto" and t.init_from:
         raise ConfigError(
             "train.resume and train.init_from are exclusive: resume continues a run, "
-            "init_from starts a new one from weights"
+            "init_from starts a new one from weights (train.resume=auto takes both: init_from on the "
+            "first start, the run's own checkpoints after)"
         )
     _positive("optim.lr", o.lr)
     _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
@@ -189,3 +190,17 @@ def _validate_sources(cfg: Config) -> None:
             raise ConfigError(
                 f"data.val_sources.{name}: the name is taken by a training source's validation set; rename it"
             )
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Legal but probably unintended settings, one line each (`moe-lm train` prints them before step 1)."""
+    o, t = cfg.optim, cfg.train
+    found = []
+    if o.warmup_steps >= t.max_steps:
+        peak = o.lr * t.max_steps / o.warmup_steps
+        found.append(
+            f"warning: optim.warmup_steps = {o.warmup_steps} ≥ train.max_steps = {t.max_steps}: training ends "
+            f"inside the warm-up, at lr {peak:.3g} instead of optim.lr = {o.lr:g}, with no decay; lower "
+            "optim.warmup_steps"
+        )
+    return found

@@ -26,6 +26,20 @@ def plot_latest(
     load_LE: list[list[float]], out: Path, title: str, moe_layers: list[int] | None = None
 ) -> Path:
     """Heatmap, MoE layers x experts, of token fractions; the colour scale is centred on 1/E."""
+    import matplotlib.pyplot as plt
+
+    fig = latest_figure(load_LE, title, moe_layers)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+# Above this many cells the numbers no longer fit; the model card's table beside the image has them.
+MAX_ANNOTATED_CELLS = 512
+
+
+def latest_figure(load_LE: list[list[float]], title: str, moe_layers: list[int] | None = None) -> Any:
+    """The figure of `plot_latest`: each cell holds its share in percent, every expert is labelled."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on training machines
@@ -34,21 +48,37 @@ def plot_latest(
 
     load = np.asarray(load_LE, dtype=float)
     num_layers, num_experts = load.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * num_experts + 2), max(2.5, 0.4 * num_layers + 1.5)))
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * num_experts + 2), max(2.5, 0.45 * num_layers + 1.5)))
     # White at balanced (1/E), blue down to an idle expert (0), red up to the busiest one.
     balanced = 1.0 / num_experts
     norm = _load_norm(load, balanced)
     im = ax.imshow(load, aspect="auto", cmap="RdBu_r", norm=norm)
     ax.set_xlabel("expert")
     ax.set_xticks(range(num_experts))
+    ax.set_xticklabels(expert_labels(num_experts), fontsize=8 if num_experts <= 32 else 5)
     ax.set_yticks(range(num_layers))
     ax.set_yticklabels(layer_labels(num_layers, moe_layers))
-    ax.set_title(title)
+    if load.size <= MAX_ANNOTATED_CELLS:
+        for (layer, expert), value in np.ndenumerate(load):
+            # dark text on pale cells, white on saturated ones
+            strong = abs(norm(value) - 0.5) > 0.3
+            ax.text(
+                expert,
+                layer,
+                f"{100 * value:.1f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if strong else "black",
+            )
+    ax.set_title(f"{title} (% of routed tokens)")
     fig.colorbar(im, ax=ax, label=f"token fraction (balanced = {balanced:.3g})")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return fig
+
+
+def expert_labels(num_experts: int) -> list[str]:
+    return [f"e{e}" for e in range(num_experts)]
 
 
 def plot_over_time(train: list[dict[str, Any]], out: Path, moe_layers: list[int] | None = None) -> Path:
@@ -83,6 +113,8 @@ def plot_over_time(train: list[dict[str, Any]], out: Path, moe_layers: list[int]
             norm=norm,
         )
         ax.set_ylabel(f"{labels[layer]}\nexpert")
+        ax.set_yticks(range(num_experts))
+        ax.set_yticklabels(expert_labels(num_experts), fontsize=7 if num_experts <= 16 else 4)
     axes[-1, 0].set_xticks(ticks)
     axes[-1, 0].set_xticklabels([str(steps[i]) for i in ticks])
     axes[-1, 0].set_xlabel("step")
@@ -96,7 +128,7 @@ def plot_over_time(train: list[dict[str, Any]], out: Path, moe_layers: list[int]
 def load_table(load_LE: list[list[float]], moe_layers: list[int] | None = None) -> str:
     """Markdown table: one row per MoE layer, each expert's share in percent, and max/mean."""
     num_experts = len(load_LE[0])
-    head = "| layer | " + " | ".join(f"e{e}" for e in range(num_experts)) + " | max/mean |"
+    head = "| layer | " + " | ".join(expert_labels(num_experts)) + " | max/mean |"
     rule = "|---" * (num_experts + 2) + "|"
     rows = [head, rule]
     for label, row in zip(layer_labels(len(load_LE), moe_layers), load_LE):

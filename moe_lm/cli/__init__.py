@@ -6,9 +6,10 @@ Every user error (bad config, data, checkpoint or flag) is printed as one line a
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
-from moe_lm.errors import UserError, report
+from moe_lm.errors import ERROR_DIR_ENV, UserError, report
 
 # subcommand -> (module, function taking argv and returning an exit code, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -32,6 +33,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "import": ("moe_lm.cli.hf", "import_main", "import a local transformers Mixtral folder as a checkpoint"),
     "upcycle": ("moe_lm.cli.hf", "upcycle_main", "turn a dense Llama-style folder into an MoE checkpoint"),
     "push": ("moe_lm.cli.hf", "push_main", "upload an exported folder to the Hugging Face Hub"),
+    "launch": (
+        "moe_lm.cli.launch",
+        "launch_main",
+        "accelerate launch with moe-lm's one-line errors: moe-lm launch [accelerate options] train ...",
+    ),
 }
 
 
@@ -60,6 +66,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    code = main()
-    sys.stdout.flush()
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`moe-lm info CONFIG --json | head`): end quietly, as Unix tools do.
+        # stdout is pointed at /dev/null so the interpreter's own final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 128 + 13  # what a process killed by SIGPIPE reports
+    except Exception:
+        error_dir = os.environ.get(ERROR_DIR_ENV)
+        if not error_dir:
+            raise
+        # A worker of `moe-lm launch`: the launching process prints this unless a rank reported
+        # bad input (then this is most likely a peer's broken collective, not news).
+        import traceback
+
+        path = os.path.join(error_dir, f"rank{os.environ.get('RANK', '0')}.traceback")
+        with open(path, "w") as f:
+            f.write(traceback.format_exc())
+        code = 1
     sys.exit(code)

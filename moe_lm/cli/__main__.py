@@ -1,4 +1,4 @@
-"""`python -m moe_lm.cli` (what `accelerate launch -m moe_lm.cli` runs)."""
+"""`python -m moe_lm.cli`, the same as `python -m moe_lm` (kept for launch lines written before it)."""
 
 from moe_lm.cli import run
 

@@ -79,16 +79,29 @@ def upcycle_main(argv: list[str]) -> int:
 
 
 def push_main(argv: list[str]) -> int:
-    from moe_lm.hf.hub import push_folder
+    from moe_lm.hf.hub import describe_push, push_folder
 
-    p = _parser("push", "Upload an exported folder to the Hugging Face Hub.")
+    p = _parser(
+        "push",
+        "Upload an exported folder to the Hugging Face Hub; its model card is filled in for --repo-id.",
+    )
     p.add_argument("folder", metavar="DIR")
     p.add_argument("--repo-id", required=True, metavar="OWNER/NAME")
     p.add_argument("--private", action="store_true", help="create the repo private (no effect if it exists)")
     p.add_argument("--revision", metavar="BRANCH", help="branch to commit to (created if missing)")
     p.add_argument("--commit-message", metavar="M")
-    p.add_argument("--endpoint", metavar="URL", help="Hub URL (default: HF_ENDPOINT or huggingface.co)")
+    p.add_argument(
+        "--endpoint",
+        metavar="URL",
+        help="the Hub's URL (default: HF_ENDPOINT, else https://huggingface.co), e.g. a private Hub",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="list what would be uploaded, and where; send nothing"
+    )
     args = p.parse_args(argv)
+    if args.dry_run:
+        print(describe_push(args.folder, args.repo_id, args.private, args.revision, args.endpoint))
+        return 0
     url = push_folder(
         args.folder, args.repo_id, args.private, args.revision, args.commit_message, args.endpoint
     )

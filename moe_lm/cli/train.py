@@ -6,6 +6,7 @@ The trainer, accelerate and the Hub client are imported inside the command that 
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import sys
@@ -15,17 +16,23 @@ import torch
 
 from moe_lm.config import Config, load_config
 from moe_lm.errors import ArgumentParser, UserError, report
+from moe_lm.validation import config_warnings
 
 if TYPE_CHECKING:
     from moe_lm.parallel.layout import Layout
 
 
-def train_main(argv: list[str]) -> int:
+def train_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="moe-lm train", description="Pretrain from a YAML config.")
     parser.add_argument("config", help="YAML run config, e.g. configs/tiny-shakespeare.yaml")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=100")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def train_main(argv: list[str]) -> int:
+    args = train_parser().parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    preflight(cfg)
     from moe_lm.parallel.layout import start_processes
 
     layout = start_processes(cfg)
@@ -42,10 +49,40 @@ def train_main(argv: list[str]) -> int:
     os._exit(code)
 
 
+def preflight(cfg: Config) -> None:
+    """What would otherwise fail late, checked before any process group, data or model: the
+    TensorBoard package, and everything the final push needs (on the first process only: it
+    asks the Hub once)."""
+    if cfg.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UserError(
+            "logging.tensorboard needs the tensorboard package: pip install 'moe_lm[tensorboard]' "
+            "(or set logging.tensorboard=false)"
+        )
+    if cfg.hub.push_at_end and cfg.hub.repo_id and os.environ.get("RANK", "0") == "0":
+        from moe_lm.hf.hub import check_can_push
+
+        user = check_can_push(cfg.hub.repo_id, key="hub.repo_id")
+        print(f"hub.push_at_end: '{user}' may push to {cfg.hub.repo_id}; the run is pushed when it finishes")
+
+
 def _train(cfg: Config, layout: Layout) -> int:
+    from moe_lm.train.rundir import RunFinished
     from moe_lm.train.trainer import Trainer
 
-    trainer = Trainer(cfg, layout)
+    try:
+        trainer = Trainer(cfg, layout)
+    except RunFinished as done:  # a requeued job whose run already ended: every rank stops here
+        message = str(done)
+    else:
+        message = ""
+    if message:
+        layout.shutdown()
+        if layout.is_main:
+            print(message)
+        return 0
+    if layout.is_main:  # once every input has loaded: a run that fails on bad input only says why
+        for line in config_warnings(cfg):
+            print(line, file=sys.stderr, flush=True)
     try:
         summary = trainer.fit()
     finally:

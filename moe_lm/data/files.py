@@ -1,6 +1,7 @@
 """Text files → documents, streamed in batches: text, JSON Lines / JSON, parquet, optionally compressed.
 
-Documents: each JSON record and each parquet row is one document (its `text_field`); a plain-text
+Formats by extension; any other extension (source code, logs) is plain text when the file reads as
+UTF-8. Documents: each JSON record and each parquet row is one document (its `text_field`); a plain-text
 file is ONE document whose lines are read (and tokenised) one by one, so memory stays bounded; the
 tokenizer never merges across a newline, so the ids equal those of the whole text.
 
@@ -85,11 +86,30 @@ def file_format(path: Path, fmt: str, key: str) -> str:
         name = name.removesuffix(ext)
     found = _EXTENSIONS.get(Path(name).suffix)
     if found is None:
+        # Source code (.py, .rs, ...), logs, extension-less files: text, if they read as UTF-8.
+        if _looks_like_text(path):
+            return "text"
         raise UserError(
-            f"{key}: cannot tell the format of '{path}' from its extension; "
-            f"set {setting(key, 'format')} to text, json or parquet (or rename it to .txt/.jsonl/.parquet)"
+            f"{key}: '{path}' has an extension that is not .txt/.jsonl/.json/.parquet and is not UTF-8 "
+            f"text; set {setting(key, 'format')} to text, json or parquet if it is one of them"
         )
     return found
+
+
+def _looks_like_text(path: Path) -> bool:
+    """The first 64 KiB decode as UTF-8 (a character cut at the end is allowed) and hold no NUL."""
+    try:
+        with _open(path) as f:
+            head = f.read(_SNIFF_BYTES)
+    except OSError:
+        return False
+    if b"\0" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start >= len(head) - 3 and len(head) == _SNIFF_BYTES
+    return True
 
 
 def _open(path: Path) -> IO[bytes]:

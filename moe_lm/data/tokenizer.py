@@ -19,6 +19,7 @@ import io
 import json
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -224,6 +225,10 @@ def train_tokenizer(
     Deterministic: the same inputs and vocab size give the same tokenizer.model bytes.
     """
     files = resolve_files(inputs, "--input")
+    empty = [p for p in files if p.stat().st_size == 0]
+    if empty and len(empty) < len(files):  # as the token store does: a glob may match empty files
+        print(f"--input: skipped {len(empty)} empty file(s)", file=sys.stderr)
+        files = [p for p in files if p not in empty]
     where = f"'{files[0]}'" if len(files) == 1 else f"{len(files)} files ('{files[0]}', ...)"
     lines = _training_lines(_file_texts(files, fmt, text_field, "--input"))
     model_bytes = _sp_train(lines, vocab_size, where)

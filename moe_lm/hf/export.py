@@ -23,6 +23,7 @@ from moe_lm.fsutil import staged_dir
 from moe_lm.hf.convert import check_exportable, to_hf_model
 from moe_lm.hf.model_card import render_model_card
 from moe_lm.hf.routing_card import copy_routing, find_routing
+from moe_lm.libraries import configure_deepspeed
 from moe_lm.state.resolve import resolve_checkpoint
 from moe_lm.state.weights import check_state, load_model_state
 
@@ -95,6 +96,7 @@ def export_checkpoint(
     """Write a folder that `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer` load offline."""
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    configure_deepspeed()  # transformers imports DeepSpeed, which has a notice for CPU machines
     _check_shard_size(max_shard_size)
     ckpt = resolve_checkpoint(checkpoint)
     cfg = load_config(ckpt / "config.yaml")
@@ -117,6 +119,7 @@ def export_checkpoint(
                     f"{cfg.model.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)"
                 )
             bos, eos = tok.bos_token_id, tok.eos_token_id
+            set_model_max_length(tmp, cfg.model.max_seq_len)
         state = load_model_state(ckpt)
         check_state(cfg.model, state, f"checkpoint '{ckpt}'")
         model = to_hf_model(cfg.model, state, DTYPES[dtype], bos, eos)
@@ -136,6 +139,16 @@ def export_checkpoint(
         summary = copy_routing(routing_dir, tmp) if routing_dir is not None else None
         (tmp / "README.md").write_text(render_model_card(cfg, records, has_png, repo_id, summary))
     return Path(out)
+
+
+def set_model_max_length(folder: Path, context: int) -> None:
+    """The tokenizer's model_max_length is the model's context; transformers' default when it is
+    unset (1e30) lets pipelines feed inputs of any length without truncation or a warning."""
+    path = folder / "tokenizer_config.json"
+    if path.is_file():
+        config = json.loads(path.read_text())
+        config["model_max_length"] = context
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def _check_shard_size(size: str) -> None:

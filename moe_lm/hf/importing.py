@@ -26,6 +26,7 @@ from moe_lm.hf.convert import (
     upcycle_state_dict,
 )
 from moe_lm.model import MoETransformer
+from moe_lm.libraries import configure_deepspeed
 from moe_lm.state.checkpoint import write_weights_checkpoint
 
 
@@ -112,6 +113,7 @@ def import_hf(
     hf_dir: str | Path, out: str | Path, config: str | None = None, overwrite: bool = False
 ) -> Path:
     """A local transformers Mixtral folder -> a moe_lm checkpoint (step 0)."""
+    configure_deepspeed()  # transformers imports DeepSpeed, which has a notice for CPU machines
     src = Path(hf_dir)
     hf = _hf_config(src, ("mixtral",))
     model_cfg = from_hf_config(hf)
@@ -126,6 +128,7 @@ def upcycle_dense(
     dense_dir: str | Path, config: str, out: str | Path, overwrite: bool = False, seed: int = 0
 ) -> Path:
     """A dense Llama-style folder -> an MoE checkpoint whose experts all start as the dense MLP."""
+    configure_deepspeed()
     src = Path(dense_dir)
     cfg = load_config(config)
     dense = _hf_config(src, ("llama", "mistral"))

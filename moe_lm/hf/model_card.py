@@ -1,8 +1,15 @@
-"""The README.md model card of an exported folder: Hub metadata, architecture, training summary, expert load."""
+"""The README.md model card of an exported folder: Hub metadata, usage, intended use and limitations,
+training data, architecture, the router coefficient, training summary, expert load.
+
+Metadata (`datasets:`) names only real Hub dataset ids, since the Hub links them; local files are
+named in the text. `retarget_card` fills the usage snippet and title in for the repo a push goes to.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +21,20 @@ from moe_lm.config import Config
 from moe_lm.hf.routing_card import routing_section
 from moe_lm.model.params import count_params, human
 
+PLACEHOLDER = "PATH_TO_THIS_FOLDER"
+# A Hub dataset id: NAME or OWNER/NAME (a local save_to_disk directory is named in the text instead).
+_DATASET_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+
+
+def hub_datasets(cfg: Config) -> list[str]:
+    """Training sources that are Hub datasets (by id, not a local directory or file)."""
+    ids = {
+        str(src.dataset)
+        for src in cfg.data.sources.values()
+        if src.dataset and _DATASET_ID.match(src.dataset) and not Path(src.dataset).exists()
+    }
+    return sorted(ids)
+
 
 def front_matter(cfg: Config) -> dict[str, Any]:
     meta: dict[str, Any] = {
@@ -22,7 +43,7 @@ def front_matter(cfg: Config) -> dict[str, Any]:
         "pipeline_tag": "text-generation",
         "tags": ["moe", "mixtral", "moe_lm"],
     }
-    datasets = sorted({name for inputs in _training_inputs(cfg).values() for name in inputs})
+    datasets = hub_datasets(cfg)
     if datasets:
         meta["datasets"] = datasets
     return meta
@@ -45,6 +66,61 @@ def _training_data(cfg: Config) -> str:
         return ", ".join(inputs["corpus"])
     return "; ".join(
         f"{n} (weight {cfg.data.sources[n].weight:g}): {', '.join(v)}" for n, v in inputs.items()
+    )
+
+
+def data_section(cfg: Config) -> str:
+    """Where the training text came from: Hub datasets linked, local files by name."""
+    hub = set(hub_datasets(cfg))
+    lines = []
+    for name, inputs in _training_inputs(cfg).items():
+        shown = [f"[{i}](https://huggingface.co/datasets/{i})" if i in hub else f"`{i}`" for i in inputs]
+        weight = f" (weight {cfg.data.sources[name].weight:g})" if cfg.data.sources else ""
+        kind = (
+            "Hub dataset" if any(i in hub for i in inputs) else "local files, not published with this model"
+        )
+        lines.append(f"- {name}{weight}: {', '.join(shown)} ({kind})")
+    lines += [
+        "",
+        f"Documents were tokenised with the tokenizer in this folder, joined with `</s>` and packed into "
+        f"sequences of {cfg.data.seq_len} tokens.",
+    ]
+    return "\n".join(lines)
+
+
+def limitations_section(cfg: Config, records: RunRecords) -> str:
+    tokens = (records.trainer_state or {}).get("tokens") or (records.latest or {}).get("tokens")
+    seen = f"{int(tokens):,} tokens" if tokens else "its training data"
+    return "\n".join(
+        [
+            f"- A base language model pretrained from scratch on {seen} (see Training data): it continues "
+            "text in the style of that data. It is not instruction-tuned, not aligned and not safety-tested.",
+            "- Meant for research and for testing training and serving pipelines; not for factual answers, "
+            "advice, or decisions about people. What it writes may be wrong, and may repeat biases or "
+            "offensive content of its training data.",
+            f"- Context: {cfg.model.max_seq_len} tokens by configuration (trained on sequences of "
+            f"{cfg.data.seq_len}); longer inputs are outside what it was trained on.",
+            "- Evaluated only by the loss on held-out text of its training data (below); no benchmark was run.",
+        ]
+    )
+
+
+def router_section(cfg: Config) -> str:
+    m = cfg.model
+    hf_coef = m.aux_loss_coef / m.top_k
+    return "\n".join(
+        [
+            f"Each token goes to its top {m.top_k} of {m.num_experts} experts (softmax over the router "
+            "logits, top-k renormalised, as in Mixtral). `config.json` holds `num_experts_per_tok` = "
+            f"{m.top_k} and `router_aux_loss_coef` = {hf_coef:g} on purpose: inference ignores the "
+            "coefficient, but fine-tuning with `output_router_logits=True` adds transformers' "
+            "load-balancing loss times it, and this value keeps the balance pressure of pretraining.",
+            "",
+            f"Pretraining used coefficient {m.aux_loss_coef:g} on the Switch-Transformer form of the loss "
+            "(per layer, 1.0 when the experts are balanced, averaged over layers); transformers pools "
+            f"all layers and its loss is {m.top_k} (top-k) when balanced, hence {m.aux_loss_coef:g} / "
+            f"{m.top_k}. The router z-loss (coefficient {m.z_loss_coef:g}) has no transformers counterpart.",
+        ]
     )
 
 
@@ -139,7 +215,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 tokenizer = AutoTokenizer.from_pretrained("{path}")
 model = AutoModelForCausalLM.from_pretrained("{path}")
-inputs = tokenizer("ROMEO:", return_tensors="pt")
+inputs = tokenizer({prompt}, return_tensors="pt")
 print(tokenizer.decode(model.generate(**inputs, max_new_tokens=50, do_sample=True)[0]))
 ```"""
 
@@ -152,15 +228,27 @@ def render_model_card(
     routing: dict[str, Any] | None = None,
 ) -> str:
     meta = yaml.safe_dump(front_matter(cfg), sort_keys=False).strip()
+    counts = count_params(cfg.model)
+    total, active = counts.total_params, counts.active_params
     sections = [
         f"---\n{meta}\n---",
         f"# {repo_id or cfg.name}",
-        "A Mixtral-style mixture-of-experts language model pretrained with "
-        "moe_lm and exported as a `transformers` `MixtralForCausalLM`.",
+        f"A Mixtral-style mixture-of-experts language model ({human(total)} parameters, {human(active)} "
+        f"active per token), pretrained from scratch with moe_lm and exported as a `transformers` "
+        "`MixtralForCausalLM`.",
         "## Usage",
-        USAGE.format(path=repo_id or "PATH_TO_THIS_FOLDER"),
+        USAGE.format(
+            path=repo_id or PLACEHOLDER,
+            prompt=json.dumps(cfg.train.sample_prompt or "Hello", ensure_ascii=False),
+        ),
+        "## Intended use and limitations",
+        limitations_section(cfg, records),
+        "## Training data",
+        data_section(cfg),
         "## Architecture",
         architecture_table(cfg),
+        "## Router",
+        router_section(cfg),
         "## Training",
         training_section(cfg, records),
         "## Expert load",
@@ -169,3 +257,15 @@ def render_model_card(
     if routing is not None:  # the figures of `moe-lm routing` (moe_lm/hf/routing_card.py)
         sections += ["## Routing", routing_section(routing)]
     return "\n\n".join(sections) + "\n"
+
+
+_FROM_PRETRAINED = re.compile(r'(\.from_pretrained\()"[^"\n]*"(\))')
+
+
+def retarget_card(card: str, repo_id: str) -> str:
+    """The card as it should read in `repo_id`: the usage snippet loads from there and the title
+    names it. Text a user added is kept; a README that is not our card is returned unchanged."""
+    if "- moe_lm" not in card.split("\n---", 1)[0]:
+        return card
+    card = _FROM_PRETRAINED.sub(lambda m: f'{m.group(1)}"{repo_id}"{m.group(2)}', card)
+    return re.sub(r"^# .*$", f"# {repo_id}", card, count=1, flags=re.MULTILINE)

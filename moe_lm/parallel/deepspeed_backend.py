@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moe_lm.libraries import configure_deepspeed
 from moe_lm.parallel.backend import (
     Backend,
     Parallelized,
@@ -182,8 +183,9 @@ class DeepSpeedBackend(Backend):
 
 
 def warm_deepspeed_ops() -> None:
-    """Build (once, cached under ~/.cache/torch_extensions) the shared-memory comm op DeepSpeed's
-    CPU accelerator compiles on first start, ~70-100 s; afterwards it loads in a moment."""
+    """Build (once, cached in this environment: moe_lm/libraries.py) the shared-memory comm op
+    DeepSpeed's CPU accelerator compiles on first start, ~70-100 s; afterwards it loads in a moment."""
+    configure_deepspeed()
     from deepspeed.accelerator import get_accelerator
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")

@@ -18,6 +18,7 @@ import torch
 
 from moe_lm.config import Config
 from moe_lm.errors import UserError
+from moe_lm.libraries import configure_deepspeed, drop_build_notice
 
 
 def deepspeed_config(cfg: Config, precision: str) -> dict[str, Any]:
@@ -119,11 +120,13 @@ def deepspeed_accelerator(cfg: Config, precision: str) -> Any:
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
     check_accelerate_fields(cfg)
+    configure_deepspeed()
     # accelerate's CPU mode silently turns DeepSpeed off; DeepSpeed picks CPU and gloo itself.
     os.environ.pop("ACCELERATE_USE_CPU", None)
     handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
-    return Accelerator(
-        mixed_precision=precision,
-        deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, precision)),
-        kwargs_handlers=handlers,
-    )
+    with drop_build_notice():  # DeepSpeed's process-group start loads its comm op and says so
+        return Accelerator(
+            mixed_precision=precision,
+            deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, precision)),
+            kwargs_handlers=handlers,
+        )

@@ -19,8 +19,9 @@ import torch.distributed as dist
 
 from moe_lm.config import Config
 from moe_lm.errors import UserError
+from moe_lm.libraries import configure_deepspeed
 from moe_lm.parallel.deepspeed_config import deepspeed_accelerator
-from moe_lm.parallel.mesh import Mesh, build_mesh
+from moe_lm.parallel.mesh import Mesh, build_mesh, ep_groups_cross_nodes
 
 
 def resolve_precision(setting: str, device_type: str) -> str:
@@ -32,8 +33,8 @@ def resolve_precision(setting: str, device_type: str) -> str:
 
 def launch_hint(cfg: Config) -> str:
     if cfg.parallel.backend == "deepspeed":
-        return "accelerate launch --config_file configs/accelerate/deepspeed-zero2.yaml -m moe_lm.cli train CONFIG"
-    return "accelerate launch --config_file configs/accelerate/cpu-2proc.yaml -m moe_lm.cli train CONFIG"
+        return "moe-lm launch --config_file configs/accelerate/deepspeed-zero2.yaml train CONFIG"
+    return "moe-lm launch --config_file configs/accelerate/cpu-2proc.yaml train CONFIG"
 
 
 def check_launch(cfg: Config, joined: int) -> None:
@@ -107,6 +108,7 @@ class Layout:
 
 def start_processes(cfg: Config) -> Layout:
     """Join the launched processes and build the expert-parallel groups. Collective."""
+    configure_deepspeed()  # before accelerate imports it (its op cache, its CPU notice)
     precision = resolve_precision(cfg.train.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu")
     if cfg.parallel.backend == "deepspeed":
         accelerator = deepspeed_accelerator(cfg, precision)
@@ -114,4 +116,13 @@ def start_processes(cfg: Config) -> Layout:
         accelerator = ddp_accelerator(cfg, precision)
     check_launch(cfg, accelerator.num_processes)
     mesh = build_mesh(cfg.parallel.ep_size, cfg.model.num_experts)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", mesh.world_size))
+    if mesh.rank == 0 and ep_groups_cross_nodes(mesh.world_size, mesh.ep_size, per_node):
+        print(
+            f"warning: parallel.ep_size = {mesh.ep_size} with {per_node} processes per node puts expert-parallel "
+            "groups across nodes: their all-to-all goes over the network; an ep_size that divides the "
+            "processes per node keeps it inside one",
+            file=sys.stderr,
+            flush=True,
+        )
     return Layout(accelerator=accelerator, mesh=mesh)

@@ -26,6 +26,13 @@ def expert_data_parallel_ranks(world_size: int, ep_size: int) -> list[list[int]]
     return [list(range(r, world_size, ep_size)) for r in range(ep_size)]
 
 
+def ep_groups_cross_nodes(world_size: int, ep_size: int, per_node: int) -> bool:
+    """Whether an EP group spans two nodes (ranks are numbered node by node, `per_node` each), so
+    its all-to-all goes over the network instead of NVLink."""
+    groups = expert_parallel_ranks(world_size, ep_size)
+    return any(len({r // per_node for r in group}) > 1 for group in groups)
+
+
 def validate_ep(ep_size: int, world_size: int, num_experts: int) -> None:
     if ep_size < 1:
         raise UserError(f"parallel.ep_size = {ep_size} must be ≥ 1")

@@ -21,16 +21,20 @@ def step_dirs(ckpt_root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
 
 
-def find_latest(ckpt_root: Path, warn: bool = True) -> Path | None:
-    """Newest complete checkpoint; each damaged newer one is named on stderr with the fallback taken."""
+def scan(ckpt_root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(newest complete checkpoint or None, the damaged newer ones with what is wrong with each)."""
     damaged: list[tuple[Path, str]] = []
-    found = None
     for candidate in step_dirs(ckpt_root):
         problem = verify(candidate)
         if problem is None:
-            found = candidate
-            break
+            return candidate, damaged
         damaged.append((candidate, problem))
+    return None, damaged
+
+
+def find_latest(ckpt_root: Path, warn: bool = True) -> Path | None:
+    """Newest complete checkpoint; each damaged newer one is named on stderr with the fallback taken."""
+    found, damaged = scan(ckpt_root)
     if warn:
         fallback = f"falling back to {found.name}" if found else "no earlier complete checkpoint"
         for path, problem in damaged:
@@ -45,18 +49,29 @@ def resolve_resume(spec: str, run_dir: Path, key: str | None = "train.resume") -
     what = f"{key}={spec}" if key else f"'{spec}'"
     path = Path(spec)
     root = None
-    if key and spec == "latest":
+    if key and spec in ("latest", "auto"):
         root = run_dir / "checkpoints"
     elif (path / "checkpoints").is_dir():
         root = path / "checkpoints"
     elif (path / "latest").is_file() or any(path.glob("step-*")):
         root = path
     if root is not None:
-        found = find_latest(root)
+        found, damaged = scan(root)
         if found is None:
+            if damaged:  # one line: the damage is the reason, and nothing is deleted
+                newest, why = damaged[0]
+                raise UserError(
+                    f"{what} but every checkpoint in {root} is damaged ({newest.name}: {why}); nothing was "
+                    "deleted: move them away to start afresh, or point it at an intact copy"
+                )
             fix = f"start without {key}" if key else "train longer"
             raise UserError(
                 f"{what} but {root} holds no complete checkpoint; {fix} or point it at a checkpoint directory"
+            )
+        for bad, why in damaged:
+            print(
+                f"warning: checkpoint {bad} is damaged ({why}); falling back to {found.name}",
+                file=sys.stderr,
             )
         return found
     if not path.is_dir():

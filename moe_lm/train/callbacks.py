@@ -32,7 +32,7 @@ from moe_lm import faults
 from moe_lm.config import Config
 from moe_lm.model.params import count_params, flops_per_token
 from moe_lm.state import checkpoint as ckpt
-from moe_lm.train.evaluation import evaluate, sample
+from moe_lm.train.evaluation import evaluate, load_summary, sample
 from moe_lm.train.metrics import mfu, peak_flops, router_metrics
 from moe_lm.train.routing_health import eval_repetition, router_entropy
 
@@ -200,6 +200,8 @@ class Evaluate(Callback):
         trainer.log.message(
             f"step {trainer.step}: val_loss {record['val_loss']:.4f}  val_ppl {record['val_ppl']:.2f}{per_set}"
         )
+        if record.get("val_imbalance"):
+            trainer.log.message(f"step {trainer.step}: {load_summary(record['val_imbalance'])}")
         return record
 
 

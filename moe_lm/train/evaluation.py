@@ -1,4 +1,5 @@
-"""What a run measures besides the step: validation loss on every validation set, and a sample.
+"""What a run measures besides the step: validation loss on every validation set (and how the
+routers spread the validation tokens over the experts), and a sample.
 
 Both run on every process (evaluation reduces over them) with the unwrapped model, and neither
 draws from the training RNG, so when they run cannot change the training that follows.
@@ -20,29 +21,51 @@ if TYPE_CHECKING:
 
 @torch.no_grad()
 def evaluate(trainer: Trainer) -> dict[str, Any]:
-    """The eval record: each validation set as val/<name>/loss and /ppl; val_loss is their mean."""
+    """The eval record: each validation set as val/<name>/loss and /ppl; val_loss is their mean;
+    val_expert_load / val_imbalance: the routing of every validation token (no router jitter),
+    per MoE layer, like the train record's expert_load / imbalance."""
     assert trainer.data.val
     model = trainer.backend.raw_model
     model.eval()
     record: dict[str, Any] = {"kind": "eval", "step": trainer.step, "tokens": trainer.tokens}
     losses = []
+    counts_LE: torch.Tensor | None = None
     for name, blocks in trainer.data.val.items():
-        loss, _ = _eval_set(trainer, blocks)
+        loss, _, set_counts = _eval_set(trainer, blocks)
         losses.append(loss)
         record[f"val/{name}/loss"] = loss
         record[f"val/{name}/ppl"] = math.exp(min(loss, 50.0))
+        if set_counts is not None:
+            counts_LE = set_counts if counts_LE is None else counts_LE + set_counts
     model.train()
     val_loss = sum(losses) / len(losses)
-    return {**record, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+    record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+    moe_layers, experts = len(trainer.cfg.model.moe_layer_indices), trainer.cfg.model.num_experts
+    if moe_layers:  # decided by the config, so every rank takes part in the reduction
+        if counts_LE is None:
+            counts_LE = torch.zeros(moe_layers, experts, device=trainer.backend.device)
+        counts_LE = trainer.backend.all_reduce(counts_LE, "sum").double()
+        load_LE = counts_LE / counts_LE.sum(dim=1, keepdim=True).clamp_min(1)
+        record["val_expert_load"] = [[round(float(v), 5) for v in row] for row in load_LE]
+        record["val_imbalance"] = [round(float(v), 4) for v in load_LE.max(dim=1).values * load_LE.shape[1]]
+    return record
+
+
+def load_summary(imbalance: list[float]) -> str:
+    """One line: each MoE layer's max/mean expert load (1.00 = balanced), and the worst layer."""
+    worst = max(range(len(imbalance)), key=lambda i: imbalance[i])
+    per_layer = " ".join(f"{v:.2f}" for v in imbalance)
+    return f"expert load max/mean per MoE layer: {per_layer} (1.00 = balanced; worst: MoE layer {worst})"
 
 
 @torch.no_grad()
-def _eval_set(trainer: Trainer, blocks: Any) -> tuple[float, int]:
-    """(mean loss, tokens) of one validation set over every rank."""
+def _eval_set(trainer: Trainer, blocks: Any) -> tuple[float, int, torch.Tensor | None]:
+    """(mean loss, tokens) of one validation set over every rank, and this rank's routed counts."""
     b, cfg = trainer.backend, trainer.cfg
     # [sum of token losses, tokens], on the device; float64 so that the sum does not depend on
     # how the blocks are split over ranks. train.eval_batches counts the batches of all ranks.
     total = torch.zeros(2, dtype=torch.float64, device=b.device)
+    counts_LE: torch.Tensor | None = None
     for input_ids, labels in eval_batches(
         blocks, cfg.train.micro_batch_size, b.dp_rank, b.dp_size, cfg.train.eval_batches
     ):
@@ -53,8 +76,11 @@ def _eval_set(trainer: Trainer, blocks: Any) -> tuple[float, int]:
         if tokens:
             total[0] += out.lm_loss.double() * tokens
             total[1] += tokens
+        if out.expert_counts_LE is not None:
+            step_counts = out.expert_counts_LE.detach().float()
+            counts_LE = step_counts if counts_LE is None else counts_LE + step_counts
     total = b.all_reduce(total, "sum")
-    return float(total[0] / total[1]), int(total[1])
+    return float(total[0] / total[1]), int(total[1]), counts_LE
 
 
 @torch.no_grad()

@@ -1,10 +1,12 @@
-"""Where records go: metrics.jsonl in the run directory, wandb, and the console (progress bar and messages).
+"""Where records go: metrics.jsonl in the run directory, wandb, TensorBoard, and the console
+(progress bar and messages).
 
 A record is one JSON-able dict with a `kind` ("train", "eval", "sample") and a `step`. The main
 process writes every record to each sink, in order; the other processes get a `MetricsLogger` with
-no sinks. A new sink (TensorBoard, say) is a `Sink` subclass added in `build_logger`.
-wandb never blocks training: without an API key it runs offline, and any failure to start it or to
-log turns it off with one warning.
+no sinks. A new sink is a `Sink` subclass added in `build_logger`.
+wandb and TensorBoard never block training: wandb runs offline without an API key (and says at the
+end where the run is and how to upload it), and any failure to start or write either turns it off
+with one warning.
 """
 
 from __future__ import annotations
@@ -62,12 +64,7 @@ class ConsoleSink(Sink):
         if self.bar is None or record["kind"] != "train":
             return
         self.bar.n = record["step"]
-        postfix = {
-            "loss": f"{record['loss']:.3f}",
-            "aux": f"{record.get('aux_loss', 0):.3f}",
-            "tok/s": f"{record['tokens_per_s']:.0f}",
-        }
-        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.set_postfix(progress_fields(record), refresh=False)
         self.bar.refresh()
 
     def message(self, text: str) -> None:
@@ -79,6 +76,17 @@ class ConsoleSink(Sink):
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def progress_fields(record: dict[str, Any]) -> dict[str, str]:
+    """What the progress bar shows of a train record."""
+    return {
+        "loss": f"{record['loss']:.3f}",
+        "aux": f"{record.get('aux_loss', 0):.3f}",
+        "lr": f"{record['lr']:.2e}",
+        "gnorm": f"{record['grad_norm']:.3g}",
+        "tok/s": f"{record['tokens_per_s']:.0f}",
+    }
 
 
 class WandbSink(Sink):
@@ -110,15 +118,55 @@ class WandbSink(Sink):
         if self.run is None:
             return
         try:
-            self.run.log(_flatten_for_wandb(record), step=record["step"])
+            self.run.log(flatten_scalars(record), step=record["step"])
         except Exception as e:
             self.warn(f"warning: wandb log failed ({e}); continuing without it")
             self.run = None
 
     def close(self) -> None:
-        if self.run is not None:
+        if self.run is None:
+            return
+        offline, where = bool(getattr(self.run, "offline", False)), getattr(self.run, "sync_dir", None)
+        with contextlib.suppress(Exception):
+            self.run.finish()
+        if offline and where:
+            self.warn(f"wandb: the run was logged offline to {where}; upload it with `wandb sync {where}`")
+
+
+class TensorBoardSink(Sink):
+    """Event files in RUN/tensorboard (`tensorboard --logdir RUN/tensorboard`): every number of a
+    record as a scalar series (the names wandb gets), samples as text."""
+
+    DIR = "tensorboard"
+
+    def __init__(self, cfg: Config, warn: Callable[[str], None]) -> None:
+        self.warn = warn
+        self.writer: Any = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(cfg.output_dir / self.DIR))
+        except Exception as e:  # like wandb: a logger never stops a training run
+            self.warn(f"warning: TensorBoard disabled ({type(e).__name__}: {e})")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        step = record["step"]
+        try:
+            for key, value in flatten_scalars(record).items():
+                if isinstance(value, str):  # a sample's text
+                    self.writer.add_text(f"{record['kind']}/{key}", value, step)
+                else:
+                    self.writer.add_scalar(key, value, step)
+        except Exception as e:
+            self.warn(f"warning: TensorBoard write failed ({e}); continuing without it")
+            self.writer = None
+
+    def close(self) -> None:
+        if self.writer is not None:
             with contextlib.suppress(Exception):
-                self.run.finish()
+                self.writer.close()
 
 
 class MetricsLogger:
@@ -151,11 +199,12 @@ def build_logger(cfg: Config, start_step: int, resumed: bool, is_main: bool) -> 
     jsonl = JsonlSink(cfg.output_dir / "metrics.jsonl", resumed) if cfg.logging.jsonl else None
     console = ConsoleSink(cfg, start_step)
     wandb = WandbSink(cfg, resumed, console.message) if cfg.logging.wandb else None
-    sinks = [s for s in (jsonl, wandb) if s is not None]
+    tensorboard = TensorBoardSink(cfg, console.message) if cfg.logging.tensorboard else None
+    sinks = [s for s in (jsonl, wandb, tensorboard) if s is not None]
     return MetricsLogger([*sinks, console], console)
 
 
-def _flatten_for_wandb(record: dict[str, Any]) -> dict[str, Any]:
+def flatten_scalars(record: dict[str, Any]) -> dict[str, Any]:
     """Lists of per-layer values become scalar series: expert_load/L0/E3, imbalance/L0, ..."""
     flat: dict[str, Any] = {}
     for key, value in record.items():

@@ -125,7 +125,7 @@ class Trainer:
             self.data.train, cfg.train.micro_batch_size, b.dp_rank, b.dp_size, cfg.train.seed
         )
         self.step, self.tokens = 0, 0
-        if cfg.train.init_from:
+        if cfg.train.init_from and resumed_from is None:  # resume=auto's requeues continue the run
             init = resolve_resume(cfg.train.init_from, cfg.output_dir, key="train.init_from")
             ckpt.load_checkpoint(cfg, b, init, weights_only=True)
         if resumed_from is not None:  # what the Checkpoint callback saved

@@ -97,8 +97,8 @@ def ddp_runs(reference: dict[str, Any], ckpt_dirs: dict[str, Path]) -> list[dict
 
 @pytest.fixture(scope="session")
 def deepspeed_ops() -> None:
-    """DeepSpeed compiles a comm op on first start (~100 s, cached in ~/.cache/torch_extensions):
-    build it here, once, outside every test's own time."""
+    """DeepSpeed compiles a comm op on first start (~100 s, cached in the environment's
+    torch_extensions/, moe_lm/libraries.py): build it here, once, outside every test's own time."""
     from moe_lm.parallel.deepspeed_backend import warm_deepspeed_ops
 
     warm_deepspeed_ops()

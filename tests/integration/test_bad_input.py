@@ -1,8 +1,9 @@
 """The bad-input table: each row is one line on stderr naming the culprit and the fix, exit code 2,
 and nothing in the run directory touched (files and mtimes compared before and after).
 
-Most rows run against a copy of a finished run, resuming it or overwriting it where that makes the
-row most dangerous: bad input must be caught before the first write.
+Most rows run against a copy of a finished run, resuming it (with more steps: a finished run resumed
+as it is has nothing to do) or overwriting it where that makes the row most dangerous: bad input
+must be caught before the first write.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     }
 
 
+UTF16 = "ROMEO: wherefore\n".encode("utf-16")  # text, but not UTF-8 (NUL bytes too)
+
+
 def write(path: Path, data: bytes) -> str:
     path.write_bytes(data)
     return str(path)
@@ -110,6 +114,25 @@ def disk_full(c: Ctx) -> tuple[list[str], Path]:
     """Resume the 2-step run to step 4; the write of checkpoint step-4 hits a full disk (injected)."""
     c.monkeypatch.setenv("MOE_LM_FAULT", "enospc:4")
     return train(c, "train.resume=latest", "train.max_steps=4")[0], c.run / "checkpoints"
+
+
+def push_at_end_offline(c: Ctx) -> tuple[list[str], Path]:
+    """A token, but the Hub offline (as make used to force): refused before step 1, not after training."""
+    import huggingface_hub.constants as hf_constants
+
+    c.monkeypatch.setenv("HF_TOKEN", "hf_some_token")
+    c.monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    return train(c, "train.overwrite=true", "hub.push_at_end=true", "hub.repo_id=alice/tiny")
+
+
+def tensorboard_missing(c: Ctx) -> tuple[list[str], Path]:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    c.monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a)
+    )
+    return train(c, "train.overwrite=true", "logging.tensorboard=true")
 
 
 def hub_push(c: Ctx) -> tuple[list[str], Path]:
@@ -161,7 +184,9 @@ ROWS: list[tuple[str, Callable[[Ctx], tuple[list[str], Path]], list[str]]] = [
     ),
     (
         "data-missing",
-        lambda c: train(c, "train.resume=latest", f"data.train_files=[{c.tmp}/nope.txt]"),
+        lambda c: train(
+            c, "train.resume=latest", "train.max_steps=4", f"data.train_files=[{c.tmp}/nope.txt]"
+        ),
         ["data.train_files: file", "nope.txt' not found", "check the path"],
     ),
     (
@@ -172,7 +197,10 @@ ROWS: list[tuple[str, Callable[[Ctx], tuple[list[str], Path]], list[str]]] = [
     (
         "data-binary",
         lambda c: train(
-            c, "train.resume=latest", f"data.train_files=[{write(c.tmp / 'b.txt', bytes(range(256)) * 64)}]"
+            c,
+            "train.resume=latest",
+            "train.max_steps=4",
+            f"data.train_files=[{write(c.tmp / 'b.txt', bytes(range(256)) * 64)}]",
         ),
         ["data.train_files:", "b.txt' is binary (NUL bytes)", "list only UTF-8 text files"],
     ),
@@ -232,7 +260,30 @@ ROWS: list[tuple[str, Callable[[Ctx], tuple[list[str], Path]], list[str]]] = [
     (
         "config-not-yaml",
         lambda c: (["train", write(c.tmp / "bad.yaml", b"model: [1,\n")], c.run),
-        ["is not valid YAML at line", "fix the syntax"],
+        ["is not valid YAML: the '[' at line 1, column 8 is never closed (the file ends)", "fix the syntax"],
+    ),
+    (
+        "config-yaml-unclosed-mapping",
+        lambda c: (
+            ["train", write(c.tmp / "bad.yaml", b"name: x\ntrain: {max_steps: 3\nmodel: {}\n")],
+            c.run,
+        ),
+        ["the '{' at line 2, column 8 is never closed", "but got ':' at line 3"],
+    ),
+    (
+        "resume-shorter-than-checkpoint",
+        lambda c: train(c, "train.resume=latest", "train.max_steps=1"),
+        ["train.max_steps = 1 is below the step of checkpoint", "(2)", "raise train.max_steps above 2"],
+    ),
+    (
+        "data-unknown-extension-not-text",
+        lambda c: train(
+            c,
+            "train.resume=latest",
+            "train.max_steps=4",
+            f"data.train_files=[{write(c.tmp / 'x.bin', UTF16)}]",
+        ),
+        ["data.train_files:", "x.bin' has an extension", "is not UTF-8 text", "set data.format"],
     ),
     (
         "unknown-command",
@@ -241,6 +292,8 @@ ROWS: list[tuple[str, Callable[[Ctx], tuple[list[str], Path]], list[str]]] = [
     ),
     ("unknown-flag", lambda c: train(c, "--max-steps", "3"), ["unrecognized arguments: --max-steps 3"]),
     ("hub-push-without-token", hub_push, ["no Hugging Face token", "set HF_TOKEN or run `hf auth login`"]),
+    ("hub-push-at-end-offline", push_at_end_offline, ["offline mode is on", "set HF_HUB_OFFLINE=0"]),
+    ("tensorboard-missing", tensorboard_missing, ["logging.tensorboard needs the tensorboard package"]),
 ]
 MARKS = {
     "hub-push-without-token": pytest.mark.skipif(

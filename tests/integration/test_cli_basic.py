@@ -92,3 +92,36 @@ def test_help_and_unknown_command(capsys: pytest.CaptureFixture[str]) -> None:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: unknown command 'frobnicate'")
     assert main([]) == 2  # no command: usage, and a non-zero exit for scripts
+
+
+def test_python_dash_m_moe_lm_is_the_cli() -> None:
+    """`accelerate launch -m moe_lm train ...` (accelerate's documented form) needs moe_lm/__main__.py."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "moe_lm", "info", TINY, "--json"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["name"] == "tiny-shakespeare"
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
+    """`moe-lm info CONFIG --json | head`: the reader closes the pipe before the write (it was a
+    BrokenPipeError traceback)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moe_lm", "info", MIXTRAL, "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+        env=env,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # long before the command prints (it imports torch first)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err  # as if killed by SIGPIPE, like any Unix tool
+    assert err == ""

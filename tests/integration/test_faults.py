@@ -175,6 +175,29 @@ def test_stop_signal_saves_at_step_boundary_and_exits_0(make_run, reference, cap
     assert_same_as(run_dir(cfg), reference)
 
 
+# A preemptible job's one command: killed before its first checkpoint, during it, and after it.
+REQUEUES = [("mid_step:1", None), ("ckpt_files:2", None), ("mid_step:5", 4)]
+
+
+@pytest.mark.parametrize(("fault", "resume_at"), REQUEUES, ids=[r[0] for r in REQUEUES])
+def test_requeue_with_resume_auto_equals_uninterrupted(make_run, reference, capsys, fault, resume_at):
+    cfg = make_run(f"requeue-{fault.replace(':', '-')}", train={"resume": "auto"})
+    proc = start(cfg, fault, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    capsys.readouterr()
+    assert main(["train", str(cfg)]) == 0  # the same command line again
+    out = capsys.readouterr().out
+    if resume_at is None:
+        assert "train.resume=auto: no checkpoint in" in out and "replacing what an earlier start left" in out
+    else:
+        assert f"at step {resume_at}" in out
+    assert_same_as(run_dir(cfg), reference)
+    assert main(["train", str(cfg)]) == 0  # and once more, after the end: nothing to do
+    assert f"training already finished at step {STEPS}" in capsys.readouterr().out
+    assert_same_as(run_dir(cfg), reference)
+
+
 @pytest.mark.parametrize("damage", ["corrupt", "truncate"])
 def test_damaged_newest_checkpoint_falls_back_and_says_so(make_run, reference, capsys, tmp_path, damage):
     cfg = make_run(f"damaged-{damage}")

@@ -157,16 +157,77 @@ def test_export_folder_contents_and_model_card(exported: Path) -> None:
     meta = yaml.safe_load(readme.split("---")[1])
     assert meta["library_name"] == "transformers" and meta["license"] == "apache-2.0"
     assert meta["pipeline_tag"] == "text-generation" and meta["tags"] == ["moe", "mixtral", "moe_lm"]
-    assert meta["datasets"] == ["shakespeare.txt"]
+    # a local file is not a Hub dataset id (the Hub would link a dataset that does not exist)
+    assert "datasets" not in meta
+    assert "- corpus: `shakespeare.txt` (local files, not published with this model)" in readme
     assert "](expert_load.png)" in readme and (exported / "expert_load.png").stat().st_size > 1000
     for fact in (
+        "## Intended use and limitations",
+        "not instruction-tuned",
+        "Context: 64 tokens by configuration (trained on sequences of 32)",
         "| layers | 2 |",
         "4 / top-2",
+        # the coefficient in config.json is explained, with the numbers of this model
+        "`num_experts_per_tok` = 2 and `router_aux_loss_coef` = 0.005 on purpose",
+        "Pretraining used coefficient 0.01",
         "| steps | 6 |",
         "validation loss (step 6) | 4.5000",
         "| layer 1 |",
+        'from_pretrained("PATH_TO_THIS_FOLDER")',
+        'tokenizer("ROMEO:", return_tensors="pt")',
     ):
         assert fact in readme, fact
+    hf_config = json.loads((exported / "config.json").read_text())
+    assert (hf_config["router_aux_loss_coef"], hf_config["num_experts_per_tok"]) == (0.005, 2)
+    # the tokenizer's length limit is the model's context, not transformers' 1e30 "unset"
+    from transformers import AutoTokenizer
+
+    assert json.loads((exported / "tokenizer_config.json").read_text())["model_max_length"] == 64
+    assert AutoTokenizer.from_pretrained(str(exported), local_files_only=True).model_max_length == 64
+
+
+def test_model_card_names_hub_datasets_in_metadata_and_files_in_the_text(tmp_path: Path) -> None:
+    from moe_lm.analysis.records import RunRecords
+    from moe_lm.hf.model_card import render_model_card
+
+    (tmp_path / "saved").mkdir()
+    cfg = config_from_dict(
+        {
+            "data": {
+                "sources": {
+                    "web": {"dataset": "HuggingFaceFW/fineweb", "streaming": True, "val_fraction": 0.0},
+                    "books": {"files": ["/data/books/*.txt"], "weight": 2},
+                    "mine": {"dataset": str(tmp_path / "saved")},  # a save_to_disk directory
+                },
+                "val_sources": {"v": {"files": ["v.txt"]}},
+            }
+        }
+    )
+    card = render_model_card(cfg, RunRecords(), has_heatmap=False, repo_id="alice/m")
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["datasets"] == ["HuggingFaceFW/fineweb"]
+    assert (
+        "- web (weight 1): [HuggingFaceFW/fineweb](https://huggingface.co/datasets/HuggingFaceFW/fineweb)"
+        in card
+    )
+    assert "- books (weight 2): `*.txt` (local files, not published with this model)" in card
+    assert f"`{tmp_path / 'saved'}` (local files" in card
+    assert 'from_pretrained("alice/m")' in card and "\n# alice/m\n" in card
+
+
+def test_heatmap_numbers_every_cell_and_labels_every_expert() -> None:
+    import matplotlib.pyplot as plt
+
+    from moe_lm.analysis.expert_load import latest_figure
+
+    load = [[0.5, 0.25, 0.125, 0.125], [0.25, 0.25, 0.25, 0.25]]
+    fig = latest_figure(load, "expert load at step 6", [0, 1])
+    ax = fig.axes[0]
+    cells = sorted(t.get_text() for t in ax.texts)
+    assert cells == sorted(["50.0", "25.0", "12.5", "12.5", "25.0", "25.0", "25.0", "25.0"])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["e0", "e1", "e2", "e3"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["layer 0", "layer 1"]
+    plt.close(fig)
 
 
 def test_bf16_export_is_our_weights_rounded_and_runs_close(

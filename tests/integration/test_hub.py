@@ -31,6 +31,12 @@ class StandInHub:
         self.repos: dict[str, dict[str, Any]] = {}
         self.branches: list[tuple[str, str]] = []
         self.commits: list[dict[str, Any]] = []
+        # what GET /api/whoami-v2 answers for the token
+        self.whoami: dict[str, Any] = {
+            "name": "alice",
+            "orgs": [{"name": "team", "roleInOrg": "write"}, {"name": "readers", "roleInOrg": "read"}],
+            "auth": {"accessToken": {"role": "write"}},
+        }
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -51,6 +57,8 @@ class StandInHub:
                 hub.requests.append(("GET", self.path))
                 if self.headers.get("Authorization") != f"Bearer {hub.token}":
                     return self._reply(401, {"error": "Invalid credentials in Authorization header"})
+                if self.path.split("?")[0] == "/api/whoami-v2":
+                    return self._reply(200, hub.whoami)
                 self._reply(404, {"error": "Repository not found"})
 
             def do_POST(self) -> None:
@@ -163,15 +171,97 @@ def test_push_uploads_every_file(hub: StandInHub, export_dir: Path) -> None:
         "dev",
         "first upload",
     )
-    assert commit["files"] == before  # every file, byte for byte
+    # every file byte for byte, but the card, whose usage and title now name the repo
+    sent = dict(commit["files"])
+    card = sent.pop("README.md").decode()
+    assert sent == {k: v for k, v in before.items() if k != "README.md"}
+    assert 'from_pretrained("alice/tiny-moe")' in card and "\n# alice/tiny-moe\n" in card
+    assert "PATH_TO_THIS_FOLDER" not in card and "PATH_TO_THIS_FOLDER" in before["README.md"].decode()
+    assert card.replace("alice/tiny-moe", "X") == before["README.md"].decode().replace(
+        "PATH_TO_THIS_FOLDER", "X"
+    ).replace("# test-run\n", "# X\n")
     assert {"config.json", "model.safetensors", "README.md", "expert_load.png", "tokenizer.json"} <= set(
         before
     )
     assert _snapshot(export_dir) == before
     # Again, public, to main: the existing repo (409) is fine and no branch is created.
     assert main(["push", str(export_dir), "--repo-id", "alice/tiny-moe", "--endpoint", hub.url]) == 0
-    assert hub.commits[1]["revision"] == "main" and hub.commits[1]["files"] == before
+    assert hub.commits[1]["revision"] == "main" and hub.commits[1]["files"] == commit["files"]
     assert len(hub.branches) == 1
+
+
+def test_dry_run_lists_what_would_be_sent_offline_and_without_a_token(
+    export_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    before = _snapshot(export_dir)
+    argv = [
+        "push",
+        str(export_dir),
+        "--repo-id",
+        "alice/tiny-moe",
+        "--dry-run",
+        "--endpoint",
+        "http://127.0.0.1:9",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"dry run: would push {export_dir} to alice/tiny-moe (branch main")
+    assert "at http://127.0.0.1:9; token: none (set HF_TOKEN" in out[0]
+    listed = {line.split()[0] for line in out[1:-1]}
+    assert listed == set(before)  # every file that a push sends
+    assert any(line.split()[0] == "README.md" and "filled in for this repo" in line for line in out)
+    assert out[-1].startswith(f"{len(before)} files, ") and out[-1].endswith("nothing was sent")
+    assert _snapshot(export_dir) == before
+    assert main(["push", str(export_dir), "--repo-id", "no-slash", "--dry-run"]) == 2  # still checked
+
+
+def test_push_at_end_is_checked_before_training(
+    hub: StandInHub, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Everything that would make the final push fail, asked before step 1 (one whoami request)."""
+    import huggingface_hub.constants
+
+    from moe_lm.errors import UserError
+    from moe_lm.hf.hub import check_can_push
+
+    def refused(repo_id: str, *needles: str) -> None:
+        with pytest.raises(UserError) as info:
+            check_can_push(repo_id, endpoint=hub.url, key="hub.repo_id")
+        for needle in needles:
+            assert needle in str(info.value), str(info.value)
+
+    assert check_can_push("alice/m", endpoint=hub.url) == "alice"
+    assert check_can_push("team/m", endpoint=hub.url) == "alice"
+    refused(
+        "bob/m", "belongs to 'alice', who cannot create repos under 'bob'", "namespaces: alice, team, readers"
+    )
+    refused("readers/m", "read role in the organization 'readers'")
+    refused("alice/m/x", "hub.repo_id 'alice/m/x' is not OWNER/NAME")
+    hub.whoami["auth"] = {"accessToken": {"role": "read"}}
+    refused("alice/m", "token of 'alice' is read-only")
+    hub.whoami["auth"] = {
+        "accessToken": {
+            "role": "fineGrained",
+            "fineGrained": {
+                "scoped": [{"entity": {"type": "org", "name": "team"}, "permissions": ["repo.write"]}]
+            },
+        }
+    }
+    assert check_can_push("team/m", endpoint=hub.url) == "alice"
+    refused(
+        "alice/m", "fine-grained Hugging Face token of 'alice' has no repo write permission for 'alice/m'"
+    )
+    hub.token = "another-token"
+    refused("team/m", "401")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    refused("team/m", "offline mode is on", "HF_HUB_OFFLINE=0")
+    assert not hub.commits and all(path.startswith("/api/whoami-v2") for _, path in hub.requests)
 
 
 def _fails(argv: list[str], capsys: pytest.CaptureFixture[str], *needles: str) -> str:
@@ -239,15 +329,18 @@ def test_push_at_end_exports_and_pushes(
     url = push_at_end(cfg, ckpt, endpoint=hub.url)
     assert url.startswith(f"{hub.url}/alice/final/commit/")
     assert hub.repos["alice/final"]["visibility"] == "private"  # hub.private defaults to true
-    assert hub.commits[0]["files"] == _snapshot(run / "export")
+    assert hub.commits[0]["files"] == _snapshot(run / "export")  # exported for that repo: nothing to fill in
     assert "# alice/final" in (run / "export" / "README.md").read_text()
 
 
 def test_the_train_command_pushes_its_final_checkpoint_once_finished(
-    make_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    hub: StandInHub, make_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import huggingface_hub.constants
+
     import moe_lm.hf.hub
 
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)  # what HF_ENDPOINT sets
     pushed: list[tuple[str, Path]] = []
     monkeypatch.setattr(moe_lm.hf.hub, "push_at_end", lambda cfg, ckpt: pushed.append((cfg.name, Path(ckpt))))
     cfg = make_config(train={"max_steps": 4}, hub={"push_at_end": True, "repo_id": "alice/final"})
@@ -257,3 +350,26 @@ def test_the_train_command_pushes_its_final_checkpoint_once_finished(
     assert pushed == []  # stopped early: not the end of training
     assert main(["train", str(path), "train.resume=latest"]) == 0
     assert pushed == [(cfg.name, cfg.output_dir / "checkpoints" / "step-4")]
+
+
+def test_train_refuses_a_push_that_would_fail_before_the_first_step(
+    hub: StandInHub, make_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """It used to find out after training (and the Makefile's HF_HUB_OFFLINE=1 made it certain)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+    hub.whoami["auth"] = {"accessToken": {"role": "read"}}
+    cfg = make_config(train={"max_steps": 2}, hub={"push_at_end": True, "repo_id": "alice/final"})
+    path = tmp_path / "run.yaml"
+    path.write_text(cfg.to_yaml())
+    capsys.readouterr()
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: the Hugging Face token of 'alice' is read-only") and "\n" not in err
+    assert not cfg.output_dir.exists()  # no step, no run directory
+    hub.whoami["auth"] = {"accessToken": {"role": "write"}}
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert main(["train", str(path)]) == 2
+    assert "offline mode is on" in capsys.readouterr().err
+    assert not cfg.output_dir.exists()

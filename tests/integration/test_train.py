@@ -180,3 +180,10 @@ def test_wandb_offline_run_finishes(make_config, tmp_path, monkeypatch):
     runs = list((cfg.output_dir / "wandb").glob("offline-run-*"))
     assert runs, "wandb wrote no offline run"
     assert any(runs[0].rglob("*.wandb"))
+
+
+def test_train_prints_config_warnings_once_before_step_1(make_config, tmp_path, capsys):
+    cfg = make_config(train={"max_steps": 2}, optim={"warmup_steps": 5})
+    assert train(write(cfg, tmp_path / "c.yaml")) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: optim.warmup_steps = 5 ≥ train.max_steps = 2") == 1

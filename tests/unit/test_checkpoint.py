@@ -124,6 +124,15 @@ def test_no_complete_checkpoint_at_all(tmp_path, capsys):
     _truncate(root / "step-1")
     assert find_latest(root) is None
     assert "no earlier complete checkpoint" in capsys.readouterr().err
+    # One line, with the damage as the reason (the warning would be a second line) and no deletion.
+    with pytest.raises(
+        UserError,
+        match=r"every checkpoint in .* is damaged \(step-1: optim-ep0-of-1.pt has 10 bytes.*nothing was deleted",
+    ):
+        resolve_resume("latest", cfg.output_dir)
+    assert capsys.readouterr().err == ""
+    assert (root / "step-1").is_dir()
+    (root / "step-1").rename(root / ".moved")
     with pytest.raises(UserError, match="holds no complete checkpoint; start without train.resume"):
         resolve_resume("latest", cfg.output_dir)
 

@@ -248,13 +248,13 @@ def test_model_config_helpers() -> None:
     [
         ("model:\n  hidden_size: 64\n bad: 2\n", 3),
         ("train:\n  max_steps: 3\n\tseed: 1\n", 3),
-        ("name: x\nmodel:\n  hidden_size: 64\n  top_k: [1, 2\n", 5),
+        ("name: x\nmodel:\n  hidden_size: 64\n  top_k: [1, 2\n", 4),  # was 5, past the end of the file
     ],
 )
 def test_malformed_yaml_reports_line(tmp_path: Path, text: str, line: int) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    with pytest.raises(ConfigError, match=rf"not valid YAML at line {line}\b") as info:
+    with pytest.raises(ConfigError, match=rf"not valid YAML: .*\bline {line}\b") as info:
         load_config(path)
     assert "\n" not in str(info.value) and "bad.yaml" in str(info.value)
 
@@ -325,3 +325,43 @@ def test_sources_are_named_entries_reachable_by_overrides() -> None:
 )
 def test_bad_sources_name_the_key(overrides: list[str], expected: str) -> None:
     assert expected in _error(MIXTURE, overrides)
+
+
+YAML_ERRORS = [
+    # the bug: "at line 2" of a 1-line file, and nothing about the bracket
+    ("model: [1,\n", "the '[' at line 1, column 8 is never closed (the file ends)"),
+    (
+        "name: x\ntrain: {max_steps: 3\nmodel: {}\n",
+        "the '{' at line 2, column 8 is never closed (expected ',' or '}' but got ':' at line 3)",
+    ),
+    (
+        "model:\n  hidden_size: 64\n  num_layers: [2, 3\ntrain: {}\n",
+        "the '[' at line 3, column 15 is never closed (expected ',' or ']' but got ':' at line 4)",
+    ),
+    ('name: "abc\nmodel: {}\n', "the quote at line 1, column 7 is never closed (the file ends)"),
+    ("name: don't\nmodel: {a: 1\n", "the '{' at line 2, column 8 is never closed (the file ends)"),
+    ("model:\n  a: 1\n   b: 2\n", "mapping values are not allowed here at line 3, column 5"),
+    ("model:\n\tb: 2\n", r"found character '\t' that cannot start any token at line 2, column 1"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), YAML_ERRORS)
+def test_yaml_syntax_errors_name_the_line_and_what_is_unclosed(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message == f"config file '{path}' is not valid YAML: {expected}; fix the syntax"
+
+
+def test_warmup_as_long_as_the_run_warns() -> None:
+    from moe_lm.validation import config_warnings
+
+    cfg = config_from_dict({"optim": {"lr": 1e-3, "warmup_steps": 100}, "train": {"max_steps": 10}})
+    (line,) = config_warnings(cfg)
+    assert line.startswith("warning: optim.warmup_steps = 100 ≥ train.max_steps = 10")
+    assert "at lr 0.0001 instead of optim.lr = 0.001" in line and "lower optim.warmup_steps" in line
+    assert config_warnings(config_from_dict({"optim": {"warmup_steps": 9}, "train": {"max_steps": 10}})) == []

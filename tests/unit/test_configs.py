@@ -57,6 +57,22 @@ def test_shipped_config_loads_and_counts_match_formula(path: Path) -> None:
     assert isinstance(components, dict) and sum(components.values()) == total
 
 
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
+def test_shipped_config_data_fits_its_vocabulary(path: Path) -> None:
+    """A BPE tokenizer learns at most a few thousand tokens from the 1 MB tinyshakespeare file, so a
+    config with a real vocabulary must name real data, and a Shakespeare prompt only suits Shakespeare."""
+    cfg = load_config(path)
+    files = [*cfg.data.train_files, *(f for s in cfg.data.sources.values() for f in s.files)]
+    on_shakespeare = not cfg.data.sources and any("tinyshakespeare" in f for f in files)
+    if cfg.model.vocab_size > 8192:
+        assert not on_shakespeare, (
+            f"{path.name}: {cfg.model.vocab_size} tokens cannot come from tinyshakespeare"
+        )
+        assert cfg.train.sample_prompt != "ROMEO:"
+    if on_shakespeare:
+        assert (CONFIG_DIR.parent / "data" / "tinyshakespeare.txt").is_file()
+
+
 def test_mixtral_8x7b_is_46_7b_total_12_9b_active() -> None:
     # Written out from the published shape, not read from the YAML or from count_params.
     vocab, h, inter, layers, heads, kv_heads, experts, top_k = 32000, 4096, 14336, 32, 32, 8, 8, 2

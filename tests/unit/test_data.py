@@ -133,11 +133,29 @@ def test_globs_expand_sorted_and_format_can_be_forced(tmp_path: Path, tok: Token
     cfg = _cfg(tmp_path, tok, train_files=[str(tmp_path / "shards" / "**" / "*.txt")])
     order = [texts["shards/a.txt"], texts["shards/b.txt"], texts["shards/sub/c.txt"]]
     assert torch.equal(load_blocks(cfg, tok, "train"), _blocks(_stream(tok, order), 16))
-    (tmp_path / "notes.log").write_text(order[0])
-    with pytest.raises(UserError, match=r"cannot tell the format of '.*notes\.log'.*set data\.format"):
-        load_blocks(_cfg(tmp_path, tok, train_files=[str(tmp_path / "notes.log")]), tok, "train")
-    forced = _cfg(tmp_path, tok, train_files=[str(tmp_path / "notes.log")], format="text")
-    assert torch.equal(load_blocks(forced, tok, "train"), _blocks(_stream(tok, order[:1]), 16))
+    (tmp_path / "notes.bin").write_bytes(b"\xff\xfe" + order[0].encode("utf-16-le"))
+    with pytest.raises(
+        UserError, match=r"'.*notes\.bin' has an extension .* is not UTF-8 text; set data\.format"
+    ):
+        load_blocks(_cfg(tmp_path, tok, train_files=[str(tmp_path / "notes.bin")]), tok, "train")
+
+
+def test_source_files_of_any_extension_are_text_when_they_read_as_utf8(
+    tmp_path: Path, tok: Tokenizer
+) -> None:
+    code = {
+        "a.py": "def f(x):\n    return x + 1  # é\n",
+        "b.rs": 'fn main() { println!("hi"); }\n',
+        "LICENSE": _text(9, 40),
+    }
+    for name, text in code.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    files = [str(tmp_path / name) for name in code]
+    # every file one document, in the order listed, exactly as with data.format: text
+    expected = _blocks(_stream(tok, list(code.values())), 16)
+    assert torch.equal(load_blocks(_cfg(tmp_path, tok, train_files=files), tok, "train"), expected)
+    forced = _cfg(tmp_path, tok, train_files=files, format="text", cache_dir=str(tmp_path / "cache2"))
+    assert torch.equal(load_blocks(forced, tok, "train"), expected)
 
 
 def test_a_glob_skips_empty_files_with_a_count(

@@ -110,6 +110,20 @@ def test_training_is_deterministic(tmp_path: Path) -> None:
     assert "local_files_only" not in cfg and cfg["add_prefix_space"] is False
 
 
+def test_a_glob_with_empty_files_skips_them_with_a_count(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "d").mkdir()
+    _small_corpus(tmp_path / "d" / "a.txt")
+    (tmp_path / "d" / "b.txt").write_bytes(b"")
+    with_empty = Tokenizer.load(train_tokenizer([str(tmp_path / "d" / "*.txt")], 300, tmp_path / "t1"))
+    assert "--input: skipped 1 empty file(s)" in capsys.readouterr().err
+    alone = Tokenizer.load(train_tokenizer([str(tmp_path / "d" / "a.txt")], 300, tmp_path / "t2"))
+    assert with_empty.model_bytes == alone.model_bytes
+    with pytest.raises(UserError, match="is empty"):  # nothing but empty files is still an error
+        train_tokenizer([str(tmp_path / "d" / "b.txt")], 300, tmp_path / "t3")
+
+
 def test_train_from_jsonl_and_glob(tmp_path: Path) -> None:
     corpus = _small_corpus(tmp_path / "c.txt").read_text().splitlines()
     (tmp_path / "shards").mkdir()

@@ -1,0 +1,134 @@
+"""Bad input stays one line and exit code 2 under the launchers: `moe-lm launch` (accelerate's launch
+code with our error contract), `make train` and `make train-ep2`.
+
+Plain `accelerate launch` adds its own traceback (or torchrun's report) and exits 1 whatever the
+worker does; moe_lm/cli/launch.py says why. These run real launches in subprocesses (a few seconds
+each), one per path a bad input can take: refused in the launching process, by every worker, by
+rank 0 while rank 1 waits at a barrier; and a worker that crashes for another reason.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.integration.conftest import run_config_dict
+
+REPO = Path(__file__).resolve().parents[2]
+ONE = str(REPO / "configs" / "accelerate" / "cpu-1proc.yaml")
+TWO = str(REPO / "configs" / "accelerate" / "cpu-2proc.yaml")
+
+pytestmark = pytest.mark.slow
+
+
+def run(argv: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    # as a user's shell: under `make test` the inherited MAKELEVEL would turn `make:` into `make[1]:`
+    outer = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    full = {**outer, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=full, timeout=300)
+
+
+def launch(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return run([sys.executable, "-m", "moe_lm", "launch", *args], **env)
+
+
+def one_line(proc: subprocess.CompletedProcess[str], *fragments: str) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def config(corpus: Path, tokenizer_dir: Path, tmp_path: Path):
+    def make(**sections: dict[str, Any]) -> tuple[Path, Path]:
+        data = run_config_dict(corpus, tokenizer_dir, tmp_path / "run", **sections)
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path, tmp_path / "run"
+
+    return make
+
+
+def test_a_config_error_is_refused_before_any_worker_starts(config) -> None:
+    path, run_dir = config()
+    proc = launch("--config_file", TWO, "train", str(path), "train.max_step=10")
+    one_line(proc, "unknown config key 'train.max_step'", "did you mean 'train.max_steps'?")
+    assert not run_dir.exists()
+
+
+def test_an_error_found_by_the_worker_is_one_line(config, tmp_path: Path) -> None:
+    path, run_dir = config()
+    proc = launch("--config_file", ONE, "train", str(path), f"data.train_files=[{tmp_path}/nope.txt]")
+    one_line(proc, "data.train_files: file", "nope.txt' not found")
+    assert not run_dir.exists()
+
+
+def test_an_error_on_rank_0_while_rank_1_waits_is_one_line(config, tmp_path: Path) -> None:
+    """Rank 0 prepares the data and fails; rank 1 waits in a barrier and loses its peer. Without the
+    launcher's handling: both ranks' lines, rank 1's traceback, torchrun's report and exit 1."""
+    (tmp_path / "b.txt").write_bytes(bytes(range(256)) * 64)
+    path, run_dir = config(data={"train_files": [str(tmp_path / "b.txt")], "cache_dir": str(tmp_path / "c")})
+    proc = launch("--config_file", TWO, "train", str(path), "parallel.ep_size=2")
+    one_line(proc, "b.txt' is binary (NUL bytes)")
+    assert not run_dir.exists()
+
+
+def test_a_crash_that_is_not_bad_input_keeps_its_traceback_and_exit_code(config) -> None:
+    path, _ = config()
+    proc = launch("--config_file", ONE, "train", str(path), MOE_LM_FAULT="no-such-point:1")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "--- rank0 ---\nTraceback" in proc.stderr and "ValueError: MOE_LM_FAULT=" in proc.stderr
+    assert "CalledProcessError" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--config_file", ONE], "no command to run"),
+        (["--config_file", "nope.yaml", "train", "x.yaml"], "--config_file 'nope.yaml' not found"),
+        (
+            ["--num_processes", "two", "train", "x.yaml"],
+            "argument --num_processes/--num-processes: invalid int value",
+        ),
+    ],
+)
+def test_launcher_usage_errors_are_one_line(args: list[str], fragment: str) -> None:
+    one_line(launch(*args), fragment)
+
+
+@pytest.mark.skipif(
+    shutil.which("make") is None or not (REPO / ".venv" / ".installed").is_file(),
+    reason="needs make and the repository's set-up .venv",
+)
+@pytest.mark.parametrize("target", ["train", "train-ep2"])
+def test_make_train_prints_the_one_line_and_then_only_makes_own(target: str) -> None:
+    """GNU make always adds `make: *** [Makefile:N: target] Error 2` for a failed recipe (and exits 2)."""
+    proc = run(["make", "-s", "-o", ".venv/.installed", target, "ARGS=train.max_step=10"])
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 2, proc.stderr
+    assert lines[0].startswith("error: unknown config key 'train.max_step'; did you mean 'train.max_steps'?")
+    assert lines[1].startswith("make: *** [Makefile:") and lines[1].endswith(f"{target}] Error 2")
+    assert proc.stdout == ""
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_is_offline_unless_told_otherwise_so_push_at_end_can_run() -> None:
+    """HF_HUB_OFFLINE was forced to 1, so `make train` could never push (hub.push_at_end)."""
+    show = ["make", "-s", "--eval", "show-offline: ; @echo $$HF_HUB_OFFLINE", "show-offline"]
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    offline = subprocess.run(show, capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
+    online = subprocess.run(
+        [*show, "HF_HUB_OFFLINE=0"], capture_output=True, text=True, cwd=REPO, env=env, timeout=60
+    )
+    assert (offline.stdout.strip(), online.stdout.strip()) == ("1", "0")
