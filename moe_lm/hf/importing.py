@@ -25,8 +25,8 @@ from moe_lm.hf.convert import (
     from_hf_state_dict,
     upcycle_state_dict,
 )
-from moe_lm.model import MoETransformer
 from moe_lm.libraries import configure_deepspeed
+from moe_lm.model import MoETransformer
 from moe_lm.state.checkpoint import write_weights_checkpoint
 
 
