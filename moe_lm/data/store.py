@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import xxhash  # a dependency of datasets (pinned in pyproject.toml), so always there
+import xxhash
 
 from moe_lm import faults
 from moe_lm.data.files import FilePiece, read_piece
