@@ -15,6 +15,7 @@ On CUDA, torch.cuda.max_memory_allocated is exact and used in-process.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -28,7 +29,17 @@ from pathlib import Path
 
 import torch
 
+from moe_lm.config import ModelConfig, load_config
+
 REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_model_config(**overrides: object) -> ModelConfig:
+    """The model of configs/tiny-shakespeare.yaml (the shape `make train` trains), with overrides."""
+    cfg = load_config(REPO / "configs" / "tiny-shakespeare.yaml").model
+    return dataclasses.replace(cfg, **overrides)  # type: ignore[arg-type]
+
+
 if str(REPO) not in sys.path:  # scripts run as `python scripts/x.py` from the repo root
     sys.path.insert(0, str(REPO))
 

@@ -15,9 +15,15 @@ import argparse
 from collections.abc import Callable
 
 import torch
-from _bench_common import header, keep_freed_memory, markdown_table, set_threads, time_alternating
+from _bench_common import (
+    header,
+    keep_freed_memory,
+    markdown_table,
+    set_threads,
+    time_alternating,
+    tiny_model_config,
+)
 
-from moe_lm.config import ModelConfig
 from moe_lm.model.balance import global_batch_step
 from moe_lm.model.transformer import MoETransformer
 
@@ -39,17 +45,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def step_fn(scope: str, accum: int, args: argparse.Namespace) -> Callable[[], None]:
-    cfg = ModelConfig(
-        vocab_size=2048,
-        hidden_size=128,
-        intermediate_size=256,
-        num_layers=4,
-        num_heads=4,
-        num_kv_heads=2,
-        max_seq_len=256,
-        rope_theta=10000.0,
-        aux_loss_scope=scope,  # type: ignore[arg-type]
-    )
+    cfg = tiny_model_config(aux_loss_scope=scope)
     torch.manual_seed(0)
     model = MoETransformer(cfg).to(args.device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -18,10 +18,16 @@ import argparse
 from collections.abc import Callable
 
 import torch
-from _bench_common import header, keep_freed_memory, markdown_table, set_threads, time_alternating
+from _bench_common import (
+    header,
+    keep_freed_memory,
+    markdown_table,
+    set_threads,
+    time_alternating,
+    tiny_model_config,
+)
 
 import moe_lm.model.moe as moe_module
-from moe_lm.config import ModelConfig
 from moe_lm.model.losses import router_entropy
 from moe_lm.model.routing_record import RoutingTally, record_routing
 from moe_lm.model.transformer import MoETransformer
@@ -43,16 +49,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def build(args: argparse.Namespace) -> tuple[MoETransformer, torch.Tensor]:
-    cfg = ModelConfig(
-        vocab_size=2048,
-        hidden_size=128,
-        intermediate_size=256,
-        num_layers=4,
-        num_heads=4,
-        num_kv_heads=2,
-        max_seq_len=256,
-        rope_theta=10000.0,
-    )
+    cfg = tiny_model_config()
     torch.manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device=args.device)
     return MoETransformer(cfg).to(args.device), ids
