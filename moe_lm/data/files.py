@@ -6,7 +6,8 @@ file is ONE document whose lines are read (and tokenised) one by one, so memory 
 tokenizer never merges across a newline, so the ids equal those of the whole text.
 
 Big uncompressed text and JSON Lines files are cut into pieces of about `PIECE_BYTES` at line
-boundaries: a piece is the unit of parallel tokenising and of one store shard. Errors name the file
+boundaries, big parquet files into runs of whole row groups of about as many compressed bytes: a
+piece is the unit of parallel tokenising and of one store shard. Errors name the file
 and the setting to change, on one line (UserError).
 """
 
@@ -17,7 +18,6 @@ import glob
 import gzip
 import json
 import lzma
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,7 +119,8 @@ def _open(path: Path) -> IO[bytes]:
 
 @dataclass(frozen=True)
 class FilePiece:
-    """Bytes [start, end) of a file (the whole file when compressed or not line-oriented)."""
+    """Bytes [start, end) of a file (the whole file when compressed or not line-oriented); for a
+    parquet file cut into pieces, its row groups [a, b) and their share of the file's bytes."""
 
     path: str
     fmt: str  # text | json | parquet
@@ -128,6 +129,7 @@ class FilePiece:
     start: int
     end: int
     last: bool  # the piece that ends the file (a text file's single document ends here)
+    row_groups: tuple[int, int] | None = None  # parquet only, when the file is cut; None: all of them
 
 
 def _line_starts(path: Path, size: int) -> list[int]:
@@ -176,8 +178,37 @@ def check_file(path: Path, fmt: str, text_field: str, key: str) -> None:
             )
 
 
+def _row_group_runs(path: Path, size: int) -> list[tuple[int, int, int, int]]:
+    """(first row group, end row group, start byte, end byte) of runs of about PIECE_BYTES compressed
+    bytes; one run for a file that fits in a piece. Bytes are where the run's share of the file
+    would start and end (for progress), not exact offsets."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).metadata
+    sizes = [
+        sum(meta.row_group(g).column(c).total_compressed_size for c in range(meta.num_columns))
+        for g in range(meta.num_row_groups)
+    ]
+    if size <= PIECE_BYTES or len(sizes) < 2:
+        return [(0, len(sizes), 0, size)]
+    runs, first, start, acc = [], 0, 0, 0
+    for g, n in enumerate(sizes):
+        acc += n
+        if acc - start >= PIECE_BYTES and g + 1 < len(sizes):
+            runs.append((first, g + 1, start, acc))
+            first, start = g + 1, acc
+    return [*runs, (first, len(sizes), start, size)]
+
+
 def file_pieces(path: Path, fmt: str, text_field: str, key: str) -> list[FilePiece]:
     size = path.stat().st_size
+    if fmt == "parquet":
+        runs = _row_group_runs(path, size)
+        if len(runs) > 1:
+            return [
+                FilePiece(str(path), fmt, text_field, key, a, b, i == len(runs) - 1, (first, end))
+                for i, (first, end, a, b) in enumerate(runs)
+            ]
     splittable = fmt in ("text", "json") and not _compression(path) and not _is_json_array(path, fmt)
     cuts = _line_starts(path, size) if splittable else [0, size]
     return [
@@ -291,9 +322,10 @@ def _parquet(piece: FilePiece) -> Iterator[tuple[list[str], int]]:
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(piece.path)
-    rows = max(pf.metadata.num_rows, 1)
-    size = os.path.getsize(piece.path)
-    for batch in pf.iter_batches(batch_size=1000, columns=[piece.text_field]):
+    groups = list(range(*(piece.row_groups or (0, pf.metadata.num_row_groups))))
+    rows = max(sum(pf.metadata.row_group(g).num_rows for g in groups), 1)
+    size = piece.end - piece.start
+    for batch in pf.iter_batches(batch_size=1000, columns=[piece.text_field], row_groups=groups):
         texts = [t or "" for t in batch.column(0).to_pylist()]
         yield texts, size * len(texts) // rows
 

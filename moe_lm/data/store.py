@@ -61,6 +61,8 @@ def shard_name(piece: Piece) -> str:
             piece.end,
             piece.last,
         ]
+        if piece.row_groups is not None:  # absent for whole files: their shard names stay as they were
+            material.append(list(piece.row_groups))
     else:
         stem = piece.spec.dataset.rstrip("/").rsplit("/", 1)[-1] + f"-{piece.spec.split}"
         material = [piece.fingerprint, piece.spec.text_field, piece.start, piece.end]

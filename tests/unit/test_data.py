@@ -125,6 +125,32 @@ def test_big_files_are_cut_into_pieces_at_line_boundaries(
     assert torch.equal(blocks, _blocks(_stream(tok, [text, *docs]), 16))  # the same ids as whole files
 
 
+def test_big_parquet_files_are_cut_into_runs_of_row_groups(
+    tmp_path: Path, tok: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A big parquet file is tokenised in parallel pieces of whole row groups, in the file's order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = [_text(s, 2) for s in range(60)]
+    pq.write_table(pa.table({"text": docs}), tmp_path / "big.parquet", row_group_size=7)  # 9 groups
+    whole = load_blocks(
+        _cfg(tmp_path / "whole", tok, train_files=[str(tmp_path / "big.parquet")]), tok, "train"
+    )
+    shards_dir = tmp_path / "whole" / "cache" / "store" / "shards"
+    assert len(list(shards_dir.glob("*.json"))) == 1  # below PIECE_BYTES: one piece, named as before
+    monkeypatch.setattr(data_files, "PIECE_BYTES", 700)
+    pieces = data_files.file_pieces(tmp_path / "big.parquet", "parquet", "text", "data.train_files")
+    assert len(pieces) > 2 and [p.row_groups for p in pieces][0][0] == 0
+    assert all(a.row_groups[1] == b.row_groups[0] for a, b in zip(pieces, pieces[1:]))  # type: ignore[index]
+    assert pieces[-1].row_groups[1] == 9 and pieces[-1].last and not pieces[0].last  # type: ignore[index]
+    cfg = _cfg(tmp_path / "cut", tok, train_files=[str(tmp_path / "big.parquet")], num_proc=2)
+    cut = load_blocks(cfg, tok, "train")  # pieces tokenised by 2 worker processes
+    assert len(list((tmp_path / "cut" / "cache" / "store" / "shards").glob("*.json"))) == len(pieces)
+    assert torch.equal(cut, whole)
+    assert torch.equal(cut, _blocks(_stream(tok, docs), 16))  # every row once, in order
+
+
 def test_globs_expand_sorted_and_format_can_be_forced(tmp_path: Path, tok: Tokenizer) -> None:
     (tmp_path / "shards" / "sub").mkdir(parents=True)
     texts = {"shards/b.txt": _text(2, 20), "shards/a.txt": _text(3, 20), "shards/sub/c.txt": _text(4, 20)}
