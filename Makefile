@@ -64,6 +64,8 @@ bench: setup
 	$(PY) scripts/bench_train.py
 	$(PY) scripts/bench_scaling.py
 	$(PY) scripts/bench_data.py
+	$(PY) scripts/bench_balance.py
+	$(PY) scripts/bench_routing_metrics.py
 
 # GPU readiness in one table (budgeted at 8 minutes on one GPU): tests/gpu, configs/gpu-check.yaml trained
 # in bf16 with eval, checkpoint, resume and export, bench_train.py with and without --compile.
