@@ -1,8 +1,8 @@
 """Shared helpers for the benchmark scripts: machine header, alternating timer, tables, peak memory.
 
-Timing method: every candidate runs once per round, in an order that rotates each round, in one
-process, after warm-up; the median over rounds is reported. On a shared machine this keeps the
-ratios meaningful even when absolute times drift with other load.
+Timing method: every candidate runs once per round, in an order that changes each round (two
+alternate, more are shuffled), in one process, after warm-up; the median over rounds is reported.
+On a shared machine this keeps the ratios meaningful even when absolute times drift with other load.
 
 Peak memory on CPU: torch has no CPU allocator statistics, and tracemalloc does not see torch's
 allocations, so each candidate runs in a fresh subprocess that reports the kernel's resident-set
@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import platform
+import random
 import shlex
 import statistics
 import subprocess
@@ -122,7 +123,7 @@ def time_alternating(
     device: str = "cpu",
     clock_kind: str = "wall",
 ) -> dict[str, float]:
-    """Median seconds per call of each fn, run round-robin with a rotating start."""
+    """Median seconds per call of each fn, one call each per round, the order changing every round."""
     both = time_both_clocks(fns, rounds, warmup, device)
     return {name: t[clock_kind] for name, t in both.items()}
 
@@ -130,7 +131,8 @@ def time_alternating(
 def time_both_clocks(
     fns: Mapping[str, Callable[[], object]], rounds: int, warmup: int, device: str = "cpu"
 ) -> dict[str, dict[str, float]]:
-    """{name: {"wall": s, "cpu": s}}: medians over rounds of one call each, in rotating order."""
+    """{name: {"wall": s, "cpu": s}}: medians over rounds of one call each, in an order that changes
+    every round."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
@@ -138,8 +140,12 @@ def time_both_clocks(
     sync(device)
     samples: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
     for r in range(rounds):
-        for i in range(len(names)):
-            name = names[(r + i) % len(names)]
+        # Two candidates alternate (A B, B A, ...); more are shuffled each round, so no candidate
+        # always runs right after the same one (and inherits its cache and allocator state).
+        order = [names[(r + i) % len(names)] for i in range(len(names))]
+        if len(names) > 2:
+            random.Random(r).shuffle(order)
+        for name in order:
             sync(device)
             w0, c0 = time.perf_counter(), time.process_time()
             fns[name]()

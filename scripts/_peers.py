@@ -21,6 +21,7 @@ when the real module is not installed.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.abc
 import importlib.machinery
@@ -160,15 +161,20 @@ def _grad(p: torch.Tensor) -> torch.Tensor:
 
 
 def moe_lm_peer(ours: MoELayer, impl: str) -> Peer:
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        ours.experts.impl = impl
-        return ours(x)[0]
+    # A copy of its own, as every peer has: sharing `ours` would hand its weights, warm in cache, to
+    # whichever variant runs right after another.
+    layer = ours if impl == "auto" else copy.deepcopy(ours)
+    layer.experts.impl = impl
 
     return Peer(
         f"moe_lm {impl}" if impl != "auto" else "moe_lm",
-        forward,
-        ours,
-        lambda: (_grad(ours.router.weight), _grad(ours.experts.gate_up_proj), _grad(ours.experts.down_proj)),
+        lambda x: layer(x)[0],
+        layer,
+        lambda: (
+            _grad(layer.router.weight),
+            _grad(layer.experts.gate_up_proj),
+            _grad(layer.experts.down_proj),
+        ),
     )
 
 

@@ -6,8 +6,8 @@ of outputs and gradients against moe_lm. The reference is a dense SwiGLU with th
 parameters (intermediate k * I), so "ratio" is time / dense and 1.0 is the ideal. Peers that are
 not installed are skipped, with the reason; scripts/_peers.py says which parts run as stand-ins.
 
-Timing: all candidates of a row run in one process, one fwd + bwd each per round, in rotating
-order, after warm-up; the median per candidate, by CPU time (this process) and by wall time.
+Timing: all candidates of a row run in one process, one fwd + bwd each per round, in an order
+shuffled every round (each with weights of its own), after warm-up; the median per candidate, by CPU time (this process) and by wall time.
 OMP_WAIT_POLICY defaults to PASSIVE here: with OpenMP's default busy-wait, threads spinning between
 parallel regions on a shared 2-core machine made the MoE layers swing up to 25x between rounds.
 
