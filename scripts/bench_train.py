@@ -76,7 +76,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="time with make train's glibc settings (freed memory kept; both models benefit)",
     )
-    p.add_argument("--child-mem-gb", type=float, default=8.0, help="address-space cap of a CPU memory run")
+    p.add_argument(
+        "--child-mem-gb",
+        type=float,
+        default=8.0,
+        help="address-space cap of a CPU memory run (twice that for the timing process)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny config and few steps: a smoke test")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -346,6 +351,9 @@ def main() -> None:
     if a._child:
         child_main(a)
         return
+    if a.device == "cpu":  # a runaway candidate (batched_mm asks for >20 GB) fails here and is skipped
+        gb = int(2 * a.child_mem_gb * 1024**3)  # instead of the kernel killing this process
+        resource.setrlimit(resource.RLIMIT_AS, (gb, gb))
     malloc = keep_freed_memory() if a.train_malloc else "allocator: default (--train-malloc: as make train)"
     print(header(a.device) + "\n" + malloc)
     cfg = model_config(a)
