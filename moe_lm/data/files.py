@@ -180,7 +180,7 @@ def check_file(path: Path, fmt: str, text_field: str, key: str) -> None:
 
 def _row_group_runs(path: Path, size: int) -> list[tuple[int, int, int, int]]:
     """(first row group, end row group, start byte, end byte) of runs of about PIECE_BYTES compressed
-    bytes; one run for a file that fits in a piece. Bytes are where the run's share of the file
+    bytes (one run for a file of a single row group). Bytes are where the run's share of the file
     would start and end (for progress), not exact offsets."""
     import pyarrow.parquet as pq
 
@@ -189,8 +189,6 @@ def _row_group_runs(path: Path, size: int) -> list[tuple[int, int, int, int]]:
         sum(meta.row_group(g).column(c).total_compressed_size for c in range(meta.num_columns))
         for g in range(meta.num_row_groups)
     ]
-    if size <= PIECE_BYTES or len(sizes) < 2:
-        return [(0, len(sizes), 0, size)]
     runs, first, start, acc = [], 0, 0, 0
     for g, n in enumerate(sizes):
         acc += n
@@ -202,7 +200,7 @@ def _row_group_runs(path: Path, size: int) -> list[tuple[int, int, int, int]]:
 
 def file_pieces(path: Path, fmt: str, text_field: str, key: str) -> list[FilePiece]:
     size = path.stat().st_size
-    if fmt == "parquet":
+    if fmt == "parquet" and size > PIECE_BYTES:  # smaller files are one piece: no footer read here
         runs = _row_group_runs(path, size)
         if len(runs) > 1:
             return [
