@@ -69,7 +69,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.quick:
         a.shapes, a.tokens, a.threads, a.rounds = a.shapes.split(",")[0], "4096", "1", 2
+    if not a._child:
+        check_args(a)
     return a
+
+
+def check_args(a: argparse.Namespace) -> None:
+    """Bad flags are one `error:` line and exit code 2, before anything is built."""
+    known = PEERS + OPTIONAL
+    problems = [
+        f"--peers: unknown candidate {n!r}; known: {', '.join(known)}"
+        for n in a.peers.split(",")
+        if n and n not in known
+    ]
+    for flag, text, parts in (
+        ("--shapes", a.shapes, 4),
+        ("--tokens", a.tokens, 1),
+        ("--threads", a.threads, 1),
+    ):
+        for item in text.split(","):
+            fields = item.split("x")
+            if len(fields) != parts or not all(f.isdigit() and int(f) > 0 for f in fields):
+                what = "EXPERTSxTOPKxHIDDENxINTER, e.g. 8x2x256x512" if parts == 4 else "a positive integer"
+                problems.append(f"{flag}: {item!r} is not {what}")
+    if problems:
+        print(f"error: {problems[0]}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def shape_name(shape: tuple[int, int, int, int]) -> str:
@@ -176,7 +201,6 @@ def main() -> None:
     cols: list[str] = []
     for spec in a.shapes.split(","):
         shape = tuple(int(v) for v in spec.split("x"))
-        assert len(shape) == 4, f"--shapes: {spec!r} is not EXPERTSxTOPKxHIDDENxINTER"
         for ti, tokens in enumerate(int(t) for t in a.tokens.split(",")):
             ours, dense, built = build(shape, names)  # type: ignore[arg-type]
             peers = {n: p for n, p in built.items() if isinstance(p, Peer)}

@@ -1,0 +1,99 @@
+"""Every benchmark the README quotes runs, at its smallest size: the script finishes, prints its
+tables, and the numbers that must hold whatever the machine's speed do (parity with transformers and
+the peers, positive times). Speed itself is not asserted; the benchmarks are what measure it."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def bench(script: str, *args: str) -> str:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, f"scripts/{script}", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def rows(text: str, heading: str) -> list[list[str]]:
+    """The cells of the markdown table after the first line containing `heading`, row by row."""
+    lines = text[text.index(heading) :].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    found = []
+    for line in lines[start + 2 :]:  # below the header and the |---| line
+        if not line.startswith("| "):
+            break
+        found.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return found
+
+
+def table(text: str, heading: str) -> dict[str, list[str]]:
+    """The same table as first cell -> the other cells."""
+    return {row[0]: row[1:] for row in rows(text, heading)}
+
+
+def number(cell: str) -> float:
+    return float(re.sub(r"[*,x]|\(.*\)", "", cell))
+
+
+def test_bench_peers_compares_like_for_like() -> None:
+    out = bench("bench_peers.py", "--quick", "--no-memory", "--peers", "moe_lm,transformers eager")
+    parity = table(out, "## Parity")
+    (row,) = parity.values()
+    d_out, d_grad = (float(v) for v in row[-1].split(" / "))  # transformers eager vs moe_lm
+    assert d_out < 1e-5 and d_grad < 1e-4
+    times = table(out, "wall time")
+    (cells,) = times.values()
+    assert all(number(c) > 0 for c in cells[2:5])  # dense, moe_lm, transformers eager
+
+
+def test_bench_peers_refuses_an_unknown_candidate_in_one_line() -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_peers.py", "--peers", "moe_lm,transformers"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: --peers: unknown candidate 'transformers'")
+    assert proc.stderr.count("\n") == 1 and proc.stdout == ""
+
+
+def test_bench_train_matches_transformers_at_step_0() -> None:
+    out = bench("bench_train.py", "--quick", "--no-memory", "--impls", "eager")
+    parity = table(out, "## Step-0 parity")
+    assert float(parity["hf eager"][1]) < 1e-4  # |diff| of the LM loss
+    assert float(parity["hf eager"][3]) < 1e-5  # |diff| of the aux loss
+    step = table(out, "## Train step")
+    assert number(step["moe_lm"][1]) > 0 and "GEMM probe" in out
+
+
+@pytest.mark.parametrize(
+    ("script", "heading", "args"),
+    [
+        ("bench_moe_layer.py", "| tokens", ()),
+        ("bench_scaling.py", "## Step time vs number of experts", ()),
+        ("bench_balance.py", "| micro-batch x accumulation", ()),
+        ("bench_routing_metrics.py", "| metric work alone", ()),
+    ],
+)
+def test_layer_and_routing_benchmarks_run(script: str, heading: str, args: tuple[str, ...]) -> None:
+    found = rows(bench(script, "--quick", *args), heading)
+    numbers = [number(cell) for row in found for cell in row[1:] if re.fullmatch(r"[\d.,]+", cell)]
+    assert found and numbers and all(n > 0 for n in numbers)
+
+
+def test_bench_data_measures_prepare_training_and_loader(tmp_path: Path) -> None:
+    out = bench("bench_data.py", "--small-mb", "1", "--large-mb", "2", "--workdir", str(tmp_path))
+    prepare = rows(out, "**prepare**")
+    assert [(row[0], row[1]) for row in prepare] == [("1 MB", "1"), ("1 MB", "2"), ("2 MB", "2")]
+    assert len(rows(out, "**training**")) == 2  # both corpora trained
+    loader = table(out, "**loader**")
+    assert set(loader) == {"one source", "mixture 3:1 of two"}
