@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from moe_lm.data.files import file_format, file_pieces, read_piece, resolve_files
+from moe_lm.data.files import check_file, file_format, file_pieces, read_piece, resolve_files
 from moe_lm.errors import UserError
 from moe_lm.model import MoETransformer
 from moe_lm.model.routing_record import RoutingTally, record_routing
@@ -74,6 +74,7 @@ def read_tokens(name: str, patterns: list[str], codec: TextCodec, max_tokens: in
         if path.stat().st_size == 0:
             continue
         fmt = file_format(path, "auto", key)
+        check_file(path, fmt, "text", key)  # a binary file or a wrong schema: one line, before reading
         for piece in file_pieces(path, fmt, "text", key):
             for texts, whole_documents, _ in read_piece(piece):
                 for text in texts:

@@ -156,8 +156,14 @@ def eval_main(argv: list[str]) -> int:
                 )
                 out = model(input_ids.to(args.device), labels=labels.to(args.device), document_ids=docs)
                 assert out.lm_loss is not None
-                total_loss += float(out.lm_loss) * labels.numel()
-                total_tokens += labels.numel()
+                tokens = int((labels != -100).sum())  # the mean is over these, as in training's eval
+                if tokens:
+                    total_loss += float(out.lm_loss) * tokens
+                    total_tokens += tokens
+            if not total_tokens:
+                raise UserError(
+                    f"validation set {name!r} has no tokens to evaluate; pass --data FILE... with text"
+                )
             results[name] = (total_loss / total_tokens, total_tokens)
     loss = sum(v[0] for v in results.values()) / len(results)
     tokens = sum(v[1] for v in results.values())

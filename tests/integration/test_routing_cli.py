@@ -117,6 +117,7 @@ def test_the_export_card_links_the_figures(
         (["--data", "a"], "is not NAME=FILE"),
         (["--data", "a={corpus}", "--passage", "b"], "no data set named 'b'"),
         (["--data", "a={tmp}/nothing.txt"], "file"),
+        (["--data", "a={blob}"], "is binary (NUL bytes), not text"),  # NUL is valid UTF-8: caught up front
     ],
 )
 def test_bad_input_is_one_line_exit_2(
@@ -128,7 +129,8 @@ def test_bad_input_is_one_line_exit_2(
     says: str,
 ) -> None:
     (tmp_path / "empty.txt").write_text("")
-    fill = {"corpus": corpus, "empty": tmp_path / "empty.txt", "tmp": tmp_path}
+    (tmp_path / "blob.txt").write_bytes(b"weights\0\0\x01\0" * 64)
+    fill = {"corpus": corpus, "empty": tmp_path / "empty.txt", "blob": tmp_path / "blob.txt", "tmp": tmp_path}
     argv = ["routing", str(run[0]), *[a.format(**fill) for a in args], "--out", str(tmp_path / "out")]
     assert main(argv) == 2
     err = capsys.readouterr().err
