@@ -26,7 +26,9 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 # glibc returns large freed blocks to the OS on every free; training re-allocates the same sizes
-# each step, so keep them (measured -11% step time on CPU, scripts/bench_train.py's profile).
+# each step, so keep them. Worth -11% step time while the loss still built the whole [tokens, vocab]
+# logits; since the loss is chunked, within noise at the tiny and bench_train sizes (3,724-3,748 vs
+# 3,685-3,867 tokens/s), so `accelerate launch` without it trains as fast.
 TRAIN_ENV := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_TOP_PAD_=268435456
 
 # `moe-lm launch` is `accelerate launch` (same options) that keeps bad input to one `error:` line
