@@ -15,10 +15,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def bench(script: str, *args: str) -> str:
+def run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, f"scripts/{script}", *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def bench(script: str, *args: str) -> str:
+    proc = run(script, *args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -56,11 +60,7 @@ def test_bench_peers_compares_like_for_like() -> None:
 
 
 def test_bench_peers_refuses_an_unknown_candidate_in_one_line() -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "scripts/bench_peers.py", "--peers", "moe_lm,transformers"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    proc = run("bench_peers.py", "--peers", "moe_lm,transformers")
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: --peers: unknown candidate 'transformers'")
     assert proc.stderr.count("\n") == 1 and proc.stdout == ""
@@ -76,16 +76,16 @@ def test_bench_train_matches_transformers_at_step_0() -> None:
 
 
 @pytest.mark.parametrize(
-    ("script", "heading", "args"),
+    ("script", "heading"),
     [
-        ("bench_moe_layer.py", "| tokens", ()),
-        ("bench_scaling.py", "## Step time vs number of experts", ()),
-        ("bench_balance.py", "| micro-batch x accumulation", ()),
-        ("bench_routing_metrics.py", "| metric work alone", ()),
+        ("bench_moe_layer.py", "| tokens"),
+        ("bench_scaling.py", "## Step time vs number of experts"),
+        ("bench_balance.py", "| micro-batch x accumulation"),
+        ("bench_routing_metrics.py", "| metric work alone"),
     ],
 )
-def test_layer_and_routing_benchmarks_run(script: str, heading: str, args: tuple[str, ...]) -> None:
-    found = rows(bench(script, "--quick", *args), heading)
+def test_layer_and_routing_benchmarks_run(script: str, heading: str) -> None:
+    found = rows(bench(script, "--quick"), heading)
     numbers = [number(cell) for row in found for cell in row[1:] if re.fullmatch(r"[\d.,]+", cell)]
     assert found and numbers and all(n > 0 for n in numbers)
 
