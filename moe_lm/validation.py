@@ -88,6 +88,7 @@ def validate(cfg: Config) -> None:
         )
     if p.backend == "ddp" and p.zero_stage:
         raise ConfigError("parallel.zero_stage needs parallel.backend: deepspeed")
+    _positive("parallel.timeout", p.timeout)
     _positive("data.seq_len", d.seq_len)
     _positive("data.num_proc", d.num_proc)
     _validate_sources(cfg)

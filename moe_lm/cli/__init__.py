@@ -1,6 +1,8 @@
 """`moe-lm` command line: one subcommand per job, each implemented in its own module.
 
-Every user error (bad config, data, checkpoint or flag) is printed as one line and exits 2.
+Every user error (bad config, data, checkpoint or flag) is printed as one line and exits 2; a run
+stopped by something outside its input (a dead worker, a wait past parallel.timeout) is one line
+and exit code 3 (moe_lm/errors.py lists them all).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import importlib
 import os
 import sys
 
-from moe_lm.errors import ERROR_DIR_ENV, UserError, report
+from moe_lm.errors import ERROR_DIR_ENV, RunError, UserError, report, write_report
 
 # subcommand -> (module, function taking argv and returning an exit code, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         func = getattr(importlib.import_module(module_name), func_name)
         return int(func(rest) or 0)
-    except UserError as e:
+    except (UserError, RunError) as e:
         return report(e)
 
 
@@ -74,16 +76,15 @@ def run() -> None:
         # stdout is pointed at /dev/null so the interpreter's own final flush cannot fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 128 + 13  # what a process killed by SIGPIPE reports
-    except Exception:
-        error_dir = os.environ.get(ERROR_DIR_ENV)
-        if not error_dir:
+    except Exception as e:
+        if not os.environ.get(ERROR_DIR_ENV):
             raise
-        # A worker of `moe-lm launch`: the launching process prints this unless a rank reported
-        # bad input (then this is most likely a peer's broken collective, not news).
+        # A worker of `moe-lm launch`: the launching process decides what to show (this crash is
+        # the cause unless another process failed first), so the traceback goes to the report.
         import traceback
 
-        path = os.path.join(error_dir, f"rank{os.environ.get('RANK', '0')}.traceback")
-        with open(path, "w") as f:
-            f.write(traceback.format_exc())
+        summary = str(e).strip().splitlines()
+        line = f"{type(e).__name__}: {summary[0]}" if summary else type(e).__name__
+        write_report("crash", line, 1, consequence=False, traceback=traceback.format_exc())
         code = 1
     sys.exit(code)

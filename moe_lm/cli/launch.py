@@ -11,15 +11,19 @@ This command runs accelerate's own launch code (same options, same config files)
 keeps the contract of every other `moe-lm` command:
 - the config is loaded and checked here first, so a bad key or value is one line before any
   worker starts;
-- workers write a user error to a file in `MOE_LM_ERROR_DIR` instead of stderr (and any other
-  exception's traceback too), so when a run stops on bad input this process prints that one line
-  once, not once per rank, with no peer's "connection closed" traceback and no launcher report,
-  and exits 2. A worker that crashed for another reason has its traceback printed and its exit
-  code returned.
+- workers leave a report of how they failed in `MOE_LM_ERROR_DIR` (moe_lm/errors.py) instead of
+  printing it: a user error (one line, exit 2), a run error (one line, exit 3: a dead worker, a
+  wait past parallel.timeout) or a crash (its traceback, exit 1), each marked when it is only a
+  consequence of another process's failure (a peer's "connection closed", "process 0 failed").
+  A process killed by a signal leaves none; its exit status says so.
+- when a run fails, this process prints the cause once, first: the failing process's own error,
+  or which process was killed by which signal. The consequences are not shown; when no cause is
+  known they are, labelled as consequences. The exit code is the cause's.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -27,6 +31,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,21 +89,92 @@ def _exit_code(code: int) -> int:
     return 128 - code if code < 0 else code  # killed by signal N: the shell's 128 + N
 
 
-def report_workers(error_dir: Path, rank: int, code: int) -> int:
-    """Print what the workers left in `error_dir` and return this command's exit code."""
-    lines = sorted(error_dir.glob("rank*.error"), key=lambda p: int(p.stem[4:]))
-    if lines:  # bad input: the lowest rank's line (every rank usually has the same one)
-        print(lines[0].read_text().strip(), file=sys.stderr)
-        return 2
-    tracebacks = sorted(error_dir.glob("rank*.traceback"), key=lambda p: int(p.stem[4:]))
-    for path in tracebacks:
-        print(f"--- {path.stem} ---\n{path.read_text().rstrip()}", file=sys.stderr)
-    if code < 0:
-        name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
-        print(f"error: process {rank} was killed by {name}", file=sys.stderr)
-    elif not tracebacks:
-        print(f"error: process {rank} exited with code {code}", file=sys.stderr)
-    return _exit_code(code)
+# Signals a whole job receives from outside (a scheduler, Ctrl-C) or that the launcher sends to the
+# survivors once one process has failed: on their own they say little about the cause.
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
+@dataclass(frozen=True)
+class Failure:
+    """How one process ended, from its report (moe_lm/errors.py) or, without one, its exit status."""
+
+    rank: int
+    kind: str  # "user" | "run" | "crash" (a report), "signal" | "exit" (no report)
+    consequence: bool  # it only stopped because another process failed first
+    line: str  # the one line to show ("error: ...")
+    exit_code: int  # as the shell reports it
+    time: float  # when it failed (a report's own clock; for a death, when the launcher saw it)
+    traceback: str = ""
+    signal: int = 0
+
+
+def _signal_name(number: int) -> str:
+    return signal.Signals(number).name if number in signal.valid_signals() else f"signal {number}"
+
+
+def failures(error_dir: Path, exits: dict[int, tuple[int, float]]) -> list[Failure]:
+    """Every failed process: its report if it left one, else what its exit status says.
+    `exits`: rank -> (exit status as subprocess gives it, negative for a signal; when seen)."""
+    found: dict[int, Failure] = {}
+    for path in error_dir.glob("rank*.json"):
+        r = json.loads(path.read_text())
+        found[r["rank"]] = Failure(
+            r["rank"], r["kind"], r["consequence"], r["line"], r["exit_code"], r["time"], r["traceback"]
+        )
+    for rank, (code, seen) in exits.items():
+        if rank in found or code == 0:
+            continue
+        if code < 0:
+            name = _signal_name(-code)
+            line = f"error: process {rank} was killed by {name} (exit code {_exit_code(code)})"
+            if -code == signal.SIGKILL:
+                line += (
+                    "; if no one sent it, the kernel's out-of-memory killer did (see `dmesg`); "
+                    "continue with train.resume=auto"
+                )
+            found[rank] = Failure(rank, "signal", False, line, _exit_code(code), seen, signal=-code)
+        else:
+            line = f"error: process {rank} exited with code {code} without saying why"
+            found[rank] = Failure(rank, "exit", False, line, code, seen)
+    return sorted(found.values(), key=lambda f: f.rank)
+
+
+def the_cause(failed: list[Failure]) -> Failure | None:
+    """The process whose failure made the others stop; None when only consequences are known.
+
+    A report or a hard death (SIGKILL, SIGSEGV, ...) is a cause, the earliest first; a death by
+    a signal from outside (SIGTERM, ...) only when nothing else failed, since the launcher itself
+    sends SIGTERM to the survivors of a failure. A killed process is dated by when the launcher
+    saw it, up to a second late, so it wins a near tie with a report."""
+    hard = [f for f in failed if not f.consequence and (f.kind != "signal" or f.signal not in _STOP_SIGNALS)]
+    if hard:
+        return min(hard, key=lambda f: (f.time - (2.0 if f.kind == "signal" else 0.0), f.rank))
+    soft = [f for f in failed if f.kind == "signal"]
+    return min(soft, key=lambda f: (f.time, f.rank)) if soft else None
+
+
+def show(failed: list[Failure]) -> int:
+    """Print the cause first (suppressing what the others saw because of it); returns the exit code."""
+    cause = the_cause(failed)
+    if cause is None:
+        print(
+            "error: the processes stopped but the one that failed first left no error; "
+            "what the others saw (consequences, not the cause):",
+            file=sys.stderr,
+        )
+        for f in failed:
+            print(f"  process {f.rank} (a consequence): {f.line.removeprefix('error: ')}", file=sys.stderr)
+        return failed[0].exit_code if failed else 1
+    if cause.kind == "crash":
+        print(
+            f"error: process {cause.rank} crashed with {cause.line} (exit code {cause.exit_code}); "
+            "its traceback follows",
+            file=sys.stderr,
+        )
+        print(f"--- process {cause.rank} ---\n{cause.traceback.rstrip()}", file=sys.stderr)
+    else:
+        print(cause.line, file=sys.stderr)
+    return cause.exit_code
 
 
 def launch_main(argv: list[str]) -> int:
@@ -112,6 +189,9 @@ def launch_main(argv: list[str]) -> int:
     # torchrun's agent logs every worker's exit and closing signal; the workers and this command say
     # what matters. Exceptions it raises still reach us.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # accelerate's --quiet turns a failed single process into a bare exit 1 (no exit status to
+    # report); this command prints the one line itself in every case.
+    args.quiet = False
     configure_deepspeed()  # accelerate's DeepSpeed launcher imports it; the workers inherit the settings
     from accelerate.commands.launch import launch_command
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -122,10 +202,10 @@ def launch_main(argv: list[str]) -> int:
         launch_command(args)
         return 0
     except subprocess.CalledProcessError as e:  # the single-process launcher
-        return report_workers(error_dir, 0, e.returncode)
+        return show(failures(error_dir, {0: (e.returncode, time.time())}))
     except ChildFailedError as e:  # torchrun's: several processes, DeepSpeed
-        rank, failure = min(e.failures.items(), key=lambda kv: kv[1].timestamp)
-        return report_workers(error_dir, rank, int(failure.exitcode))
+        exits = {rank: (int(f.exitcode), float(f.timestamp)) for rank, f in e.failures.items()}
+        return show(failures(error_dir, exits))
     except ValueError as e:  # accelerate's own checks of its options, before any worker starts
         raise UserError(f"moe-lm launch: {str(e).splitlines()[0]}") from None
     finally:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moe_lm.config import Config, load_config
-from moe_lm.errors import ArgumentParser, UserError, report
+from moe_lm.errors import ArgumentParser, RunError, UserError, report
 from moe_lm.validation import config_warnings
 
 if TYPE_CHECKING:
@@ -42,8 +42,16 @@ def train_main(argv: list[str]) -> int:
     # worker of a multi-process run leaves here, with the exit code `moe-lm` would have returned.
     try:
         code = _train(cfg, layout)
-    except UserError as e:
+    except (UserError, RunError) as e:
+        if not e.consequence:
+            layout.waits.announce_failure(e)  # peers waiting on this process stop now, not at a timeout
         code = report(e)
+    except Exception as e:
+        explained = layout.waits.explain(e)  # a peer went away or a collective timed out: one line
+        if explained is None:  # this process's own crash: the others stop, its traceback is the cause
+            layout.waits.announce_failure(e)
+            raise
+        code = report(explained)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

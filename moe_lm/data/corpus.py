@@ -1,16 +1,17 @@
 """The data of a run: prepare the store (main process only), then open every source as blocks.
 
-With several processes, every one calls `open_data` with `barrier` (e.g. torch.distributed.barrier)
-and only the main one (`is_main`; per node if nodes do not share `data.cache_dir`) tokenises; the
-others open the shards after the barrier. If preparing fails, the main process raises the error and
-the others a pointer to it, instead of hanging.
+With several processes, every one calls `open_data` with `waits` (moe_lm/parallel/waits.py) and
+only the main one (`is_main`; per node if nodes do not share `data.cache_dir`) tokenises; the others
+open the shards after a barrier. Preparing may take hours, so that barrier times out only when the
+preparer makes no progress for `parallel.timeout`; if preparing fails, the main process raises the
+error (the CLI announces it to the others, who stop at once instead of hanging).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from moe_lm.data.blocks import Blocks, StoreBlocks, TokenStream
 from moe_lm.data.loader import TrainSource
@@ -22,6 +23,14 @@ from moe_lm.errors import UserError
 if TYPE_CHECKING:
     from moe_lm.config import Config
     from moe_lm.data.tokenizer import Tokenizer
+
+
+class StoreWaits(Protocol):
+    """How processes wait for the ones preparing the store (moe_lm/parallel/waits.py's `Waits`)."""
+
+    def progress(self) -> None: ...
+
+    def barrier(self, what: str, *, idle: bool = False) -> None: ...
 
 
 @dataclass
@@ -73,7 +82,7 @@ def open_data(
     plan: DataPlan | None = None,
     train: bool = True,
     is_main: bool = True,
-    barrier: Callable[[], None] | None = None,
+    waits: StoreWaits | None = None,
 ) -> RunData:
     """Training sources (when `train`) and every validation set of `plan` (default: the config's)."""
     from moe_lm.data.streaming import StreamBlocks
@@ -81,11 +90,10 @@ def open_data(
     plan = plan or data_plan(cfg)
     wanted = [s for s in plan.train if train or s.name in plan.holdout]
     specs = [s for s in (*wanted, *plan.val.values()) if not s.streaming]
-    try:
-        prepared = prepare_sources(cfg, tokenizer, specs) if is_main else None
-    finally:  # reached even when preparing fails, so the other processes do not hang
-        if barrier is not None:
-            barrier()
+    heartbeat: Callable[[], None] | None = waits.progress if waits is not None else None
+    prepared = prepare_sources(cfg, tokenizer, specs, heartbeat=heartbeat) if is_main else None
+    if waits is not None:
+        waits.barrier("preparing the token store", idle=True)
     if prepared is None:
         prepared = _opened(cfg, tokenizer, specs)
     by_key = {p.spec.key: p for p in prepared}

@@ -1,6 +1,9 @@
 """Preparing the token store: plan the shards of every source, tokenise the missing ones in
 `data.num_proc` worker processes with a progress bar, and say what is there.
 
+A worker that dies (e.g. SIGKILLed by the out-of-memory killer) is an error naming the file it was
+tokenising, not a hang (moe_lm/data/pool.py).
+
 Incremental: a shard whose manifest matches its input (path, size, mtime or dataset fingerprint)
 and the tokenizer is kept, so re-running after a kill finishes only the missing shards and adding a
 file to a source tokenises only that file. Shards are shared between sources listing the same file.
@@ -9,16 +12,17 @@ file to a source tokenises only that file. Shards are shared between sources lis
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moe_lm.data.files import check_file, file_format, file_pieces, resolve_files, setting
 from moe_lm.data.hf_sources import dataset_pieces
+from moe_lm.data.pool import tokenise_in_workers
 from moe_lm.data.store import (
     Piece,
     ShardJob,
@@ -96,35 +100,18 @@ def _no_text(source: PreparedSource) -> UserError:
 
 
 # ---------------------------------------------------------------------------------------------
-# Workers
+# Tokenising, with a progress bar
 
 
-_STATE: dict[str, Any] = {}
-
-
-def _init_worker(model_bytes: bytes, vocab_size: int, counters: Any) -> None:
-    from moe_lm.data.tokenizer import Tokenizer
-
-    _STATE.update(tokenizer=Tokenizer(model_bytes), dtype=token_dtype(vocab_size), counters=counters)
-
-
-def _progress(nbytes: int, ntokens: int) -> None:
-    done_bytes, done_tokens = _STATE["counters"]
-    with done_bytes.get_lock():
-        done_bytes.value += nbytes
-        done_tokens.value += ntokens
-
-
-def _run(job: ShardJob) -> tuple[str, dict[str, Any]]:
-    return job.name, write_shard(job, _STATE["tokenizer"], _STATE["dtype"], _progress)
-
-
-def _tokenise(jobs: list[ShardJob], tokenizer: Tokenizer, num_proc: int, total_bytes: int) -> dict[str, Any]:
+def _tokenise(
+    jobs: list[ShardJob],
+    tokenizer: Tokenizer,
+    num_proc: int,
+    total_bytes: int,
+    heartbeat: Callable[[], None] | None = None,
+) -> dict[str, Any]:
     from tqdm import tqdm
 
-    # spawn, not fork: the caller may be a training process with threads (OpenMP, gloo) running.
-    ctx = multiprocessing.get_context("spawn")
-    counters = (ctx.Value("q", 0), ctx.Value("q", 0))
     workers = min(num_proc, len(jobs))
     bar = tqdm(
         total=total_bytes,
@@ -135,37 +122,33 @@ def _tokenise(jobs: list[ShardJob], tokenizer: Tokenizer, num_proc: int, total_b
         disable=not sys.stderr.isatty(),
         dynamic_ncols=True,
     )
-    results: dict[str, Any] = {}
+    counts = [0, 0]  # bytes, tokens
+
+    def progress(nbytes: int, ntokens: int) -> None:
+        counts[0] += nbytes
+        counts[1] += ntokens
+        if heartbeat is not None:
+            heartbeat()
 
     def update() -> None:
-        bar.n = counters[0].value
-        bar.set_postfix_str(f"{counters[1].value / 1e6:.1f}M tokens", refresh=True)
+        bar.n = counts[0]
+        bar.set_postfix_str(f"{counts[1] / 1e6:.1f}M tokens", refresh=True)
+        if heartbeat is not None:
+            heartbeat()
 
     try:
-        if workers <= 1:
-            _init_worker(tokenizer.model_bytes, tokenizer.vocab_size, counters)
-            for job in jobs:
-                name, manifest = _run(job)
-                results[name] = manifest
-                update()
-        else:
-            with ctx.Pool(
-                workers, _init_worker, (tokenizer.model_bytes, tokenizer.vocab_size, counters)
-            ) as pool:
-                it = pool.imap_unordered(_run, jobs)
-                while len(results) < len(jobs):
-                    try:
-                        name, manifest = it.next(timeout=0.5)
-                        results[name] = manifest
-                    except multiprocessing.TimeoutError:
-                        pass
-                    update()
-                pool.close()  # the workers exit on their own and are reaped (an error terminates them)
-                pool.join()
+        if workers > 1:
+            return tokenise_in_workers(
+                jobs, tokenizer.model_bytes, tokenizer.vocab_size, workers, progress, update
+            )
+        results: dict[str, Any] = {}
+        dtype = token_dtype(tokenizer.vocab_size)
+        for job in jobs:
+            results[job.name] = write_shard(job, tokenizer, dtype, progress)
+            update()
+        return results
     finally:
         bar.close()
-        _STATE.clear()
-    return results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,12 +162,14 @@ def prepare_sources(
     *,
     rebuild_damaged: bool = False,
     verify: bool = False,
+    heartbeat: Callable[[], None] | None = None,
 ) -> list[PreparedSource]:
     """Make sure the store holds every shard of `specs`; returns them in order.
 
     A damaged shard (size or checksum) is rebuilt only when `rebuild_damaged` (`moe-lm data
     prepare`); otherwise it is an error, so training never silently re-tokenises what might be a
     failing disk. A shard made by another tokenizer is always an error: nothing prepared is lost.
+    `heartbeat()` is called as tokenising progresses (processes waiting for the store watch it).
     """
     store = store_dir(cfg)
     shard_dir = store / "shards"
@@ -223,7 +208,7 @@ def prepare_sources(
             print(f"preparing {store}: {len(jobs)} shard(s) to tokenise", flush=True)
             # largest first, so no worker is left with a big shard at the end
             ordered = sorted(jobs.values(), key=lambda j: -_piece_bytes(j.piece))
-            built = _tokenise(ordered, tokenizer, cfg.data.num_proc, total_bytes)
+            built = _tokenise(ordered, tokenizer, cfg.data.num_proc, total_bytes, heartbeat)
             manifests.update(built)
             seconds = time.perf_counter() - start
             tokens = sum(m["tokens"] for m in built.values())

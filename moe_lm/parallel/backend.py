@@ -110,8 +110,8 @@ class Backend(ABC):
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         return self.layout.all_reduce(tensor, op)
 
-    def barrier(self) -> None:
-        self.layout.barrier()
+    def barrier(self, what: str | None = None) -> None:
+        self.layout.barrier(what)
 
     def extra_metrics(self) -> dict[str, Any]:
         """Expert-parallel load since the last call, per optimizer step: rows each rank's experts

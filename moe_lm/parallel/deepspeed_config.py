@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +115,7 @@ def check_accelerate_fields(cfg: Config) -> None:
     os.environ["ACCELERATE_CONFIG_DS_FIELDS"] = ""
 
 
-def deepspeed_accelerator(cfg: Config, precision: str) -> Any:
+def deepspeed_accelerator(cfg: Config, precision: str, timeout_s: float | None = None) -> Any:
     """An accelerate `Accelerator` whose `prepare` builds a DeepSpeed engine with our JSON."""
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
@@ -123,7 +124,10 @@ def deepspeed_accelerator(cfg: Config, precision: str) -> Any:
     configure_deepspeed()
     # accelerate's CPU mode silently turns DeepSpeed off; DeepSpeed picks CPU and gloo itself.
     os.environ.pop("ACCELERATE_USE_CPU", None)
-    handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+    # DeepSpeed's init_distributed gets the backend (gloo on CPU) and the timeout
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    timeout = timedelta(seconds=timeout_s) if timeout_s is not None else None
+    handlers = [InitProcessGroupKwargs(backend=backend, timeout=timeout)]
     with drop_build_notice():  # DeepSpeed's process-group start loads its comm op and says so
         return Accelerator(
             mixed_precision=precision,

@@ -5,23 +5,31 @@ the process group the launcher set up (through accelerate: DDP, or DeepSpeed wit
 from the run YAML), refuses a launch that came up wrong, and builds the expert-parallel mesh
 (moe_lm/parallel/mesh.py). The resulting `Layout` answers "who am I" and runs the collectives
 that metrics, data preparation and checkpoints need; it knows nothing of the model.
+
+Every wait on another process is bounded by `parallel.timeout` (moe_lm/parallel/waits.py): the
+process groups are created with it, and barriers go through `Waits`, whose errors say which
+process was waited on and what it was doing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from moe_lm.config import Config
-from moe_lm.errors import UserError
+from moe_lm.errors import UserError, WaitTimeout
 from moe_lm.libraries import configure_deepspeed
 from moe_lm.parallel.deepspeed_config import deepspeed_accelerator
 from moe_lm.parallel.mesh import Mesh, build_mesh, ep_groups_cross_nodes
+from moe_lm.parallel.waits import Waits, resolve_timeout, set_group_timeout
 
 
 def resolve_precision(setting: str, device_type: str) -> str:
@@ -47,8 +55,9 @@ def check_launch(cfg: Config, joined: int) -> None:
         )
 
 
-def ddp_accelerator(cfg: Config, precision: str) -> Any:
+def ddp_accelerator(cfg: Config, precision: str, timeout_s: float | None = None) -> Any:
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         raise UserError(
@@ -57,7 +66,12 @@ def ddp_accelerator(cfg: Config, precision: str) -> Any:
         )
     # Without a GPU the torchrun launcher needs accelerate's CPU mode, or every rank silently
     # believes it is alone (ACCELERATE_USE_CPU=1 does the same from the environment).
-    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    cpu = not torch.cuda.is_available()
+    handlers = []
+    if timeout_s is not None:
+        # only the timeout: accelerate picks the backend (gloo on CPU, NCCL on GPUs)
+        handlers.append(InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s)))
+    return Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=handlers)
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,7 @@ class Layout:
 
     accelerator: Any  # accelerate's, set up for DDP or for DeepSpeed
     mesh: Mesh
+    waits: Waits = field(default_factory=lambda: Waits(0, 1, 0.0))  # one process never waits
 
     @property
     def device(self) -> torch.device:
@@ -88,8 +103,19 @@ class Layout:
         """Global indices [start, end) of the experts this rank holds."""
         return self.mesh.expert_range(num_experts)
 
-    def barrier(self) -> None:
-        self.accelerator.wait_for_everyone()
+    def barrier(self, what: str | None = None) -> None:
+        """Every process arrives, within parallel.timeout. `what` names it in errors (default: the
+        current phase)."""
+        self.waits.barrier(what or self.waits.where)
+
+    def doing(self, where: str) -> None:
+        """What this process does now (a training step, a phase): named in the errors of the others."""
+        self.waits.doing(where)
+
+    @contextlib.contextmanager
+    def phase(self, where: str) -> Iterator[None]:
+        with self.waits.phase(where):
+            yield
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         if self.world_size == 1:
@@ -98,24 +124,37 @@ class Layout:
 
     def shutdown(self) -> None:
         """End training and the process group (the deterministic gloo teardown: barrier first)."""
-        self.accelerator.end_training()
-        if sys.exc_info()[0] is not None:
-            return  # a failing rank must not wait in a barrier for peers stuck in a collective
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        failing = sys.exc_info()[0] is not None  # a failing rank must not wait for peers
+        if not failing and dist.is_available() and dist.is_initialized():
+            self.doing("finishing the run")
+            dist.barrier()  # bounded by the process group's timeout (parallel.timeout)
+        self.waits.close()
+        self.accelerator.end_training()  # destroys the process group
 
 
 def start_processes(cfg: Config) -> Layout:
     """Join the launched processes and build the expert-parallel groups. Collective."""
     configure_deepspeed()  # before accelerate imports it (its op cache, its CPU notice)
-    precision = resolve_precision(cfg.train.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.parallel.backend == "deepspeed":
-        accelerator = deepspeed_accelerator(cfg, precision)
-    else:
-        accelerator = ddp_accelerator(cfg, precision)
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = resolve_precision(cfg.train.mixed_precision, device_type)
+    timeout_s = resolve_timeout(cfg.parallel.timeout, device_type)
+    try:
+        if cfg.parallel.backend == "deepspeed":
+            accelerator = deepspeed_accelerator(cfg, precision, timeout_s)
+        else:
+            accelerator = ddp_accelerator(cfg, precision, timeout_s)
+    except RuntimeError as e:  # torch's DistStoreError / DistNetworkError: not everyone joined in time
+        if "timed out" not in str(e).lower():
+            raise
+        raise WaitTimeout(
+            f"process {os.environ.get('RANK', '0')} waited {timeout_s:g} s (parallel.timeout) for the other "
+            f"{int(os.environ.get('WORLD_SIZE', '1')) - 1} process(es) to join ({str(e).strip().splitlines()[0]}); "
+            "check that every process was started, with the same MASTER_ADDR and MASTER_PORT"
+        ) from None
     check_launch(cfg, accelerator.num_processes)
+    set_group_timeout(timeout_s)  # the expert groups, ours and DeepSpeed's, time out like the rest
     mesh = build_mesh(cfg.parallel.ep_size, cfg.model.num_experts)
+    waits = Waits.join(timeout_s)
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", mesh.world_size))
     if mesh.rank == 0 and ep_groups_cross_nodes(mesh.world_size, mesh.ep_size, per_node):
         print(
@@ -125,4 +164,4 @@ def start_processes(cfg: Config) -> Layout:
             file=sys.stderr,
             flush=True,
         )
-    return Layout(accelerator=accelerator, mesh=mesh)
+    return Layout(accelerator=accelerator, mesh=mesh, waits=waits)

@@ -94,18 +94,18 @@ class Trainer:
         resumed_from = prepare_run_dir(cfg, layout.is_main)
         if layout.is_main:
             check_memory(cfg, layout.world_size, layout.device)
-        layout.barrier()
+        layout.barrier("checking the run directory")
 
         if layout.is_main:
             ensure_tokenizer(cfg)
-        layout.barrier()
+        layout.barrier("preparing the tokenizer")
         self.tokenizer = Tokenizer.load(cfg.data.tokenizer)
         check_vocab(self.tokenizer, cfg.model.vocab_size)
         # The first run prepares the token store: one process per node (nodes may not share
         # data.cache_dir; where they do, the store's lock lets one tokenise and the other find it
         # done). Every process then reads its blocks by memory map.
         local_main = bool(layout.accelerator.is_local_main_process)
-        self.data = open_data(cfg, self.tokenizer, is_main=local_main, barrier=layout.barrier)
+        self.data = open_data(cfg, self.tokenizer, is_main=local_main, waits=layout.waits)
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = MoETransformer(cfg.model)
@@ -138,7 +138,7 @@ class Trainer:
             if "rng" in state["rank"] and state["rank"].get("world_size") == b.world_size:
                 self.rng.load_state_dict(state["rank"]["rng"])
         commit_run_dir(cfg, resumed_from, b.is_main)  # only now that every input has loaded
-        b.barrier()
+        b.barrier("loading the model and its checkpoint")
         self.resumed_from = resumed_from
         self.tokens_per_step = (
             cfg.train.micro_batch_size * cfg.data.seq_len * cfg.train.grad_accum_steps * b.dp_size
@@ -237,21 +237,26 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         if self.resumed_from is not None:
             self.log.message(f"resumed from {self.resumed_from} at step {self.step}")
+        layout = self.backend.layout  # what this process is doing, named in the others' wait errors
         for callback in self.callbacks:
-            callback.pre_train(self)
+            with layout.phase(f"callback {type(callback).__name__} before training"):
+                callback.pre_train(self)
         with StopRequested() as stop:
             while not self.done():
+                layout.doing(f"training step {self.step + 1}")
                 result = self.train_step()
                 self.step += 1
                 self.tokens += self.tokens_per_step
                 self._guard(result)
                 for callback in self.callbacks:
-                    callback.post_step(self, result)
+                    with layout.phase(f"callback {type(callback).__name__} after step {self.step}"):
+                        callback.post_step(self, result)
                 if self._stopping(stop):
                     break
         summary: dict[str, Any] = {"step": self.step, "tokens": self.tokens, "finished": self.done()}
         for callback in self.callbacks:
-            callback.post_train(self, summary)
+            with layout.phase(f"callback {type(callback).__name__} at the end"):
+                callback.post_train(self, summary)
         self.log.close()
         return summary
 

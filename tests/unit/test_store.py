@@ -118,6 +118,50 @@ def test_killed_prepare_leaves_no_complete_looking_shard_and_rerun_finishes(
     assert _store_bytes(tmp_path / "cache") == _store_bytes(tmp_path / "clean")
 
 
+def test_a_killed_tokenising_worker_is_one_line_naming_its_file_and_a_rerun_finishes(
+    tmp_path: Path, tok: Tokenizer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With multiprocessing.Pool a SIGKILLed worker's job never came back: `data prepare` hung."""
+    root = tmp_path / "in"
+    root.mkdir()
+    sizes = {"big": 200, "mid": 150, "small": 60}  # jobs go largest first
+    files = []
+    for i, (name, lines) in enumerate(sizes.items()):
+        (root / f"{name}.txt").write_text(_text(200 + i, lines), encoding="utf-8")
+        files.append(str(root / f"{name}.txt"))
+    data = _cfg(tmp_path / "cache", tok, files, num_proc=2)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
+    # shard:2 kills a worker when it writes its second shard: only the worker that finishes first
+    # gets a second job (the smallest file), so exactly one dies, and the other finishes its own.
+    env = {**os.environ, "MOE_LM_FAULT": "shard:2", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "moe_lm.cli", "data", "prepare", str(tmp_path / "c.yaml")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 3 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: a tokenising worker (pid ")
+    assert f"was killed by SIGKILL while tokenising '{root / 'small.txt'}';" in lines[0]
+    assert "the 2 shard(s) finished are kept: run the same command again to tokenise the other 1" in lines[0]
+    assert "lower data.num_proc" in lines[0]
+    shard_dir = tmp_path / "cache" / "store" / "shards"
+    manifests = sorted(p.name.split("-")[0] for p in shard_dir.glob("*.json"))
+    assert manifests == ["big.txt", "mid.txt"]  # the killed shard has its data files, no manifest
+    assert len(list(shard_dir.glob("small.txt-*.ids"))) == 1
+
+    from moe_lm.cli import main
+
+    capsys.readouterr()
+    assert main(["data", "prepare", str(tmp_path / "c.yaml")]) == 0
+    assert "1 shard(s) to tokenise" in capsys.readouterr().out
+    clean = config_from_dict(_cfg(tmp_path / "clean", tok, files))
+    _prepare(clean, tok)
+    assert _store_bytes(tmp_path / "cache") == _store_bytes(tmp_path / "clean")
+
+
 def test_two_workers_write_the_same_store_as_one(tmp_path: Path, tok: Tokenizer) -> None:
     files = _files(tmp_path / "in")
     one = config_from_dict(_cfg(tmp_path / "one", tok, files))
