@@ -43,8 +43,7 @@ def train_main(argv: list[str]) -> int:
     try:
         code = _train(cfg, layout)
     except (UserError, RunError) as e:
-        if not e.consequence:
-            layout.waits.announce_failure(e)  # peers waiting on this process stop now, not at a timeout
+        layout.waits.announce_failure(e)  # peers waiting on this process stop now, not at a timeout
         code = report(e)
     except Exception as e:
         explained = layout.waits.explain(e)  # a peer went away or a collective timed out: one line

@@ -124,8 +124,10 @@ class Layout:
 
     def shutdown(self) -> None:
         """End training and the process group (the deterministic gloo teardown: barrier first)."""
-        failing = sys.exc_info()[0] is not None  # a failing rank must not wait for peers
-        if not failing and dist.is_available() and dist.is_initialized():
+        failing = sys.exc_info()[1]  # a failing rank must not wait for peers, but tell them
+        if failing is not None:
+            self.waits.announce_failure(failing)
+        elif dist.is_available() and dist.is_initialized():
             self.doing("finishing the run")
             dist.barrier()  # bounded by the process group's timeout (parallel.timeout)
         self.waits.close()

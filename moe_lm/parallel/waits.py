@@ -36,7 +36,8 @@ DEFAULT_TIMEOUT_S = {"cpu": 1800.0, "cuda": 600.0}  # gloo's and NCCL's own defa
 BEAT_S = 1.0  # heartbeat period
 DEAD_AFTER_S = 15.0  # no heartbeat for this long: the process is gone (killed, node lost)
 
-# What gloo and NCCL say when the process at the other end of a connection went away.
+# What gloo, NCCL and the store client say when the process at the other end went away, and when a
+# collective ran past the group's timeout (only in the errors of torch.distributed, see `_from_comms`).
 _PEER_LOST = (
     "Connection closed by peer",
     "Connection reset by peer",
@@ -46,7 +47,14 @@ _PEER_LOST = (
     "remote process exiting",
     "Connection was likely closed",
 )
-_TIMED_OUT = ("Timed out waiting", "timed out", "Watchdog caught collective operation timeout")
+_TIMED_OUT = ("Timed out waiting", "Watchdog caught collective operation timeout")
+
+
+def _from_comms(error: BaseException) -> bool:
+    """Raised by torch.distributed (its own error types, or gloo's RuntimeError naming its source)."""
+    return isinstance(error, dist.DistError) or (
+        isinstance(error, RuntimeError) and any(s in str(error) for s in ("gloo", "NCCL", "c10d"))
+    )
 
 
 def resolve_timeout(setting: float | None, device_type: str) -> float:
@@ -79,6 +87,7 @@ class Waits:
         self.dead_after_s = min(dead_after_s, timeout_s) if timeout_s > 0 else dead_after_s
         self._store = store
         self._seq = 0
+        self._announced = False
         now = time.time()
         self._where, self._since, self._progress = "starting", now, now
         self._stop = threading.Event()
@@ -146,9 +155,15 @@ class Waits:
     # ---- failures -------------------------------------------------------------------------------
 
     def announce_failure(self, error: BaseException) -> None:
-        """Tell every process waiting on this one that it failed, so they stop at once."""
-        if self._store is None:
+        """Tell every process waiting on this one that it failed, so they stop at once. Not for a
+        consequence (this process only saw another fail): that one's own announcement stands."""
+        if self._store is None or self._announced:
             return
+        if not isinstance(error, UserError | RunError):
+            error = self.explain(error) or error  # a timed-out collective: say so, not gloo's words
+        if getattr(error, "consequence", False):
+            return
+        self._announced = True
         text = str(error).strip().splitlines()
         line = text[0] if text else ""
         if isinstance(error, UserError | RunError):
@@ -248,9 +263,7 @@ class Waits:
         text = str(error)
         lost = any(marker in text for marker in _PEER_LOST)
         timed_out = not lost and any(marker in text for marker in _TIMED_OUT)
-        if not (lost or timed_out) or not isinstance(error, RuntimeError):
-            return None
-        if self._store is None:
+        if not (lost or timed_out) or not _from_comms(error) or self._store is None:
             return None
         where = self._where
         try:
