@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 from moe_lm.config import Config
 from moe_lm.errors import UserError
 from moe_lm.libraries import configure_deepspeed, drop_build_notice
+from moe_lm.parallel.waits import init_kwargs
 
 
 def deepspeed_config(cfg: Config, precision: str) -> dict[str, Any]:
@@ -118,16 +118,14 @@ def check_accelerate_fields(cfg: Config) -> None:
 def deepspeed_accelerator(cfg: Config, precision: str, timeout_s: float | None = None) -> Any:
     """An accelerate `Accelerator` whose `prepare` builds a DeepSpeed engine with our JSON."""
     from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+    from accelerate.utils import DeepSpeedPlugin
 
     check_accelerate_fields(cfg)
     configure_deepspeed()
     # accelerate's CPU mode silently turns DeepSpeed off; DeepSpeed picks CPU and gloo itself.
     os.environ.pop("ACCELERATE_USE_CPU", None)
     # DeepSpeed's init_distributed gets the backend (gloo on CPU) and the timeout
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    timeout = timedelta(seconds=timeout_s) if timeout_s is not None else None
-    handlers = [InitProcessGroupKwargs(backend=backend, timeout=timeout)]
+    handlers = [init_kwargs(timeout_s, "nccl" if torch.cuda.is_available() else "gloo")]
     with drop_build_notice():  # DeepSpeed's process-group start loads its comm op and says so
         return Accelerator(
             mixed_precision=precision,

@@ -18,7 +18,6 @@ import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -29,7 +28,7 @@ from moe_lm.errors import UserError, WaitTimeout
 from moe_lm.libraries import configure_deepspeed
 from moe_lm.parallel.deepspeed_config import deepspeed_accelerator
 from moe_lm.parallel.mesh import Mesh, build_mesh, ep_groups_cross_nodes
-from moe_lm.parallel.waits import Waits, resolve_timeout, set_group_timeout
+from moe_lm.parallel.waits import Waits, init_kwargs, resolve_timeout, set_group_timeout
 
 
 def resolve_precision(setting: str, device_type: str) -> str:
@@ -57,7 +56,6 @@ def check_launch(cfg: Config, joined: int) -> None:
 
 def ddp_accelerator(cfg: Config, precision: str, timeout_s: float | None = None) -> Any:
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
 
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         raise UserError(
@@ -66,12 +64,9 @@ def ddp_accelerator(cfg: Config, precision: str, timeout_s: float | None = None)
         )
     # Without a GPU the torchrun launcher needs accelerate's CPU mode, or every rank silently
     # believes it is alone (ACCELERATE_USE_CPU=1 does the same from the environment).
-    cpu = not torch.cuda.is_available()
-    handlers = []
-    if timeout_s is not None:
-        # only the timeout: accelerate picks the backend (gloo on CPU, NCCL on GPUs)
-        handlers.append(InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s)))
-    return Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=handlers)
+    # only the timeout: accelerate picks the backend (gloo on CPU, NCCL on GPUs)
+    handlers = [init_kwargs(timeout_s)]
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), kwargs_handlers=handlers)
 
 
 @dataclass(frozen=True)
@@ -140,6 +135,7 @@ def start_processes(cfg: Config) -> Layout:
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     precision = resolve_precision(cfg.train.mixed_precision, device_type)
     timeout_s = resolve_timeout(cfg.parallel.timeout, device_type)
+    set_group_timeout(timeout_s)  # every process group, ours, accelerate's and DeepSpeed's
     try:
         if cfg.parallel.backend == "deepspeed":
             accelerator = deepspeed_accelerator(cfg, precision, timeout_s)
@@ -154,7 +150,6 @@ def start_processes(cfg: Config) -> Layout:
             "check that every process was started, with the same MASTER_ADDR and MASTER_PORT"
         ) from None
     check_launch(cfg, accelerator.num_processes)
-    set_group_timeout(timeout_s)  # the expert groups, ours and DeepSpeed's, time out like the rest
     mesh = build_mesh(cfg.parallel.ep_size, cfg.model.num_experts)
     waits = Waits.join(timeout_s)
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", mesh.world_size))

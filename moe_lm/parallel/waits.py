@@ -297,13 +297,26 @@ def _ranks(ranks: list[int]) -> str:
     return "processes " + ", ".join(str(r) for r in ranks)
 
 
+def init_kwargs(timeout_s: float | None, backend: str | None = None) -> Any:
+    """accelerate's InitProcessGroupKwargs with this timeout (torch's and DeepSpeed's init take it).
+    accelerate passes on only the fields that differ from its defaults, so 600 s is dropped there:
+    `set_group_timeout` (called first) makes it torch's default too."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    fields: dict[str, Any] = {"backend": backend} if backend else {}
+    if timeout_s is not None:
+        fields["timeout"] = timedelta(seconds=timeout_s)
+    return InitProcessGroupKwargs(**fields)
+
+
 def set_group_timeout(seconds: float) -> None:
-    """Process groups created from now on without a timeout of their own (ours, DeepSpeed's) get
-    `seconds` instead of torch's defaults (30 minutes for gloo, 10 for NCCL)."""
+    """Process groups created from now on without a timeout of their own (the default group when
+    accelerate drops the timeout, the expert groups, DeepSpeed's) get `seconds` instead of torch's
+    defaults (30 minutes for gloo, 10 for NCCL)."""
     c10d = dist.distributed_c10d
     c10d.default_pg_timeout = timedelta(seconds=seconds)
     if c10d.default_pg_nccl_timeout is not None:
         c10d.default_pg_nccl_timeout = timedelta(seconds=seconds)
 
 
-__all__ = ["DEFAULT_TIMEOUT_S", "Waits", "resolve_timeout", "set_group_timeout"]
+__all__ = ["DEFAULT_TIMEOUT_S", "Waits", "init_kwargs", "resolve_timeout", "set_group_timeout"]

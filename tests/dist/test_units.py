@@ -130,3 +130,21 @@ def test_shipped_accelerate_configs(name: str) -> None:
     else:
         assert cfg.distributed_type == "MULTI_GPU"  # the torchrun launcher, also for CPU processes
     assert cfg.num_processes == (8 if name == "multi-gpu" else 2)
+
+
+def test_parallel_timeout_is_every_process_groups_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """accelerate drops an init kwarg equal to its own default (600 s), and torch gives the expert
+    groups (and DeepSpeed's) its own defaults: gloo's 30 minutes, whatever parallel.timeout said."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from moe_lm.parallel.waits import init_kwargs, resolve_timeout, set_group_timeout
+
+    c10d = dist.distributed_c10d
+    monkeypatch.setattr(c10d, "default_pg_timeout", c10d.default_pg_timeout)
+    monkeypatch.setattr(c10d, "default_pg_nccl_timeout", c10d.default_pg_nccl_timeout)
+    set_group_timeout(600.0)
+    assert c10d._get_default_timeout("gloo") == timedelta(seconds=600)  # what init and new_group fall back to
+    assert init_kwargs(45.0, "gloo").to_kwargs() == {"backend": "gloo", "timeout": timedelta(seconds=45)}
+    assert (resolve_timeout(None, "cpu"), resolve_timeout(None, "cuda"), resolve_timeout(7, "cpu")) == (1800, 600, 7)
