@@ -79,8 +79,11 @@ def write_report(kind: str, line: str, exit_code: int, *, consequence: bool, tra
     }
     path = Path(error_dir, f"rank{rank}.json")
     tmp = path.with_name(f"{path.name}.tmp")
-    tmp.write_text(json.dumps(record) + "\n")
-    tmp.rename(path)  # the launcher never reads half a report
+    try:
+        tmp.write_text(json.dumps(record) + "\n")
+        tmp.rename(path)  # the launcher never reads half a report
+    except OSError:  # the launcher is gone (its directory with it): say it here instead
+        return False
     return True
 
 

@@ -85,6 +85,7 @@ def run() -> None:
 
         summary = str(e).strip().splitlines()
         line = f"{type(e).__name__}: {summary[0]}" if summary else type(e).__name__
-        write_report("crash", line, 1, consequence=False, traceback=traceback.format_exc())
+        if not write_report("crash", line, 1, consequence=False, traceback=traceback.format_exc()):
+            raise
         code = 1
     sys.exit(code)

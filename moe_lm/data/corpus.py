@@ -49,9 +49,9 @@ def _opened(cfg: Config, tokenizer: Tokenizer, specs: list[SourceSpec]) -> list[
         for name, piece in shards:
             status, manifest = shard_status(shard_dir, name, input_identity(piece), tokenizer.fingerprint)
             if status != "ok" or manifest is None:
-                raise UserError(
-                    f"the token store for {spec.key} was not built ({name}: {status}); see the main process's "
-                    "error above"
+                raise UserError(  # the preparing process finished without error, so it is not there
+                    f"the token store for {spec.key} was not built ({name}: {status}) in {store_dir(cfg)}; "
+                    "prepare it with `moe-lm data prepare CONFIG`, or give every node the same data.cache_dir"
                 )
             src.manifests.append(manifest)
         out.append(src)

@@ -40,9 +40,9 @@ def launch(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return run([sys.executable, "-m", "moe_lm", "launch", *args], **env)
 
 
-def one_line(proc: subprocess.CompletedProcess[str], *fragments: str) -> str:
+def one_line(proc: subprocess.CompletedProcess[str], *fragments: str, code: int = 2) -> str:
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.returncode == code, proc.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
@@ -146,6 +146,23 @@ def test_a_killed_rank_is_the_first_line_not_its_peers_traceback(config) -> None
         "error: process 1 was killed by SIGKILL (exit code 137); if no one sent it, the kernel's out-of-memory "
         "killer did (see `dmesg`); continue with train.resume=auto"
     ]
+
+
+def test_a_dead_tokenising_worker_inside_train_is_one_line_and_the_other_rank_does_not_hang(
+    config, corpus: Path, tmp_path: Path
+) -> None:
+    """Rank 0 prepares the store with 2 workers, one is SIGKILLed; rank 1 waits for the store.
+    Was: both ranks waited forever (multiprocessing.Pool never returned the dead worker's job)."""
+    text = corpus.read_text()
+    files = []
+    for name, size in (("big", 40_000), ("mid", 30_000), ("small", 10_000)):  # tokenised largest first
+        (tmp_path / f"{name}.txt").write_text(text[:size])
+        files.append(str(tmp_path / f"{name}.txt"))
+    path, _ = config(data={"train_files": files, "cache_dir": str(tmp_path / "c"), "num_proc": 2})
+    proc = launch("--config_file", TWO, "train", str(path), "parallel.ep_size=2", MOE_LM_FAULT="shard:2")
+    line = one_line(proc, "was killed by SIGKILL while tokenising", "lower data.num_proc", code=3)
+    assert line.startswith("error: a tokenising worker (pid ")
+    assert f"'{tmp_path / 'small.txt'}'; the 2 shard(s) finished are kept" in line
 
 
 def test_a_hung_rank_ends_the_run_at_parallel_timeout_naming_it(config) -> None:

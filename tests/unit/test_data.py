@@ -332,22 +332,39 @@ def test_store_is_reused_and_follows_changes(
     assert calls == ["b.txt", "a.txt"] and not torch.equal(changed[:4], first[:4])
 
 
+class RecordedWaits:
+    """What a process tells the others while it prepares the store, and the barriers it waits at."""
+
+    def __init__(self) -> None:
+        self.barriers: list[tuple[str, bool]] = []
+        self.progress_calls = 0
+
+    def progress(self) -> None:
+        self.progress_calls += 1
+
+    def barrier(self, what: str, *, idle: bool = False) -> None:
+        self.barriers.append((what, idle))
+
+
 def test_only_the_main_process_prepares(tmp_path: Path, tok: Tokenizer) -> None:
     (tmp_path / "a.txt").write_text(_text(12, 50), encoding="utf-8")
     cfg = _cfg(tmp_path, tok, train_files=[str(tmp_path / "a.txt")])
-    barriers: list[int] = []
-    with pytest.raises(UserError, match="was not built .*; see the main process's error"):
-        load_blocks(cfg, tok, "train", is_main=False, barrier=lambda: barriers.append(1))
-    assert barriers == [1] and not (tmp_path / "cache").exists()  # a non-main process never prepares
-    main = load_blocks(cfg, tok, "train", is_main=True, barrier=lambda: barriers.append(1))
-    other = load_blocks(cfg, tok, "train", is_main=False, barrier=lambda: barriers.append(1))
-    assert torch.equal(main, other) and barriers == [1, 1, 1]
-    # a failing prepare still reaches the barrier, so the other ranks do not hang
+    waits = RecordedWaits()
+    with pytest.raises(UserError, match="was not built .*; prepare it with `moe-lm data prepare CONFIG`"):
+        load_blocks(cfg, tok, "train", is_main=False, waits=waits)
+    assert not (tmp_path / "cache").exists()  # a non-main process never prepares
+    # the store's barrier times out only without progress: the preparer reports it as it tokenises
+    assert waits.barriers == [("preparing the token store", True)] and waits.progress_calls == 0
+    main = load_blocks(cfg, tok, "train", is_main=True, waits=waits)
+    assert waits.progress_calls > 0
+    other = load_blocks(cfg, tok, "train", is_main=False, waits=waits)
+    assert torch.equal(main, other) and len(waits.barriers) == 3
+    # a failing prepare raises at once: the CLI announces it, which ends the others' wait
     (tmp_path / "e.txt").write_bytes(b"")
     bad = _cfg(tmp_path, tok, train_files=[str(tmp_path / "e.txt")])
     with pytest.raises(UserError, match="is empty"):
-        load_blocks(bad, tok, "train", barrier=lambda: barriers.append(1))
-    assert barriers == [1, 1, 1, 1]
+        load_blocks(bad, tok, "train", waits=waits)
+    assert len(waits.barriers) == 3
 
 
 # ---------------------------------------------------------------------------------------------
