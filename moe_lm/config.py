@@ -150,9 +150,7 @@ class ParallelConfig:
     ep_size: int = 1  # expert-parallel size: experts split over this many consecutive ranks
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0/1/2 (3 is refused: it would shard the experts' weights)
     deepspeed_config: str | None = None  # a DeepSpeed JSON to use instead of the generated one
-    # seconds any wait on another process may last (collectives, barriers; the token store: without
-    # progress); null: 1800 on CPU (gloo's default), 600 on GPU (NCCL's)
-    timeout: float | None = None
+    timeout: float | None = None  # seconds a wait on another process may last (null: 1800 on CPU, 600 on GPU)
 
 
 @dataclass(frozen=True)

@@ -231,3 +231,33 @@ def test_make_is_offline_unless_told_otherwise_so_push_at_end_can_run() -> None:
         [*show, "HF_HUB_OFFLINE=0"], capture_output=True, text=True, cwd=REPO, env=env, timeout=60
     )
     assert (offline.stdout.strip(), online.stdout.strip()) == ("1", "0")
+
+
+def test_a_process_whose_peer_never_starts_gives_up_at_parallel_timeout(config) -> None:
+    """Rank 0 of 2 started by hand; rank 1 never comes. Was: torch's 30-minute default, then a traceback."""
+    path, _ = config()
+    port = str(_free_port())
+    env = dict(
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=port,
+    )
+    start = time.monotonic()
+    proc = run([sys.executable, "-m", "moe_lm", "train", str(path), "parallel.timeout=3"], **env)
+    line = one_line(proc, code=3)
+    assert line.startswith(
+        "error: process 0 waited 3 s (parallel.timeout) for the other 1 process(es) to join"
+    )
+    assert line.endswith("check that every process was started, with the same MASTER_ADDR and MASTER_PORT")
+    assert time.monotonic() - start < 60
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
