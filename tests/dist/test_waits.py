@@ -8,6 +8,7 @@ minutes, and its error ("Timed out waiting 1800000ms for recv operation") named 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -27,12 +28,13 @@ def ranks() -> list[dict[str, Any]]:
 def test_a_barrier_times_out_naming_the_late_process_and_what_it_does(ranks: list[dict[str, Any]]) -> None:
     waiter = ranks[0]["late_peer"]
     assert waiter["error"] == "WaitTimeout"
-    assert waiter["message"] == (
-        f"process 0 waited {TIMEOUT_S:.0f} s at 'writing checkpoint step-8' for process 1 (parallel.timeout = "
-        f"{TIMEOUT_S:g} s); process 1 is at 'evaluation after step 7' (for {TIMEOUT_S:.0f} s); raise "
-        "parallel.timeout if that work is just slow"
-    )
-    assert TIMEOUT_S <= waiter["seconds"] < TIMEOUT_S + 1.5
+    # seconds are printed rounded, and a loaded machine may check a second late: \d+ for them
+    assert re.fullmatch(
+        r"process 0 waited \d+ s at 'writing checkpoint step-8' for process 1 \(parallel.timeout = 2 s\); "
+        r"process 1 is at 'evaluation after step 7' \(for \d+ s\); raise parallel.timeout if that work is just slow",
+        waiter["message"],
+    ), waiter["message"]
+    assert TIMEOUT_S <= waiter["seconds"] < TIMEOUT_S + 3
 
 
 def test_a_failure_announced_by_the_other_process_ends_the_wait_at_once(ranks: list[dict[str, Any]]) -> None:
@@ -42,17 +44,18 @@ def test_a_failure_announced_by_the_other_process_ends_the_wait_at_once(ranks: l
         "process 0 failed during 'preparing the token store' (OSError: Corrupt snappy compressed data); "
         "process 1 stopped as a consequence: the cause is process 0's error"
     )
-    assert waiter["seconds"] < 1.5  # the failure came at 0.3 s; the timeout is 2 s
+    assert waiter["seconds"] < TIMEOUT_S  # the failure came at 0.3 s
 
 
 def test_a_process_that_stops_beating_is_taken_for_dead_before_the_timeout(ranks: list[dict[str, Any]]) -> None:
     waiter = ranks[0]["silent_peer"]
     assert waiter["error"] == "PeerFailed"
-    assert waiter["message"].startswith(
-        "process 1 stopped responding during 'training step 3' (no heartbeat for 2 s) while process 0 waited at "
-        "'writing checkpoint step-4': it was most likely killed"
-    )
-    assert waiter["seconds"] < 5.0  # the timeout is 60 s
+    assert re.fullmatch(
+        r"process 1 stopped responding during 'training step 3' \(no heartbeat for \d+ s\) while process 0 waited "
+        r"at 'writing checkpoint step-4': it was most likely killed; see its exit status",
+        waiter["message"],
+    ), waiter["message"]
+    assert waiter["seconds"] < 10.0  # the timeout is 60 s
 
 
 def test_the_token_store_barrier_waits_while_the_preparer_progresses_and_not_longer(ranks: list[dict[str, Any]]) -> None:
@@ -60,17 +63,19 @@ def test_the_token_store_barrier_waits_while_the_preparer_progresses_and_not_lon
     first, second = waiter["first"], waiter["second"]
     assert first["error"] is None and first["seconds"] > 2 * TIMEOUT_S  # past the timeout: progress went on
     assert second["error"] == "WaitTimeout"
-    assert second["message"].startswith(
-        "process 1 waited at 'preparing the validation store' and process 0 made no progress for 2 s "
-        f"(parallel.timeout = {TIMEOUT_S:g} s); process 0 is at 'stuck'"
-    )
+    assert re.fullmatch(
+        r"process 1 waited at 'preparing the validation store' and process 0 made no progress for \d+ s "
+        r"\(parallel.timeout = 2 s\); process 0 is at 'stuck' \(for \d+ s\)",
+        second["message"],
+    ), second["message"]
 
 
 def test_a_timed_out_collective_says_where_the_other_process_is(ranks: list[dict[str, Any]]) -> None:
     waiter = ranks[0]["timed_out_collective"]
     assert "Timed out waiting" in waiter["raw"]  # what gloo says: no process, no phase
     assert waiter["type"] == "WaitTimeout"
-    assert waiter["message"].startswith(
-        f"process 0 timed out after {TIMEOUT_S:g} s (parallel.timeout) in a collective during 'training step 6'; "
-        "process 1 is at 'callback Evaluate after step 5' (for 2 s)"
-    )
+    assert re.fullmatch(
+        r"process 0 timed out after 2 s \(parallel.timeout\) in a collective during 'training step 6'; "
+        r"process 1 is at 'callback Evaluate after step 5' \(for \d+ s\)",
+        waiter["message"],
+    ), waiter["message"]
