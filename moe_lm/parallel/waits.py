@@ -88,6 +88,7 @@ class Waits:
         self._store = store
         self._seq = 0
         self._announced = False
+        self._seen: dict[int, tuple[Beat | None, float, float]] = {}
         now = time.time()
         self._where, self._since, self._progress = "starting", now, now
         self._stop = threading.Event()
@@ -147,6 +148,24 @@ class Waits:
             out[r] = Beat(**json.loads(self._store.get(key))) if self._store.check([key]) else None
         return out
 
+    def _observe(self, ranks: list[int]) -> dict[int, tuple[Beat | None, float, float]]:
+        """rank -> (its heartbeat, when it last beat, when it last made progress), the times on this
+        process's clock: when the heartbeat was first seen to change (other nodes' clocks may be off)."""
+        now = time.time()
+        out = {}
+        for r, beat in self._beats(ranks).items():
+            seen = self._seen.get(r)
+            if seen is None:
+                alive_at = progress_at = now
+            else:
+                before, alive_at, progress_at = seen
+                if beat != before:
+                    alive_at = now
+                if beat is not None and before is not None and beat.progress != before.progress:
+                    progress_at = now
+            self._seen[r] = out[r] = (beat, alive_at, progress_at)
+        return out
+
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -203,6 +222,7 @@ class Waits:
 
     def _wait(self, key: str, what: str, idle: bool) -> None:
         start = last_check = time.time()
+        self._seen.clear()
         pause = 0.001
         while self._store.add(f"{key}/count", 0) < self.world_size:
             time.sleep(pause)
@@ -219,39 +239,29 @@ class Waits:
                 self._check_missing(what, missing, start, now, idle)
 
     def _check_missing(self, what: str, missing: list[int], start: float, now: float, idle: bool) -> None:
-        beats = self._beats(missing)
-        for r, beat in beats.items():
-            last = beat.beat if beat is not None else start
-            if now - last > self.dead_after_s:
+        observed = self._observe(missing)
+        beats = {r: beat for r, (beat, _, _) in observed.items()}
+        for r, (beat, alive_at, _) in observed.items():
+            if now - alive_at > self.dead_after_s:
                 doing = f" during '{beat.where}'" if beat is not None else ""
                 raise PeerFailed(
-                    f"process {r} stopped responding{doing} (no heartbeat for {now - last:.0f} s) while process "
-                    f"{self.rank} waited at '{what}': it was most likely killed; see its exit status"
+                    f"process {r} stopped responding{doing} (no heartbeat for {now - alive_at:.0f} s) while "
+                    f"process {self.rank} waited at '{what}': it was most likely killed; see its exit status"
                 )
         if idle:
-            latest = max([start] + [b.progress for b in beats.values() if b is not None])
+            latest = max(progress_at for _, _, progress_at in observed.values())
             if now - latest < self.timeout_s:
                 return
             raise WaitTimeout(
                 f"process {self.rank} waited at '{what}' and {_ranks(missing)} made no progress for "
-                f"{now - latest:.0f} s (parallel.timeout = {self.timeout_s:g} s); {self._describe(beats, now)}"
+                f"{now - latest:.0f} s (parallel.timeout = {self.timeout_s:g} s); {_describe(beats)}"
             )
         if now - start >= self.timeout_s:
             raise WaitTimeout(
                 f"process {self.rank} waited {now - start:.0f} s at '{what}' for {_ranks(missing)} "
-                f"(parallel.timeout = {self.timeout_s:g} s); {self._describe(beats, now)}; raise parallel.timeout "
+                f"(parallel.timeout = {self.timeout_s:g} s); {_describe(beats)}; raise parallel.timeout "
                 "if that work is just slow"
             )
-
-    @staticmethod
-    def _describe(beats: dict[int, Beat | None], now: float) -> str:
-        parts = []
-        for r, beat in beats.items():
-            if beat is None:
-                parts.append(f"process {r} never reported where it is")
-            else:
-                parts.append(f"process {r} is at '{beat.where}' (for {now - beat.since:.0f} s)")
-        return ", ".join(parts)
 
     # ---- errors of collectives ------------------------------------------------------------------
 
@@ -266,29 +276,41 @@ class Waits:
         if not (lost or timed_out) or not _from_comms(error) or self._store is None:
             return None
         where = self._where
+        others = [r for r in range(self.world_size) if r != self.rank]
         try:
             failed = self._failure()
             if failed is not None:
                 return failed
-            others = [r for r in range(self.world_size) if r != self.rank]
-            beats = self._beats(others)
+            if timed_out:
+                return WaitTimeout(
+                    f"process {self.rank} timed out after {self.timeout_s:g} s (parallel.timeout) in a collective "
+                    f"during '{where}'; {_describe(self._beats(others))}"
+                )
+            # which one went away: those whose heartbeat stops (watched for two beats)
+            self._seen.clear()
+            self._observe(others)
+            time.sleep(2 * BEAT_S + 0.5)
+            observed = self._observe(others)
+            dead = [r for r, (_, alive_at, _) in observed.items() if time.time() - alive_at > 2 * BEAT_S]
         except Exception:  # the store went with the peer that hosted it
             return PeerFailed(
                 f"process {self.rank} lost its connection to the other processes during '{where}': "
                 "another process stopped; its exit status is the cause"
             )
-        now = time.time()
-        if lost:
-            dead = [r for r, b in beats.items() if b is None or now - b.beat > 2 * BEAT_S + 1]
-            who = _ranks(dead) if dead else "another process"
-            return PeerFailed(
-                f"{who} went away during '{where}' (process {self.rank}'s connection to it closed); "
-                "its own error or exit status is the cause"
-            )
-        return WaitTimeout(
-            f"process {self.rank} timed out after {self.timeout_s:g} s (parallel.timeout) in a collective "
-            f"during '{where}'; {self._describe(beats, now)}"
+        return PeerFailed(
+            f"{_ranks(dead) if dead else 'another process'} went away during '{where}' (process {self.rank}'s "
+            "connection to it closed); its own error or exit status is the cause"
         )
+
+
+def _describe(beats: dict[int, Beat | None]) -> str:
+    parts = []
+    for r, beat in beats.items():
+        if beat is None:
+            parts.append(f"process {r} never reported where it is")
+        else:  # how long, by its own clock
+            parts.append(f"process {r} is at '{beat.where}' (for {beat.beat - beat.since:.0f} s)")
+    return ", ".join(parts)
 
 
 def _ranks(ranks: list[int]) -> str:
