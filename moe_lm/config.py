@@ -73,7 +73,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class SourceConfig:
-    """One named source of text: files, or a `datasets` dataset (see README, "Data")."""
+    """One named source of text: files, or a `datasets` dataset (see docs/data.md)."""
 
     files: list[str] = field(default_factory=list)  # files or globs (text, JSON(L), parquet; .gz .bz2 .xz)
     dataset: str | None = None  # or: a save_to_disk directory or a dataset name (datasets.load_dataset)
