@@ -53,6 +53,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,6 +263,10 @@ def tiny_argv(argv: list[str], root: Path) -> list[str]:
 # Running
 
 
+def _exit_code(e: SystemExit) -> int:
+    return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+
+
 class _Parsed(Exception):
     """Raised in place of running a command once its parser has accepted the arguments."""
 
@@ -365,7 +370,9 @@ class Sandbox:
             try:
                 code = main(argv)
             except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                code = _exit_code(e)
+            except Exception:  # a crash, not a user error: its traceback goes into the message
+                code, _ = 1, out.write(traceback.format_exc())
         return Ran(step, shown, code, out.getvalue())
 
     def _python(self, step: Command, args: list[str], env: dict[str, str]) -> Ran:
@@ -375,7 +382,9 @@ class Sandbox:
                     exec(compile(args[1], step.where, "exec"), {"__name__": "__main__"})
                     code = 0
                 except SystemExit as e:
-                    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                    code = _exit_code(e)
+                except Exception:
+                    code, _ = 1, out.write(traceback.format_exc())
             return Ran(step, "python -c ...", code, out.getvalue())
         script, rest = args[0], args[1:]
         if rest and rest[0].endswith((".yaml", ".yml")):
@@ -387,7 +396,9 @@ class Sandbox:
                 runpy.run_path(script, run_name="__main__")
                 code = 0
             except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                code = _exit_code(e)
+            except Exception:
+                code, _ = 1, out.write(traceback.format_exc())
         return Ran(step, shown, code, out.getvalue())
 
     def _accelerate(self, step: Command, tokens: list[str], env: dict[str, str]) -> Ran:
