@@ -19,14 +19,16 @@ What runs, and how:
  3. `checkpoints/step-N` in any argument is `checkpoints/step-M`, M = N / STEP_SCALE rounded up.
  4. `routing` reads ROUTING_TOKENS tokens per data set unless the line sets `--max-tokens`, and
     `eval` EVAL_BATCHES batches per validation set unless it sets `--max-batches`.
- 5. `moe-lm launch`: `--num_cpu_threads_per_process` is 1, and the command it launches follows these
-    rules; its workers are processes of their own, as for a user.
+ 5. `moe-lm launch`: `--num_cpu_threads_per_process` is 1, `--main_process_port` a free port unless
+    the line sets one (so concurrent test runs do not collide), and the command it launches follows
+    these rules; its workers are processes of their own, as for a user.
  6. `make TARGET [VAR=value ...]`: `make -n` in the repository prints the recipe, and each
     `python -m moe_lm` command in it runs by these rules, with the recipe's `VAR=value` prefixes in
     its environment. A target whose recipe runs no moe-lm command must be marked as not run.
  7. `python -c CODE` runs in this process; `python SCRIPT ARGS` runs the script in this process as
     `__main__` with those arguments (and rule 2 if the first is a YAML config).
- 8. `accelerate launch ... -m moe_lm ARGS`: accelerate's launcher, ARGS by these rules.
+ 8. `accelerate launch ... -m moe_lm ARGS`: accelerate's launcher (a free port as in rule 5), ARGS
+    by these rules.
  9. SHELL_TOOLS (`mkdir`, `cp`, ...) and any line with a pipe, `;`, `&&` or a redirection: bash, with
     the environment's `moe-lm` and `python` first on PATH; no rewriting.
 10. A `yaml` or `python` block whose first line is `# PATH` is written to PATH before the steps after it.
@@ -51,6 +53,7 @@ import re
 import runpy
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import traceback
@@ -234,6 +237,23 @@ def tiny_config_args(args: list[str], root: Path) -> list[str]:
     return [config, *TINY_OVERRIDES, *map(_scale_paths, overrides), *counts]
 
 
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def launcher_options(options: list[str]) -> list[str]:
+    """accelerate launch's options after rule 5."""
+    options = list(options)
+    for i, option in enumerate(options[:-1]):
+        if option == "--num_cpu_threads_per_process":
+            options[i + 1] = "1"
+    if "--main_process_port" not in options:
+        options += ["--main_process_port", free_port()]
+    return options
+
+
 def tiny_argv(argv: list[str], root: Path) -> list[str]:
     """A moe-lm command's arguments after rules 2 to 5."""
     if not argv:
@@ -244,11 +264,7 @@ def tiny_argv(argv: list[str], root: Path) -> list[str]:
         from moe_lm.cli.launch import split_argv
 
         options, command = split_argv(argv[1:], set(COMMANDS) - {"launch"})
-        options = list(options)
-        for i, option in enumerate(options[:-1]):
-            if option == "--num_cpu_threads_per_process":
-                options[i + 1] = "1"
-        return ["launch", *options, *tiny_argv(command, root)]
+        return ["launch", *launcher_options(options), *tiny_argv(command, root)]
     if name == "train":
         return ["train", *tiny_config_args(argv[1:], root)]
     rest = [_scale_paths(a) for a in argv[1:]]
@@ -404,7 +420,8 @@ class Sandbox:
     def _accelerate(self, step: Command, tokens: list[str], env: dict[str, str]) -> Ran:
         i = tokens.index("-m")
         argv = tiny_argv(tokens[i + 2 :], self.root)
-        cmd = [str(Path(sys.executable).parent / "accelerate"), *tokens[1 : i + 2], *argv]
+        launch = [tokens[1], *launcher_options(tokens[2:i]), *tokens[i : i + 2]]
+        cmd = [str(Path(sys.executable).parent / "accelerate"), *launch, *argv]
         proc = subprocess.run(
             cmd, cwd=self.root, env={**os.environ, **env}, capture_output=True, text=True, timeout=300
         )
