@@ -43,8 +43,9 @@ train-ep2: setup
 	  train configs/tiny-shakespeare.yaml parallel.ep_size=2 \
 	  train.output_dir=runs/tiny-shakespeare-ep2 train.overwrite=true $(ARGS)
 
+# pytest's exit 5 (no tests collected) is a failure too: a suite that ran nothing proved nothing.
 test: setup
-	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; fi; exit $$rc
 
 # lint-imports checks the layering in pyproject.toml ([tool.importlinter]): no upward imports, no cycles.
 lint: setup

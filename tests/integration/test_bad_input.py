@@ -8,7 +8,6 @@ must be caught before the first write.
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -295,11 +294,6 @@ ROWS: list[tuple[str, Callable[[Ctx], tuple[list[str], Path]], list[str]]] = [
     ("hub-push-at-end-offline", push_at_end_offline, ["offline mode is on", "set HF_HUB_OFFLINE=0"]),
     ("tensorboard-missing", tensorboard_missing, ["logging.tensorboard needs the tensorboard package"]),
 ]
-MARKS = {
-    "hub-push-without-token": pytest.mark.skipif(
-        importlib.util.find_spec("moe_lm.hf.hub") is None, reason="moe_lm/hf/hub.py not written yet"
-    ),
-}
 
 
 def run_cli(argv: list[str]) -> int:
@@ -309,9 +303,7 @@ def run_cli(argv: list[str]) -> int:
         return int(e.code or 0)
 
 
-@pytest.mark.parametrize(
-    ("name", "build", "expect"), [pytest.param(*row, id=row[0], marks=MARKS.get(row[0], ())) for row in ROWS]
-)
+@pytest.mark.parametrize(("name", "build", "expect"), [pytest.param(*row, id=row[0]) for row in ROWS])
 def test_bad_input_is_one_clear_line_exit_2_and_touches_nothing(ctx, capsys, name, build, expect):
     argv, watched = build(ctx)
     before, run_before = snapshot(watched), snapshot(ctx.run / "checkpoints")
