@@ -14,6 +14,8 @@ lookup. Points and what they do at their site:
   ckpt_done:N     SIGKILL right after checkpoint N is complete and pruning is done
   prune:N         SIGKILL in the middle of keep-last-N pruning after checkpoint N
   enospc:N        raise OSError(ENOSPC) while writing checkpoint N (a full disk)
+  enospc_metrics:N  raise OSError(ENOSPC) writing step N's line of metrics.jsonl
+  enospc_shard:N  raise OSError(ENOSPC) writing the N-th token-store shard this process writes
   metrics:N       SIGKILL halfway through writing step N's metrics line
   shard:N         SIGKILL while preparing the token store: the N-th shard this process writes has
                   its ids and document files, not yet its manifest
@@ -43,6 +45,8 @@ POINTS: dict[str, tuple[str, str]] = {
     "ckpt_done": ("ckpt_done", "kill"),
     "prune": ("prune", "kill"),
     "enospc": ("ckpt_files", "enospc"),
+    "enospc_metrics": ("metrics_write", "enospc"),
+    "enospc_shard": ("shard_write", "enospc"),
     "metrics": ("metrics", "tear"),
     "shard": ("shard", "kill"),
 }
