@@ -1,4 +1,5 @@
-"""Deterministic fault injection for the crash-safety tests: `MOE_LM_FAULT=<point>:<step>[,...]`.
+"""Deterministic fault injection for the crash-safety tests: `MOE_LM_FAULT=<point>:<step>[@rank][,...]`
+(with `@rank`, only the process of that RANK fails).
 
 A real run dies at an arbitrary instant (OOM killer, node loss, a full disk). A test cannot hit a
 given instant by timing, so the places where dying matters call `hit(site, step)` and this module
@@ -58,8 +59,13 @@ def _armed(site: str) -> dict[int, str]:
     found: dict[int, str] = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, at = item.partition(":")
-        if name not in POINTS or not at.isdigit():
-            raise ValueError(f"{ENV}={spec!r}: expected <point>:<step> with point one of {', '.join(POINTS)}")
+        at, _, rank = at.partition("@")
+        if name not in POINTS or not at.isdigit() or not (rank == "" or rank.isdigit()):
+            raise ValueError(
+                f"{ENV}={spec!r}: expected <point>:<step>[@rank] with point one of {', '.join(POINTS)}"
+            )
+        if rank and int(rank) != int(os.environ.get("RANK", "0")):
+            continue
         if POINTS[name][0] == site:
             found[int(at)] = POINTS[name][1]
     return found
