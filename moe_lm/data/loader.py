@@ -221,7 +221,9 @@ class ResumableLoader:
             "global_batch": self.global_batch,
             "epoch": self._epoch if self.single else 0,
             "epoch_samples": self._position * self.global_batch if self.single else 0,
-            "samples": sum(consumed.values()),
+            # global samples drawn: a mixture's position (its sources' counts may not add up to it
+            # after a source was dropped from the mixture)
+            "samples": sum(consumed.values()) if self.single else self._position * self.global_batch,
             "sources": sources,
         }
 

@@ -217,3 +217,36 @@ def test_a_streaming_source_with_a_changed_global_batch_never_crashes(
     five = ResumableLoader(open_data(cfg, tok).train, 5, seed=3)
     with pytest.raises(UserError, match=r"stopped 12 samples into the data, which the new global batch 5"):
         five.load_state_dict(state)
+
+
+def test_the_per_rank_stream_positions_of_an_older_checkpoint_become_one(
+    tmp_path: Path, tok: Tokenizer, saved: Path
+) -> None:
+    """Before the position was global each rank saved its own loader state, streams at different
+    points; the furthest one stands where the run's samples of that stream end."""
+    (tmp_path / "book.txt").write_text(_text(7, 100), encoding="utf-8")
+    cfg = _streaming_cfg(tmp_path, tok, saved)
+    ranks = [ResumableLoader(open_data(cfg, tok).train, 2, r, 2, seed=3) for r in range(2)]
+    for _ in range(25):
+        for r in ranks:
+            r.next_batch()
+    old = [
+        {
+            "epoch": 0,
+            "position": 25,
+            "seed": 3,
+            "num_blocks": [len(r.sources[0].blocks), None],
+            "micro_batch_size": 2,
+            "dp_size": 2,
+            "order": "feistel",
+            "sources": [[s.name, s.weight] for s in r.sources],
+            "streams": {"wiki": r.sources[1].blocks.state_dict()},  # as each rank left it
+        }
+        for r in ranks
+    ]
+    assert old[0]["streams"]["wiki"]["next_ordinal"] != old[1]["streams"]["wiki"]["next_ordinal"]
+    expected = torch.cat([torch.cat([r.next_batch()[0] for r in ranks]) for _ in range(10)])
+    one = ResumableLoader(open_data(cfg, tok).train, 4, seed=0)
+    assert one.load_state_dict(old) == []
+    got = torch.cat([one.next_batch()[0] for _ in range(10)])
+    assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, expected.tolist()))

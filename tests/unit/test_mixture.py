@@ -146,3 +146,17 @@ def test_single_source_legacy_checkpoints_keep_their_randperm_order() -> None:
     x, _ = loader.next_batch()
     perm = torch.randperm(23, generator=torch.Generator().manual_seed(7 + 1))
     assert (x[:, 0] // 5).tolist() == perm[6:9].tolist()
+
+
+def test_dropping_a_source_keeps_the_position_and_the_others_where_they_were() -> None:
+    three = ResumableLoader([*_mixture(), _source("extra", 50, 1.0, 2000)], micro_batch_size=4)
+    for _ in range(30):
+        three.next_batch()
+    state = three.state_dict()
+    two = ResumableLoader(_mixture(), micro_batch_size=4)
+    assert "the data mixture changed" in two.load_state_dict(state)[0]
+    assert two.position == 30 and two.state_dict()["samples"] == 120  # the global position, not a sum
+    assert two.consumed() == {k: v for k, v in three.consumed().items() if k != "extra"}
+    again = ResumableLoader(_mixture(), micro_batch_size=4)
+    again.load_state_dict(two.state_dict())
+    assert again.consumed() == two.consumed() and again.position == 30
