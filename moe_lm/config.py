@@ -135,6 +135,9 @@ class TrainConfig:
     sample_tokens: int = 64  # tokens generated per sample
     resume: str | None = None  # "auto" (newest checkpoint, else a fresh start), "latest" or a checkpoint dir
     init_from: str | None = None  # start from this checkpoint's weights only (with resume=auto: first start)
+    accept_changed_data: bool = (
+        False  # resume over data that changed since the checkpoint (re-cuts validation)
+    )
     freeze: Literal["none", "non_expert", "experts", "router"] = (
         "none"  # train only experts / all but experts / all but routers
     )

@@ -239,11 +239,12 @@ ROWS: list[tuple[str, Callable[[Ctx], tuple[list[str], Path]], list[str]]] = [
         "disk-full",
         disk_full,
         [
-            "cannot write checkpoint step-4 in",
-            "No space left on device",
-            "step-2 is intact",
-            "free disk space",
-            "resume with train.resume=latest",
+            "disk full: cannot write checkpoint step-4 to",
+            "it needs ",
+            "bytes) are free",
+            "nothing of step-4 was kept and checkpoint step-2 is intact",
+            "free space",
+            "continue with train.resume=auto",
         ],
     ),
     (
