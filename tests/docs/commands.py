@@ -38,7 +38,8 @@ A line ending in `# not run in tests: REASON` is only parsed: `$VARIABLES` read 
 must pass its own argparse parser (under `moe-lm launch`, accelerate's first), and its config file
 must exist and load with its overrides (so they are real keys); `make` must know the target
 (`make -n`), and the moe-lm commands of its recipe are parsed the same way; a python script must
-exist and, if it uses argparse, accept its arguments. Other programs (`hf`, `wandb`, ...) only need
+exist and, if it uses argparse, accept its arguments; `python -m MODULE` must name an importable
+module, and for `-m pytest` every test path it names must exist in the repository. Other programs (`hf`, `wandb`, ...) only need
 the mark.
 """
 
@@ -455,6 +456,8 @@ class Sandbox:
                     raise StepFailed(f"make -n failed: {output.strip()[:500]}")
                 for _, recipe_argv in recipe_commands(lines):
                     self.check_moe_lm(recipe_argv)
+            elif _is_python(tokens[0]) and tokens[1:2] == ["-m"]:
+                check_module(tokens[2], tokens[3:])
             elif _is_python(tokens[0]) and tokens[1:2] != ["-c"]:
                 self.check_script(tokens[1], tokens[2:])
             elif tokens[0] == "accelerate" and tokens[1:2] == ["launch"]:
@@ -507,3 +510,19 @@ class Sandbox:
                 pass
             except SystemExit as e:
                 raise StepFailed(f"{script} {shlex.join(args)}: its parser refused (exit {e.code})") from None
+
+
+def check_module(module: str, args: list[str]) -> None:
+    """`python -m MODULE ARGS` marked as not run: the module imports; pytest's test paths exist."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise StepFailed(f"no module {module}")
+    if module == "pytest":
+        for arg in args:
+            if (
+                not arg.startswith("-")
+                and arg.startswith("tests")
+                and not (REPO / arg.split("::")[0]).exists()
+            ):
+                raise StepFailed(f"no test path {arg}")
