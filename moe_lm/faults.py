@@ -1,4 +1,5 @@
-"""Deterministic fault injection for the crash-safety tests: `MOE_LM_FAULT=<point>:<step>[@<rank>][,...]`.
+"""Deterministic fault injection for the crash-safety tests: `MOE_LM_FAULT=<point>:<step>[@rank][,...]`
+(with `@rank`, only the process of that RANK fails).
 
 A real run dies at an arbitrary instant (OOM killer, node loss, a full disk). A test cannot hit a
 given instant by timing, so the places where dying matters call `hit(site, step)` and this module
@@ -14,12 +15,11 @@ lookup. Points and what they do at their site:
   ckpt_done:N     SIGKILL right after checkpoint N is complete and pruning is done
   prune:N         SIGKILL in the middle of keep-last-N pruning after checkpoint N
   enospc:N        raise OSError(ENOSPC) while writing checkpoint N (a full disk)
+  enospc_metrics:N  raise OSError(ENOSPC) writing step N's line of metrics.jsonl
+  enospc_shard:N  raise OSError(ENOSPC) writing the N-th token-store shard this process writes
   metrics:N       SIGKILL halfway through writing step N's metrics line
   shard:N         SIGKILL while preparing the token store: the N-th shard this process writes has
                   its ids and document files, not yet its manifest
-
-`@R` arms a point in the process of rank R only (RANK, as launchers set it; 0 when unset), e.g.
-`mid_step:3@1` kills rank 1 during step 3 while the others go on into their collectives.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ POINTS: dict[str, tuple[str, str]] = {
     "ckpt_done": ("ckpt_done", "kill"),
     "prune": ("prune", "kill"),
     "enospc": ("ckpt_files", "enospc"),
+    "enospc_metrics": ("metrics_write", "enospc"),
+    "enospc_shard": ("shard_write", "enospc"),
     "metrics": ("metrics", "tear"),
     "shard": ("shard", "kill"),
 }
@@ -60,7 +62,7 @@ def _armed(site: str) -> dict[int, str]:
         at, _, rank = at.partition("@")
         if name not in POINTS or not at.isdigit() or not (rank == "" or rank.isdigit()):
             raise ValueError(
-                f"{ENV}={spec!r}: expected <point>:<step>[@<rank>] with point one of {', '.join(POINTS)}"
+                f"{ENV}={spec!r}: expected <point>:<step>[@rank] with point one of {', '.join(POINTS)}"
             )
         if rank and int(rank) != int(os.environ.get("RANK", "0")):
             continue

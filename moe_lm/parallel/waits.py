@@ -266,10 +266,13 @@ class Waits:
     # ---- errors of collectives ------------------------------------------------------------------
 
     def explain(self, error: BaseException) -> RunError | None:
-        """A collective's timeout or a lost peer, as one line naming who was where; None for
-        anything else (a real crash of this process, which keeps its traceback)."""
+        """A collective's timeout or a lost peer, as one line naming who was where (an error whose
+        class says `consequence = True` becomes one line as it is); None for anything else (a real
+        crash of this process, which keeps its traceback)."""
         if isinstance(error, RunError):
             return error
+        if getattr(error, "consequence", False):  # e.g. a peer's failed checkpoint write, said by its class
+            return PeerFailed(str(error))
         text = str(error)
         lost = any(marker in text for marker in _PEER_LOST)
         timed_out = not lost and any(marker in text for marker in _TIMED_OUT)
