@@ -6,14 +6,19 @@ uninterrupted reference once, then the same run in rounds, one per entry of --pl
 processes of that round): every round but the last gets a random process SIGKILLed at a random
 moment (between steps, inside a step, while a checkpoint is written), as the out-of-memory killer
 would, and the next round is the same command with `train.resume=auto`. A round on 1 process runs
-the same global batch with parallel.ep_size=1 and train.grad_accum_steps=2. At the end the final
-weights must equal the reference's within --tolerance (the expert-parallel tests' 1e-4), and each
-killed round's first error line must name the killed process and its signal.
+the same global batch with parallel.ep_size=1 and train.grad_accum_steps=2. At the end:
+- the final weights equal the reference's within --tolerance (the expert-parallel tests' 1e-4);
+  when the number of processes changed, the reference for the weights is a replay of the same
+  topology without kills (`train.stop_at_step` at the same steps), since 1 and 2 processes sum
+  in another order and drift apart (about 2e-2 on these weights after 16 steps, uninterrupted);
+- every step's loss equals the 2-process reference's within --loss-tolerance (the same samples:
+  a batch trained twice moves it by about 3e-2);
+- each killed round's error report is one line naming the killed process and its signal.
 
     python scripts/chaos_train.py --out /tmp/chaos                    # 3 kills on 2 processes
     python scripts/chaos_train.py --out /tmp/chaos --plan 2,2,1,2     # one resume on 1 process, back on 2
 
-Exit code 0 when the weights match, 1 when they do not (the table says by how much).
+Exit code 0 when all hold, 1 when one does not (the last lines say by how much).
 """
 
 from __future__ import annotations
@@ -48,6 +53,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--every", type=int, default=2, help="checkpoint.every")
     p.add_argument("--seed", type=int, default=None, help="of the kills (default: random, printed)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |w - w_ref| allowed")
+    p.add_argument(
+        "--loss-tolerance",
+        type=float,
+        default=2e-3,
+        help="max |loss - loss_ref| at any step (a repeated batch: ~3e-2)",
+    )
     return p.parse_args()
 
 
@@ -133,11 +144,12 @@ def resume_point(run: Path) -> int:
     return int(pointer.read_text().strip()[5:]) if pointer.is_file() else 0
 
 
-def killed_round(cmd: list[str], run: Path, steps: int, rng: random.Random) -> dict[str, Any]:
-    """Start a round and SIGKILL one of its processes one or two steps after where it resumed, a
-    random moment (up to 0.2 s) after that step was logged."""
+def killed_round(cmd: list[str], run: Path, steps: int, rng: random.Random, keep: int = 0) -> dict[str, Any]:
+    """Start a round and SIGKILL one of its processes one or two steps after where it resumed (and
+    after `keep` more steps, so that a checkpoint of this round survives), a random moment (up to
+    0.2 s) after that step was logged."""
     start = resume_point(run)
-    at = start + rng.randint(1, 2)
+    at = start + keep + rng.randint(1, 2)
     if at > steps - 4:  # the kill could come after the end
         raise SystemExit(
             f"round resumed at step {start} of {steps}: too few steps left to kill it; raise --steps"
@@ -182,10 +194,41 @@ def finish(cmd: list[str]) -> None:
         raise SystemExit(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
+def replay(config: Path, run: Path, segments: list[tuple[int, int]]) -> None:
+    """The chaos run's topology without its kills: (processes, until step) in order, each segment
+    resumed from the checkpoint the previous one stopped at (train.stop_at_step)."""
+    for processes, until in segments:
+        finish([*command(config, run, processes), f"train.stop_at_step={until}"])
+
+
+def segments_of(rounds: list[tuple[int, int]], steps: int) -> list[tuple[int, int]]:
+    """(processes, last step) of each stretch of steps, from each round's (processes, resume point):
+    the steps a round ran past its successor's resume point were thrown away and run again."""
+    out: list[tuple[int, int]] = []
+    for i, (processes, start) in enumerate(rounds):
+        until = rounds[i + 1][1] if i + 1 < len(rounds) else steps
+        if until <= start:
+            continue
+        if out and out[-1][0] == processes:
+            out[-1] = (processes, until)
+        else:
+            out.append((processes, until))
+    return out
+
+
 def max_diff(a: Path, b: Path) -> float:
     wa, wb = load_model_state(a), load_model_state(b)
     assert wa.keys() == wb.keys()
     return max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa)
+
+
+def losses(run: Path) -> dict[int, float]:
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)  # a resume cut any line a kill left half written
+        if record.get("kind") == "train":
+            out[record["step"]] = record["lm_loss"]
+    return out
 
 
 def main() -> int:
@@ -198,13 +241,19 @@ def main() -> int:
     final = f"checkpoints/step-{args.steps}"
     if not (reference / final / "MANIFEST.json").is_file():
         finish(command(config, reference, 2))
-    run = args.out / f"chaos-{'-'.join(map(str, plan))}-seed{seed}"
+    name = f"{'-'.join(map(str, plan))}-seed{seed}"
+    run = args.out / f"chaos-{name}"
     print(f"chaos: seed {seed}, plan {plan}, {args.steps} steps, checkpoint every {args.every}; run {run}")
-    rows = []
+    rows, rounds = [], []
     for i, processes in enumerate(plan):
+        rounds.append((processes, resume_point(run)))
         cmd = command(config, run, processes)
         if i < len(plan) - 1:
-            rows.append({"round": i + 1, "processes": processes, **killed_round(cmd, run, args.steps, rng)})
+            # a round on another number of processes keeps a checkpoint: its steps count in the end
+            keep = args.every if i > 0 and processes != plan[i - 1] else 0
+            rows.append(
+                {"round": i + 1, "processes": processes, **killed_round(cmd, run, args.steps, rng, keep)}
+            )
         else:
             finish(cmd)
             rows.append({"round": i + 1, "processes": processes, "after step": "-", "killed": "-", "exit": 0})
@@ -213,11 +262,34 @@ def main() -> int:
         print(
             f"round {r['round']}: {r['processes']} process(es), killed {r['killed']} after step {r['after step']}, exit {r['exit']}{extra}"
         )
-    diff = max_diff(run / final, reference / final)
     lines_ok = all(r.get("first line ok", True) for r in rows)
-    ok = diff <= args.tolerance and lines_ok
+    # The run must equal one without kills on the same processes at every step. When the number
+    # of processes changed, that is not the 2-process reference: reductions in another order drift
+    # (measured: 1 and 2 processes, uninterrupted, 16 steps: 2e-2 on weights, 5e-4 on losses), so
+    # the kill-free replay of the same topology is the weights' reference, and the 2-process
+    # reference checks, loss by loss, that the sample stream is the same one.
+    segments = segments_of(rounds, args.steps)
+    exact = reference
+    if len(segments) > 1:
+        exact = args.out / f"replay-{name}"
+        replay(config, exact, segments)
+        stretches = ", ".join(f"to step {until} on {p}" for p, until in segments)
+        print(
+            f"replay without kills: {stretches}; max |w - w_ref| = {max_diff(run / final, reference / final):.3g}"
+        )
+    diff = max_diff(run / final, exact / final)
+    ours, theirs = losses(run), losses(reference)
+    loss_diff = max(abs(ours[s] - theirs[s]) for s in theirs)
+    ok = (
+        diff <= args.tolerance
+        and loss_diff <= args.loss_tolerance
+        and lines_ok
+        and sorted(ours) == sorted(theirs)
+    )
+    label = "w_ref" if exact == reference else "w_replay"
     print(
-        f"max |w - w_ref| = {diff:.3g} (tolerance {args.tolerance:g}); first error lines name the killed process: {lines_ok}"
+        f"max |w - {label}| = {diff:.3g} (tolerance {args.tolerance:g}); max |loss - loss_ref| = {loss_diff:.3g} "
+        f"(tolerance {args.loss_tolerance:g}); first error lines name the killed process: {lines_ok}"
     )
     print("chaos: PASS" if ok else "chaos: FAIL")
     return 0 if ok else 1

@@ -34,7 +34,7 @@ def test_a_barrier_times_out_naming_the_late_process_and_what_it_does(ranks: lis
         r"process 1 is at 'evaluation after step 7' \(for \d+ s\); raise parallel.timeout if that work is just slow",
         waiter["message"],
     ), waiter["message"]
-    assert TIMEOUT_S <= waiter["seconds"] < TIMEOUT_S + 3
+    assert TIMEOUT_S - 0.1 <= waiter["seconds"] < TIMEOUT_S + 3  # (its clock is not the test's)
 
 
 def test_a_failure_announced_by_the_other_process_ends_the_wait_at_once(ranks: list[dict[str, Any]]) -> None:
