@@ -141,3 +141,21 @@ def test_a_worker_under_the_launcher_leaves_a_report_instead_of_printing(
     record = json.loads((tmp_path / "rank3.json").read_text())
     assert (record["kind"], record["exit_code"], record["consequence"]) == (kind, code, consequence)
     assert record["line"] == f"error: {error}" and record["rank"] == 3
+
+
+def test_a_peers_failed_checkpoint_write_is_reported_as_a_consequence(tmp_path: Path, monkeypatch) -> None:
+    """The rank that only saw another fail to write a checkpoint: one line, marked a consequence (it
+    was a traceback, shown as a crash next to the real one)."""
+    from moe_lm.parallel.waits import Waits
+    from moe_lm.state.write_errors import PeerWriteError
+
+    peer = PeerWriteError(
+        "process 1 failed while writing checkpoint step-4 in runs/x/checkpoints (KeyError: 'w')"
+    )
+    explained = Waits(0, 1, 10.0).explain(peer)
+    assert isinstance(explained, PeerFailed) and str(explained) == str(peer)
+    assert Waits(0, 1, 10.0).explain(KeyError("w")) is None  # this process's own crash keeps its traceback
+    monkeypatch.setenv(ERROR_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv("RANK", "0")
+    assert report(explained) == 3
+    assert json.loads((tmp_path / "rank0.json").read_text())["consequence"] is True
