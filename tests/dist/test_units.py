@@ -119,6 +119,10 @@ def test_deepspeed_marker_is_an_moe_to_the_engine_and_changes_no_weights() -> No
     after = model.state_dict()
     assert list(after) == list(before)
     assert [name for name, t in after.items() if not torch.equal(t, before[name])] == []
+    # torch.equal compares values across dtypes (a lossless float64 upcast is "equal"): dtypes and
+    # trainability are compared on their own
+    assert {n: t.dtype for n, t in after.items()} == {n: t.dtype for n, t in before.items()}
+    assert all(p.requires_grad for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", ["cpu-2proc", "multi-gpu", "deepspeed-zero1", "deepspeed-zero2"])
