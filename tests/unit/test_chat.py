@@ -13,6 +13,7 @@ from moe_lm.data.chat import ChatEncoder, ChatSpec, Conversation, parse_messages
 from moe_lm.data.chat_template import (
     DEFAULT_CHAT_TEMPLATE,
     TEMPLATE_FILE,
+    ChatTemplateError,
     load_chat_template,
     write_chat_template,
 )
@@ -201,8 +202,9 @@ def test_a_template_that_does_not_parse_is_refused_before_anything_is_written(to
     with pytest.raises(UserError, match=r"does not parse .*nothing was written"):
         tokenizer_main(["chat-template", str(folder), "--file", str(bad)])
     assert not (folder / TEMPLATE_FILE).exists()
-    with pytest.raises(Exception):
+    with pytest.raises(ChatTemplateError, match="does not parse"):
         write_chat_template(folder, "{% if %}")
+    assert not (folder / TEMPLATE_FILE).exists()
 
 
 def test_chat_spec_reads_columns_and_names_shards_by_template():
