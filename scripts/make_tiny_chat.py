@@ -2,7 +2,7 @@
 
 The speeches of data/tinyshakespeare.txt become three kinds of conversation, as JSON Lines:
 
-    who       {"prompt": "Who says this?\\nO Romeo, Romeo! ...", "response": "JULIET."}
+    who       {"prompt": "Who says this? O Romeo, Romeo! ...", "response": "JULIET."}
     next      system "Answer with the next line of the play." / user: a line / assistant: the line after it
     dialogue  system "You are B. Answer A in one line." / user: A's line / assistant: B's reply (2 exchanges)
 
@@ -10,7 +10,7 @@ The speeches of data/tinyshakespeare.txt become three kinds of conversation, as 
 Speeches in the last 5 % of the text (the part the tiny pretraining held out) make the validation
 file. Deterministic (seed 0), a second or so:
 
-    python scripts/make_tiny_chat.py [--out DIR]   # default .cache/moe_lm/tiny-chat/{train,val}.jsonl
+    python scripts/make_tiny_chat.py [--out DIR] [--corpus FILE]   # .cache/moe_lm/tiny-chat/{train,val}.jsonl
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import json
 import random
 from pathlib import Path
 
-CORPUS = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
+CORPUS = Path("data/tinyshakespeare.txt")  # run from the repository root, as for every config
 OUT = Path(".cache/moe_lm/tiny-chat")
 MAX_CHARS = 160  # a line longer than this is not used (keeps most examples well inside 129 tokens)
 
@@ -37,7 +37,7 @@ def speeches(text: str) -> list[tuple[str, list[str]]]:
 
 
 def who(speaker: str, lines: list[str]) -> dict[str, str]:
-    return {"prompt": f"Who says this?\n{lines[0]}", "response": f"{speaker.upper()}."}
+    return {"prompt": f"Who says this? {lines[0]}", "response": f"{speaker.upper()}."}
 
 
 def next_line(lines: list[str], i: int) -> dict[str, list[dict[str, str]]]:
@@ -82,8 +82,9 @@ def conversations(part: list[tuple[str, list[str]]], rng: random.Random) -> list
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--corpus", type=Path, default=CORPUS)
     args = parser.parse_args()
-    text = CORPUS.read_text()
+    text = args.corpus.read_text()
     cut = text.rfind("\n\n", 0, int(0.95 * len(text))) + 2  # where the tiny pretraining's validation starts
     args.out.mkdir(parents=True, exist_ok=True)
     for name, part, seed in (("train", text[:cut], 0), ("val", text[cut:], 1)):

@@ -14,7 +14,7 @@ def conversations(n: int, seed: int) -> list[dict[str, Any]]:
     """`n` records: a third prompt/response, the rest `messages` with a system turn now and then and
     one or two exchanges; replies are short lines, prompts lines of the corpus."""
     text = (REPO / "data" / "tinyshakespeare.txt").read_text()[:60_000]
-    lines = [line[:40] for line in text.splitlines() if line.strip()]  # most conversations fit 65 tokens
+    lines = [line[:32] for line in text.splitlines() if line.strip()]  # most conversations fit 65 tokens
     rng = random.Random(seed)
     out: list[dict[str, Any]] = []
     for i in range(n):
