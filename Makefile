@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml
 TRAIN_ENV := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_TOP_PAD_=268435456
 
 # `moe-lm launch` is `accelerate launch` (same options) that keeps bad input to one `error:` line
-# and exit code 2 (README, Launch recipes); make then adds its own `make: *** [...] Error 2`.
+# and exit code 2 (docs/launching.md); make then adds its own `make: *** [...] Error 2`.
 train: setup
 	@$(TRAIN_ENV) $(PY) -m moe_lm launch --config_file configs/accelerate/cpu-1proc.yaml --num_cpu_threads_per_process $(shell nproc) \
 	  train configs/tiny-shakespeare.yaml train.overwrite=true $(ARGS)
@@ -43,8 +43,9 @@ train-ep2: setup
 	  train configs/tiny-shakespeare.yaml parallel.ep_size=2 \
 	  train.output_dir=runs/tiny-shakespeare-ep2 train.overwrite=true $(ARGS)
 
+# pytest's exit 5 (no tests collected) is a failure too: a suite that ran nothing proved nothing.
 test: setup
-	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; fi; exit $$rc
 
 # lint-imports checks the layering in pyproject.toml ([tool.importlinter]): no upward imports, no cycles.
 lint: setup

@@ -73,7 +73,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class SourceConfig:
-    """One named source of text: files, or a `datasets` dataset (see README, "Data")."""
+    """One named source of text: files, or a `datasets` dataset (see docs/data.md)."""
 
     files: list[str] = field(default_factory=list)  # files or globs (text, JSON(L), parquet; .gz .bz2 .xz)
     dataset: str | None = None  # or: a save_to_disk directory or a dataset name (datasets.load_dataset)
@@ -142,6 +142,9 @@ class TrainConfig:
     sample_tokens: int = 64  # tokens generated per sample
     resume: str | None = None  # "auto" (newest checkpoint, else a fresh start), "latest" or a checkpoint dir
     init_from: str | None = None  # start from this checkpoint's weights only (with resume=auto: first start)
+    accept_changed_data: bool = (
+        False  # resume over data that changed since the checkpoint (re-cuts validation)
+    )
     freeze: Literal["none", "non_expert", "experts", "router"] = (
         "none"  # train only experts / all but experts / all but routers
     )

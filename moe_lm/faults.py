@@ -1,4 +1,5 @@
-"""Deterministic fault injection for the crash-safety tests: `MOE_LM_FAULT=<point>:<step>[,...]`.
+"""Deterministic fault injection for the crash-safety tests: `MOE_LM_FAULT=<point>:<step>[@rank][,...]`
+(with `@rank`, only the process of that RANK fails).
 
 A real run dies at an arbitrary instant (OOM killer, node loss, a full disk). A test cannot hit a
 given instant by timing, so the places where dying matters call `hit(site, step)` and this module
@@ -14,6 +15,8 @@ lookup. Points and what they do at their site:
   ckpt_done:N     SIGKILL right after checkpoint N is complete and pruning is done
   prune:N         SIGKILL in the middle of keep-last-N pruning after checkpoint N
   enospc:N        raise OSError(ENOSPC) while writing checkpoint N (a full disk)
+  enospc_metrics:N  raise OSError(ENOSPC) writing step N's line of metrics.jsonl
+  enospc_shard:N  raise OSError(ENOSPC) writing the N-th token-store shard this process writes
   metrics:N       SIGKILL halfway through writing step N's metrics line
   shard:N         SIGKILL while preparing the token store: the N-th shard this process writes has
                   its ids and document files, not yet its manifest
@@ -43,6 +46,8 @@ POINTS: dict[str, tuple[str, str]] = {
     "ckpt_done": ("ckpt_done", "kill"),
     "prune": ("prune", "kill"),
     "enospc": ("ckpt_files", "enospc"),
+    "enospc_metrics": ("metrics_write", "enospc"),
+    "enospc_shard": ("shard_write", "enospc"),
     "metrics": ("metrics", "tear"),
     "shard": ("shard", "kill"),
 }
@@ -54,8 +59,13 @@ def _armed(site: str) -> dict[int, str]:
     found: dict[int, str] = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, at = item.partition(":")
-        if name not in POINTS or not at.isdigit():
-            raise ValueError(f"{ENV}={spec!r}: expected <point>:<step> with point one of {', '.join(POINTS)}")
+        at, _, rank = at.partition("@")
+        if name not in POINTS or not at.isdigit() or not (rank == "" or rank.isdigit()):
+            raise ValueError(
+                f"{ENV}={spec!r}: expected <point>:<step>[@rank] with point one of {', '.join(POINTS)}"
+            )
+        if rank and int(rank) != int(os.environ.get("RANK", "0")):
+            continue
         if POINTS[name][0] == site:
             found[int(at)] = POINTS[name][1]
     return found

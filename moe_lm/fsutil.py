@@ -1,13 +1,16 @@
-"""Filesystem helpers shared by the writers of whole directories (tokenizer, export, import)."""
+"""Filesystem helpers shared by the writers of whole directories (tokenizer, export, import), and the
+one error every writer raises when the disk is full."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from moe_lm.errors import UserError
 
@@ -51,3 +54,63 @@ def _default_permissions(root: Path) -> None:
     os.umask(umask)
     for path in [root, *root.rglob("*")]:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk. Writers of checkpoints, the token store and metrics.jsonl turn ENOSPC / EDQUOT into
+# one line saying what could not be written, how much it needed and how much is free; whoever
+# knows the run (the trainer) adds what survived and how to continue.
+
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+# safetensors (Rust) and torch.save report a full disk in their own exception types
+_FULL_MARKERS = ("No space left", "StorageFull", "os error 28", "Disk quota", "os error 122")
+
+
+class DiskFullError(UserError):
+    """A write failed because the filesystem (or the quota) is full. One line, exit code 2: the
+    operator frees space and runs the same command again."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
+        return True
+    return not isinstance(e, UserError) and any(marker in str(e) for marker in _FULL_MARKERS)
+
+
+def free_bytes(path: str | Path) -> int:
+    """Bytes free to this user on the filesystem holding `path` (or its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return 0
+
+
+def human_bytes(n: int) -> str:
+    """54,525,952 -> '52.0 MiB (54,525,952 bytes)': readable, and exact for whoever compares."""
+    size, unit = float(n), "bytes"
+    for name in ("KiB", "MiB", "GiB", "TiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, name
+    return f"{n:,} bytes" if unit == "bytes" else f"{size:.1f} {unit} ({n:,} bytes)"
+
+
+def disk_full(what: str, path: str | Path, needed: int, qualifier: str = "") -> DiskFullError:
+    """`what` (e.g. "checkpoint step-20") could not be written to `path`: the one-line error.
+    `qualifier` says how exact `needed` is ("about", "at least")."""
+    needs = f"{qualifier} {human_bytes(needed)}".strip()
+    return DiskFullError(
+        f"disk full: cannot write {what} to {path}: it needs {needs} and {human_bytes(free_bytes(path))} are free"
+    )
+
+
+def append_bytes(fd_file: Any, data: bytes) -> None:
+    """Write all of `data` to an unbuffered binary file: raw writes may stop short, and nothing may
+    stay behind in a buffer to fail again when the file is closed."""
+    view = memoryview(data)
+    while view:
+        written = fd_file.write(view)
+        view = view[written or 0 :]

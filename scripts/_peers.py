@@ -125,7 +125,7 @@ def _placeholders(names: tuple[str, ...]) -> Iterator[None]:
 def _import(module: str, placeholders: tuple[str, ...]) -> tuple[Any, str]:
     """(module, "") or (None, why it is unavailable)."""
     if importlib.util.find_spec(module.split(".")[0]) is None:
-        return None, "not installed (pip install -e '.[bench]', see README)"
+        return None, "not installed (pip install -e '.[bench]', see docs/benchmarks.md)"
     quiet = logging.getLogger(module.split(".")[0])  # e.g. "transformer_engine unavailable"
     level = quiet.level
     quiet.setLevel(logging.ERROR)

@@ -11,41 +11,114 @@ import sys
 
 from moe_lm.errors import ERROR_DIR_ENV, UserError, report
 
-# subcommand -> (module, function taking argv and returning an exit code, one-line help)
+# subcommand -> (module, function taking argv and returning an exit code, one-line summary)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("moe_lm.cli.train", "train_main", "pretrain from a YAML config (also under accelerate launch)"),
-    "tokenizer": ("moe_lm.data.tokenizer", "tokenizer_main", "train or ensure a sentencepiece tokenizer"),
-    "data": ("moe_lm.data.cli", "data_main", "prepare: tokenise a config's sources into the token store"),
-    "info": ("moe_lm.cli.info", "info_main", "parameter counts (total / active) and the resolved config"),
-    "eval": ("moe_lm.cli.train", "eval_main", "validation loss and perplexity of a checkpoint"),
-    "generate": ("moe_lm.cli.train", "generate_main", "sample text from a checkpoint"),
-    "stats": ("moe_lm.cli.stats", "stats_main", "expert-load heatmaps (PNG) from a run or checkpoint"),
+    "launch": (
+        "moe_lm.cli.launch",
+        "launch_main",
+        "accelerate launch with moe-lm's one-line errors (1 CPU to many nodes)",
+    ),
+    "info": (
+        "moe_lm.cli.info",
+        "info_main",
+        "total / active parameters, per-component breakdown, resolved config",
+    ),
+    "tokenizer": (
+        "moe_lm.data.tokenizer",
+        "tokenizer_main",
+        "sentencepiece BPE (byte fallback), loadable by AutoTokenizer",
+    ),
+    "data": (
+        "moe_lm.data.cli",
+        "data_main",
+        "tokenise the config's sources into the token store (only what is missing)",
+    ),
+    "eval": ("moe_lm.cli.train", "eval_main", "validation loss and perplexity, per validation set"),
+    "generate": ("moe_lm.cli.train", "generate_main", "sample text with a KV cache"),
+    "stats": ("moe_lm.cli.stats", "stats_main", "expert-load heatmaps (PNG), latest and over time"),
     "routing": (
         "moe_lm.cli.routing",
         "routing_main",
-        "expert shares, repetition and a coloured passage per data set",
+        "expert shares per data set, consecutive-token repetition against random routing, "
+        "a passage coloured by expert",
     ),
     "export": (
         "moe_lm.cli.hf",
         "export_main",
-        "export a checkpoint as a transformers MixtralForCausalLM folder",
+        "a Hugging Face MixtralForCausalLM folder with tokenizer and model card",
     ),
-    "import": ("moe_lm.cli.hf", "import_main", "import a local transformers Mixtral folder as a checkpoint"),
-    "upcycle": ("moe_lm.cli.hf", "upcycle_main", "turn a dense Llama-style folder into an MoE checkpoint"),
-    "push": ("moe_lm.cli.hf", "push_main", "upload an exported folder to the Hugging Face Hub"),
-    "launch": (
-        "moe_lm.cli.launch",
-        "launch_main",
-        "accelerate launch with moe-lm's one-line errors: moe-lm launch [accelerate options] train ...",
+    "import": ("moe_lm.cli.hf", "import_main", "a local transformers Mixtral folder -> a moe_lm checkpoint"),
+    "upcycle": (
+        "moe_lm.cli.hf",
+        "upcycle_main",
+        "sparse upcycling of a dense Llama-style model into an MoE checkpoint",
+    ),
+    "push": (
+        "moe_lm.cli.hf",
+        "push_main",
+        "upload an export to the Hub (or, with --dry-run, list what would be sent)",
     ),
 }
 
+# subcommand -> (its arguments, its guide). With COMMANDS this is the one source of `moe-lm --help`,
+# the last lines of `moe-lm COMMAND --help` and the README's command table (scripts/gen_docs.py
+# writes the table; tests/docs checks that it is current and that every command has a row here).
+USAGE: dict[str, tuple[str, str]] = {
+    "train": ("CONFIG [key.sub=value ...]", "docs/launching.md"),
+    "launch": ("[accelerate launch options] train CONFIG [key.sub=value ...]", "docs/launching.md"),
+    "info": ("CONFIG [key.sub=value ...] [--json]", "docs/configuration.md"),
+    "tokenizer": ("train --input FILE... --vocab-size N --out DIR", "docs/data.md"),
+    "data": ("prepare CONFIG [key.sub=value ...] [--verify]", "docs/data.md"),
+    "eval": ("RUN_OR_CHECKPOINT [--sets NAME...] [--data FILE...]", "docs/data.md"),
+    "generate": (
+        "RUN_OR_CHECKPOINT --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K]",
+        "docs/launching.md",
+    ),
+    "stats": ("RUN_OR_CHECKPOINT --out DIR", "docs/routing.md"),
+    "routing": (
+        "RUN_OR_CHECKPOINT_OR_HF_DIR --data NAME=FILE[,FILE...]... --out DIR [--layers N...] [--passage NAME]",
+        "docs/routing.md",
+    ),
+    "export": (
+        "CHECKPOINT --out DIR [--dtype bf16|fp16|fp32] [--max-shard-size 5GB] [--routing DIR]",
+        "docs/hub.md",
+    ),
+    "import": ("HF_DIR --out CHECKPOINT [--config CONFIG]", "docs/hub.md"),
+    "upcycle": ("DENSE_HF_DIR --config CONFIG --out CHECKPOINT", "docs/hub.md"),
+    "push": (
+        "DIR --repo-id OWNER/NAME [--private] [--revision B] [--commit-message M] [--endpoint URL] [--dry-run]",
+        "docs/hub.md",
+    ),
+}
+GUIDES_NOTE = "The guides are docs/*.md in the moe_lm repository; its README.md lists them."
+
+
+def synopsis(name: str) -> str:
+    return f"moe-lm {name} {USAGE[name][0]}" if name in USAGE else f"moe-lm {name}"
+
+
+def summary(name: str) -> str:
+    """What `moe-lm COMMAND --help` ends with: the README's row for the command."""
+    guide = f"\nguide: {USAGE[name][1]}" if name in USAGE else ""
+    return f"{synopsis(name)}\n  {COMMANDS[name][2]}{guide}"
+
 
 def _usage() -> str:
-    lines = ["usage: moe-lm COMMAND [ARGS...]", "", "commands:"]
-    lines += [f"  {name:<10} {help_}" for name, (_, _, help_) in COMMANDS.items()]
-    lines += ["", "Run `moe-lm COMMAND --help` for a command's options."]
+    lines = ["usage: moe-lm COMMAND [ARGS...]   (python -m moe_lm COMMAND ... is the same)", "", "commands:"]
+    for name, (_, _, help_) in COMMANDS.items():
+        guide = f"  [{USAGE[name][1]}]" if name in USAGE else ""
+        lines += [f"  {synopsis(name)}", f"      {help_}{guide}"]
+    lines += [
+        "",
+        "A user error (config, data, checkpoint, flags) is one line on stderr starting with `error:`, exit code 2.",
+        f"Run `moe-lm COMMAND --help` for a command's options. {GUIDES_NOTE}",
+    ]
     return "\n".join(lines)
+
+
+def _wants_help(argv: list[str]) -> bool:
+    return "-h" in argv or "--help" in argv
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,9 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     module_name, func_name, _ = COMMANDS[name]
     try:
         func = getattr(importlib.import_module(module_name), func_name)
-        return int(func(rest) or 0)
+        code = int(func(rest) or 0)
     except UserError as e:
         return report(e)
+    except SystemExit as e:  # argparse's --help prints and exits 0; anything else is not ours to catch
+        if not (_wants_help(rest) and e.code in (0, None)):
+            raise
+        code = 0
+    if code == 0 and _wants_help(rest):
+        print(f"\n{summary(name)}")
+    return code
 
 
 def run() -> None:

@@ -10,6 +10,8 @@ resident memory of a training process does not grow with the corpus, however lon
 
 from __future__ import annotations
 
+import hashlib
+import json
 import mmap
 from collections import OrderedDict
 from pathlib import Path
@@ -53,6 +55,9 @@ class ArrayBlocks:
     def read(self, idx: np.ndarray) -> np.ndarray:
         return self.blocks[np.asarray(idx, dtype=np.int64)].astype(np.int64)
 
+    def fingerprint(self) -> str:
+        return hashlib.sha256(np.ascontiguousarray(self.blocks.astype(np.int64)).tobytes()).hexdigest()
+
 
 class TokenStream:
     """The concatenated ids of a list of shards, read by offset (`suffix="mask"`: a chat source's
@@ -63,6 +68,7 @@ class TokenStream:
     ) -> None:
         self.paths = [shard_dir / f"{n}.{suffix}" for n in names]
         self.dtypes = [np.dtype(np.uint8 if suffix == "mask" else m["dtype"]) for m in manifests]
+        self.checksums = [m.get("files", {}).get(suffix, {}).get("xxh3") for m in manifests]  # of these files
         counts = np.array([m["tokens"] for m in manifests], dtype=np.int64)
         self.starts = np.concatenate(([0], np.cumsum(counts)))  # shard i holds [starts[i], starts[i+1])
         self._maps: OrderedDict[int, mmap.mmap] = OrderedDict()
@@ -115,6 +121,18 @@ class StoreBlocks:
 
     def __len__(self) -> int:
         return self.count
+
+    def fingerprint(self) -> str:
+        """The token ids these blocks hold (the shards' checksums, recorded when they were written)
+        and how they are cut: equal exactly when the blocks are."""
+        parts = [
+            self.stream.checksums,
+            [d.name for d in self.stream.dtypes],
+            self.block_len,
+            self.first,
+            self.count,
+        ]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
     def read(self, idx: np.ndarray) -> np.ndarray:
         idx = np.asarray(idx, dtype=np.int64)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from moe_lm.errors import ArgumentParser
+from moe_lm.fsutil import DiskFullError
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -33,7 +34,12 @@ def data_main(argv: list[str]) -> int:
     tokenizer = Tokenizer.load(ensure_tokenizer(cfg))
     check_vocab(tokenizer, cfg.model.vocab_size)
     plan = data_plan(cfg)
-    prepared = prepare_sources(cfg, tokenizer, plan.prepared(), rebuild_damaged=True, verify=args.verify)
+    try:
+        prepared = prepare_sources(cfg, tokenizer, plan.prepared(), rebuild_damaged=True, verify=args.verify)
+    except DiskFullError as e:
+        raise DiskFullError(
+            f"{e}; the finished shards are kept: free space and run the same command again"
+        ) from None
     block_len = cfg.data.seq_len + 1
     by_key = {src.spec.key: src for src in prepared}
     roles = [(spec, "train") for spec in plan.train] + [(spec, "validation") for spec in plan.val.values()]

@@ -115,14 +115,17 @@ def open_data(
             assert spec.dataset is not None
             data.train.append(
                 TrainSource(
-                    spec.name, spec.weight, StreamBlocks(spec.dataset, tokenizer, cfg.data.seq_len + 1)
+                    spec.name,
+                    spec.weight,
+                    StreamBlocks(spec.dataset, tokenizer, cfg.data.seq_len + 1),
+                    spec.key,
                 )
             )
             continue
         blocks = _blocks(cfg, by_key[spec.key], tokenizer.eos_id)
         if spec.name in plan.holdout:
             blocks, data.val[spec.name] = blocks.split(plan.holdout[spec.name], spec.key)
-        data.train.append(TrainSource(spec.name, spec.weight, blocks))
+        data.train.append(TrainSource(spec.name, spec.weight, blocks, spec.key))
     for name, spec in plan.val.items():
         data.val[name] = _blocks(cfg, by_key[spec.key], tokenizer.eos_id)
     if not train:

@@ -14,13 +14,15 @@ A mixture (or a streaming source): an endless stream. Sample g goes to source s 
 source repeats its epochs (each freshly shuffled) and a large one is subsampled; a streaming source
 serves its o-th block in stream order.
 
-The state is (seed, epoch, position) plus each streaming source's position; the order is
-recomputed from it, so a restored loader gives bit-identical batches to one never interrupted.
+The position is global (moe_lm/data/position.py): samples drawn per source, epoch, seed and
+stream positions, the same on every rank. Every rank derives its batches from it, so a checkpoint
+resumes bit-identically at the same world size and continues the same sample stream at any other
+(and with another micro-batch size, whenever the samples drawn divide the new global batch). A
+checkpoint over other data is refused unless the run says `train.accept_changed_data`.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +32,7 @@ import torch
 
 from moe_lm.data.blocks import Blocks, as_blocks, split_inputs
 from moe_lm.data.mixture import Mixture, Permutation, derive_key
+from moe_lm.data.position import FORMAT, batch_error, changed_data_error, from_rank_states
 from moe_lm.data.streaming import StreamBlocks
 from moe_lm.errors import UserError
 
@@ -39,10 +42,20 @@ class TrainSource:
     name: str
     weight: float
     blocks: Any  # Blocks (prepared) or StreamBlocks (streaming)
+    key: str = ""  # the setting that lists its input, for messages (data.sources.web.files)
 
     @property
     def streaming(self) -> bool:
         return isinstance(self.blocks, StreamBlocks)
+
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint records of the source's data, to refuse resuming over other data."""
+        fingerprint = getattr(self.blocks, "fingerprint", None)
+        return {
+            "streaming": self.streaming,
+            "num_blocks": None if self.streaming else len(self.blocks),
+            "fingerprint": fingerprint() if fingerprint is not None else None,
+        }
 
 
 class ResumableLoader:
@@ -76,6 +89,11 @@ class ResumableLoader:
         self._perms: dict[tuple[int, int], Permutation] = {}
         self._epoch = 0
         self._position = 0  # batches already drawn in this epoch (mixture: since the start)
+        # A mixture resumed under other weights: each source's ordinals continue from where that
+        # source stood (its samples drawn minus what the new weights would have drawn by now).
+        self._offsets = [0] * len(sources)
+        self._before_epoch = 0  # one source: samples drawn in the epochs before this one
+        self.changed_sources: set[str] = set()  # whose data changed under the checkpoint (accepted)
         if self.single:
             n = len(sources[0].blocks)
             self.per_rank = n // dp_size
@@ -107,6 +125,11 @@ class ResumableLoader:
     def batches_per_epoch(self) -> int:
         return self._batches_per_epoch
 
+    @property
+    def global_batch(self) -> int:
+        """Samples one micro-batch step of every rank draws together: the unit of the position."""
+        return self.micro_batch_size * self.dp_size
+
     def _perm(self, source: int, epoch: int) -> Permutation:
         key = (source, epoch)
         if key not in self._perms:
@@ -131,6 +154,7 @@ class ResumableLoader:
         b, d = self.micro_batch_size, self.dp_size
         g = self._position * b * d + np.arange(b) * d + self.dp_rank
         source_of, ordinal = self.mixture.assign(g)
+        ordinal = ordinal + np.asarray(self._offsets, dtype=np.int64)[source_of]
         out = np.empty((b, self.sources[0].blocks.block_len), dtype=np.int64)
         for s in np.unique(source_of).tolist():
             rows = np.nonzero(source_of == s)[0]
@@ -149,6 +173,7 @@ class ResumableLoader:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.single:
             if self._position >= self._batches_per_epoch:
+                self._before_epoch += self._position * self.global_batch
                 self._epoch += 1
                 self._position = 0
             x_BL = self.blocks.read(self._single_indices())
@@ -163,72 +188,156 @@ class ResumableLoader:
 
     def consumed(self) -> dict[str, int]:
         """Samples drawn so far from each source, by all ranks together."""
-        global_batch = self.micro_batch_size * self.dp_size
         if self.single:
-            return {
-                self.sources[0].name: (self._epoch * self._batches_per_epoch + self._position) * global_batch
-            }
+            return {self.sources[0].name: self._before_epoch + self._position * self.global_batch}
         assert self.mixture is not None
-        counts = self.mixture.consumed(self._position * global_batch)
-        return {s.name: c for s, c in zip(self.sources, counts)}
-
-    def _num_blocks(self) -> int | list[int | None]:
-        if self.single:
-            return len(self.blocks)
-        return [None if s.streaming else len(s.blocks) for s in self.sources]
+        counts = self.mixture.consumed(self._position * self.global_batch)
+        return {s.name: c + off for s, c, off in zip(self.sources, counts, self._offsets)}
 
     def state_dict(self) -> dict[str, Any]:
+        """The global position (the same on every rank; position.py). Streaming sources are first
+        moved up to where the run's samples of them end, so their saved position is global too:
+        every block before it was drawn by some rank, and this rank's next one lies after it."""
+        consumed = self.consumed()
+        sources = []
+        for s in self.sources:
+            stream = None
+            if s.streaming:
+                s.blocks.advance_to(consumed[s.name])
+                stream = s.blocks.state_dict()
+            sources.append(
+                {
+                    "name": s.name,
+                    "weight": s.weight,
+                    **s.identity(),
+                    "consumed": consumed[s.name],
+                    "stream": stream,
+                }
+            )
         return {
-            "epoch": self._epoch,
-            "position": self._position,
+            "format": FORMAT,
             "seed": self.seed,
-            "num_blocks": self._num_blocks(),
-            "micro_batch_size": self.micro_batch_size,
-            "dp_size": self.dp_size,
             "order": "legacy-randperm" if self._legacy_order else "feistel",
-            "sources": [[s.name, s.weight] for s in self.sources],
-            "streams": {s.name: s.blocks.state_dict() for s in self.sources if s.streaming},
+            "global_batch": self.global_batch,
+            "epoch": self._epoch if self.single else 0,
+            "epoch_samples": self._position * self.global_batch if self.single else 0,
+            # global samples drawn: a mixture's position (its sources' counts may not add up to it
+            # after a source was dropped from the mixture)
+            "samples": sum(consumed.values()) if self.single else self._position * self.global_batch,
+            "sources": sources,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue where `state` left off. The saved seed wins over the constructor's.
+    def load_state_dict(
+        self, state: dict[str, Any] | list[dict[str, Any]], accept_changed_data: bool = False
+    ) -> list[str]:
+        """Continue where `state` left off: a global position, or the per-rank loader states of an
+        older checkpoint. The saved seed wins over the constructor's. -> what the run should say.
 
-        The data must be the same; a different micro-batch size or rank count (or mixture weights)
-        keeps going from the same point in the stream, exactly only when nothing changed.
-        """
-        mixture = [[s.name, s.weight] for s in self.sources]
-        saved_mixture = state.get("sources", [["corpus", 1.0]])
-        if saved_mixture != mixture and not self.single:
-            warnings.warn(
-                f"resuming with data sources {mixture} instead of {saved_mixture}: the mixture changes "
-                "from here on and each source continues approximately where it was",
-                stacklevel=2,
-            )
-        elif state["num_blocks"] != self._num_blocks():
-            raise UserError(
-                f"the checkpoint's data loader was over {state['num_blocks']} blocks but the data now has "
-                f"{self._num_blocks()}; resume with the same data files, tokenizer and data.seq_len"
-            )
+        Changed data is refused unless `accept_changed_data`; a global batch that does not divide
+        the samples drawn is refused; other mixture weights continue each source where it was."""
+        if isinstance(state, list) or "format" not in state:
+            state = from_rank_states(state if isinstance(state, list) else [state])
+        saved = {s["name"]: s for s in state["sources"]}
+        notes = self._check_data(saved, accept_changed_data)
         self.seed = int(state["seed"])
         if self.mixture is not None:
             self.mixture.reseed(self.seed)
         self._perms.clear()
-        self._legacy_order = self.single and state.get("order", "legacy-randperm") == "legacy-randperm"
-        self._epoch = int(state["epoch"])
-        position = int(state["position"])
-        saved_global = int(state["micro_batch_size"]) * int(state["dp_size"])
-        global_batch = self.micro_batch_size * self.dp_size
-        if saved_global != global_batch:
-            position = position * saved_global // global_batch
-            warnings.warn(
-                f"resuming the data loader with micro_batch_size × ranks = {global_batch} instead of "
-                f"{saved_global}: the sample order continues approximately, not exactly",
-                stacklevel=2,
+        self._legacy_order = self.single and state.get("order") == "legacy-randperm"
+        saved_batch = int(state["global_batch"])
+        if saved_batch != self.global_batch:
+            notes.append(
+                f"the global batch changed from {saved_batch} to {self.global_batch} samples (train.micro_batch_size "
+                f"× processes); the sample stream continues exactly where the checkpoint stopped"
             )
-        self._position = min(position, self._batches_per_epoch)
+        if self.single:
+            self._restore_epochs(state, saved)
+        else:
+            notes += self._restore_mixture(state, saved)
         for s in self.sources:
-            if s.streaming and s.name in state.get("streams", {}):
-                s.blocks.load_state_dict(state["streams"][s.name])
+            old = saved.get(s.name)
+            if (
+                s.streaming
+                and old is not None
+                and old.get("stream") is not None
+                and s.name not in self.changed_sources
+            ):
+                s.blocks.load_state_dict(old["stream"])
+        return notes
+
+    def _check_data(self, saved: dict[str, dict[str, Any]], accept: bool) -> list[str]:
+        """Each source the checkpoint also had must hold the same data (size and content)."""
+        changes: list[str] = []
+        self.changed_sources = set()
+        for s in self.sources:
+            old = saved.get(s.name)
+            if old is None:
+                continue
+            now = s.identity()
+            what = s.key or f"source '{s.name}'"
+            if bool(old.get("streaming")) != now["streaming"]:
+                changes.append(f"{what} is {'now' if now['streaming'] else 'no longer'} streaming")
+            elif old.get("num_blocks") is None and not now["streaming"]:
+                continue  # the oldest checkpoints did not record their data: nothing to compare
+            elif old.get("num_blocks") != now["num_blocks"]:
+                changes.append(f"{what} had {old.get('num_blocks')} training blocks, now {now['num_blocks']}")
+            elif old.get("fingerprint") and now["fingerprint"] and old["fingerprint"] != now["fingerprint"]:
+                changes.append(
+                    f"{what} holds other tokens ({old['fingerprint'][:12]} -> {now['fingerprint'][:12]})"
+                )
+            else:
+                continue
+            self.changed_sources.add(s.name)
+        if changes and not accept:
+            raise changed_data_error(changes)
+        if changes:
+            return [
+                f"train.accept_changed_data: {'; '.join(changes)}; training continues at the checkpoint's sample "
+                "position over the new data, and validation is re-cut from the new data"
+            ]
+        return []
+
+    def _restore_epochs(self, state: dict[str, Any], saved: dict[str, dict[str, Any]]) -> None:
+        name = self.sources[0].name
+        if len(saved) == 1 and name in saved and not saved[name].get("streaming"):
+            epoch, samples = int(state["epoch"]), int(state["epoch_samples"])
+            before = int(state["samples"]) - samples
+        else:  # it was a mixture: continue this source at the samples it had served
+            per_epoch = self._batches_per_epoch * self.global_batch
+            epoch, samples = divmod(int((saved.get(name) or {}).get("consumed") or 0), per_epoch)
+            before = epoch * per_epoch
+        if samples % self.global_batch:
+            saved_batch = int(state["global_batch"])
+            raise batch_error(
+                samples, f"into epoch {epoch}", self.micro_batch_size, self.dp_size, saved_batch
+            )
+        self._epoch, self._position, self._before_epoch = epoch, samples // self.global_batch, before
+        if self._position > self._batches_per_epoch:  # only over changed (fewer) data: the epoch is over
+            self._epoch, self._position, self._before_epoch = epoch + 1, 0, before + samples
+
+    def _restore_mixture(self, state: dict[str, Any], saved: dict[str, dict[str, Any]]) -> list[str]:
+        assert self.mixture is not None
+        samples = int(state["samples"])
+        if samples % self.global_batch:
+            saved_batch = int(state["global_batch"])
+            raise batch_error(samples, "into the data", self.micro_batch_size, self.dp_size, saved_batch)
+        self._position = samples // self.global_batch
+        old = [[s["name"], s["weight"]] for s in state["sources"]]
+        if any(s.get("consumed") is None for s in state["sources"]):  # an older checkpoint: recompute
+            was = Mixture([w for _, w in old], self.seed, [n for n, _ in old]).consumed(samples)
+            for s, count in zip(state["sources"], was):
+                s["consumed"] = count
+        now = self.mixture.consumed(samples)
+        self._offsets = [
+            int((saved.get(s.name) or {}).get("consumed") or 0) - c for s, c in zip(self.sources, now)
+        ]
+        mixture = [[s.name, s.weight] for s in self.sources]
+        if old == mixture:
+            return []
+        return [
+            f"the data mixture changed from {old} to {mixture}: from here on samples follow the new weights, "
+            "and each source continues where it stood (a new one from its start)"
+        ]
 
 
 def eval_batches(

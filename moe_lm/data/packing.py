@@ -20,6 +20,8 @@ assistant's (the mask stored with the source's shards), `all` on every token of 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,6 +137,20 @@ class PackedBlocks:
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
+
+    def fingerprint(self) -> str:
+        """What the rows hold: the shards' ids and masks (their checksums), which conversations, and
+        how they are packed and labelled; a resume over other data is refused on it (loader.py)."""
+        parts = [
+            self.ids.checksums,
+            self.mask.checksums,
+            [d.name for d in self.ids.dtypes],
+            self.block_len,
+            self.train_on,
+            self.too_long,
+            hashlib.sha256(self._all_starts.tobytes() + self._all_lengths.tobytes()).hexdigest(),
+        ]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
     def _read_mask(self, start: int, count: int) -> np.ndarray:
         out = np.empty(count, dtype=np.uint8)

@@ -39,6 +39,7 @@ from moe_lm import faults
 from moe_lm.data.files import FilePiece, read_piece
 from moe_lm.data.hf_sources import DatasetPiece, read_rows
 from moe_lm.errors import UserError
+from moe_lm.fsutil import disk_full, is_disk_full
 
 STORE_VERSION = 1
 _WRITER_ID = (
@@ -110,12 +111,14 @@ class _Writer:
         self.file = self.tmp.open("wb")
         self.hash = xxhash.xxh3_128()
         self.bytes = 0
+        self.pending = 0  # bytes of the write in progress (for a full disk's message)
 
     def write(self, arr: np.ndarray) -> None:
         data = np.ascontiguousarray(arr).data  # a buffer: no copy
         self.file.write(data)
         self.hash.update(data)
         self.bytes += arr.nbytes
+        self.pending = 0
 
     def commit(self) -> dict[str, Any]:
         self.file.flush()
@@ -125,7 +128,8 @@ class _Writer:
         return {"bytes": self.bytes, "mtime_ns": self.final.stat().st_mtime_ns, "xxh3": self.hash.hexdigest()}
 
     def abort(self) -> None:
-        self.file.close()
+        with contextlib.suppress(OSError):  # closing flushes: on a full disk that fails again
+            self.file.close()
         self.tmp.unlink(missing_ok=True)
 
 
@@ -159,6 +163,8 @@ def write_shard(job: ShardJob, tokenizer: Any, dtype: np.dtype, progress: Any = 
                 ids, ends = _encode_texts(tokenizer, texts, are_docs, tokens, eos)
             if ids.size:
                 max_id = max(max_id, int(ids.max()))
+                ids_out.pending = ids.size * dtype.itemsize
+                faults.hit("shard_write", _written + 1, ids_out.tmp)
                 ids_out.write(ids.astype(dtype))
                 docs_out.write(ends)
             tokens += int(ids.size)
@@ -173,10 +179,13 @@ def write_shard(job: ShardJob, tokenizer: Any, dtype: np.dtype, progress: Any = 
         files = {"ids": ids_out.commit(), "docs": docs_out.commit()}
         if mask_out is not None:
             files["mask"] = mask_out.commit()
-    except BaseException:
+    except BaseException as e:
         for out in (ids_out, docs_out, mask_out):
             if out is not None:
                 out.abort()
+        if is_disk_full(e):  # the shard's temporaries are gone; finished shards stay
+            needed = ids_out.bytes + docs_out.bytes + ids_out.pending + (mask_out.bytes if mask_out else 0)
+            raise disk_full(f"token store shard {job.name}", shard_dir, needed, "at least") from None
         raise
     _written += 1
     faults.hit("shard", _written)
@@ -191,7 +200,14 @@ def write_shard(job: ShardJob, tokenizer: Any, dtype: np.dtype, progress: Any = 
         "files": files,
     }
     tmp = manifest_path.with_name(f"{manifest_path.name}.tmp-{_WRITER_ID}")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    text = json.dumps(manifest, indent=1) + "\n"
+    try:
+        tmp.write_text(text)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise disk_full(f"token store shard {job.name}", shard_dir, len(text)) from None
+        raise
     tmp.rename(manifest_path)  # last: the shard is complete from this moment
     return manifest
 

@@ -13,6 +13,8 @@ documents not yet served as blocks + the next ordinal; restoring it continues bi
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -84,9 +86,27 @@ class StreamBlocks:
         """Block `ordinal` of the stream; ordinals must not go backwards (a rank's never do)."""
         if ordinal < self.next_ordinal:
             raise ValueError(f"stream block {ordinal} was already passed (next is {self.next_ordinal})")
+        self.advance_to(ordinal)
+        return self._next()
+
+    def advance_to(self, ordinal: int) -> None:
+        """Pass over the blocks before `ordinal` (other ranks' blocks); a no-op if already there."""
         while self.next_ordinal < ordinal:
             self._next()
-        return self._next()
+
+    def fingerprint(self) -> str:
+        """What the stream is: dataset, configuration, split, field, tokenizer and block length (its
+        content is not known before it is read)."""
+        spec = self.spec
+        parts = [
+            spec.dataset,
+            spec.config,
+            spec.split,
+            spec.text_field,
+            self.tokenizer.fingerprint,
+            self.block_len,
+        ]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
     def state_dict(self) -> dict[str, Any]:
         return {

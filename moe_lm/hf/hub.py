@@ -167,15 +167,32 @@ def _fine_grained_can_write(grants: dict[str, Any], owner: str, repo_id: str) ->
     return False
 
 
+def _check_inside(f: Path, rel: str, root: Path) -> None:
+    """A push sends what is in the export folder, nothing else: a symbolic link that leads out of
+    it (to a token file, a home directory) is refused, whatever it points at."""
+    if not f.is_symlink():
+        return
+    target = f.resolve()
+    if not target.is_relative_to(root):
+        raise UserError(
+            f"'{rel}' in {root} is a symbolic link to {target}, outside the folder; a push uploads only what is "
+            "inside it: copy the file in or remove the link"
+        )
+
+
 def _upload_files(path: Path, repo_id: str) -> list[tuple[str, Path | bytes]]:
     """(path in the repo, file or bytes) of every file under `path`; the card filled in for `repo_id`."""
     from moe_lm.hf.model_card import retarget_card
 
     files: list[tuple[str, Path | bytes]] = []
+    root = path.resolve()
     for f in sorted(path.rglob("*")):
         rel = f.relative_to(path).as_posix()
-        if not f.is_file() or any(part.startswith(".") for part in Path(rel).parts):
+        if any(part.startswith(".") for part in Path(rel).parts):
             continue  # hidden files (.cache/ of huggingface_hub, editor leftovers) stay local
+        _check_inside(f, rel, root)
+        if not f.is_file():
+            continue
         if rel == "README.md":
             files.append((rel, retarget_card(f.read_text(), repo_id).encode()))
         else:

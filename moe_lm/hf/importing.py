@@ -9,6 +9,7 @@ the end (moe_lm.fsutil.staged_dir), so an interrupted command never leaves a hal
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -36,22 +37,38 @@ def _hf_config(path: Path, kinds: tuple[str, ...]) -> Any:
     if not (path / "config.json").is_file():
         raise UserError(f"'{path}' is not a transformers model folder (no config.json)")
     try:
-        hf = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        hf = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as e:
-        raise UserError(f"cannot read '{path / 'config.json'}': {e}") from None
+        raise UserError(f"cannot read '{path / 'config.json'}': {_first_line(e)}") from None
     if hf.model_type not in kinds:
         raise UserError(f"'{path}' holds a '{hf.model_type}' model; expected {' or '.join(kinds)}")
     return hf
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The folder's weights, loaded without running code from it: no custom modeling code
+    (trust_remote_code=False), and `.bin` files only through torch's restricted unpickler
+    (weights_only=True); safetensors need neither."""
     from transformers import AutoModelForCausalLM
 
     try:
         # dtype="auto" keeps the stored precision; loading into our fp32 model upcasts later.
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype="auto", local_files_only=True, trust_remote_code=False, weights_only=True
+        )
     except Exception as e:
-        raise UserError(f"cannot load the weights in '{path}': {e}") from None
+        if isinstance(e, pickle.UnpicklingError):
+            raise UserError(
+                f"the weights in '{path}' hold pickled objects that are not tensors, so they were not loaded "
+                "(loading them could run code); use a folder from a source you trust, preferably with "
+                "model.safetensors"
+            ) from None
+        raise UserError(f"cannot load the weights in '{path}': {_first_line(e)}") from None
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
@@ -168,7 +185,7 @@ def load_hf_model(
     model.load_state_dict(from_hf_state_dict(_hf_weights(src), cfg.model))
     where = Path(tokenizer) if tokenizer else src
     try:
-        tok = AutoTokenizer.from_pretrained(str(where), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(where), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises many kinds; the user needs the cause in one line
         raise UserError(
             f"no tokenizer loads from '{where}' ({type(e).__name__}); pass --tokenizer DIR"

@@ -3,10 +3,14 @@
 Layout of `RUN/checkpoints/step-N/`:
   config.yaml                       the resolved run config
   model-ep{r}-of-{n}.safetensors    weights, experts keyed by global index (see weights.py)
-  optim-ep{r}-of-{n}.pt             optimizer + scheduler state of the parameters that file's rank held
-  rank{r}.pt                        per-rank training RNG state and data-loader position
+  optim-ep{r}-of-{n}.safetensors    optimizer + scheduler state of the parameters that file's rank held
+  data_position.json                the global data position: samples consumed per source, epoch,
+                                    seed, stream positions (run_state.py); any world size resumes it
+  rng-rank{r}.safetensors           rank r's training RNG state
   trainer_state.json                step, tokens, last metrics
   MANIFEST.json                     size and sha256 of every file above; written last
+Nothing is pickled: loading a checkpoint never runs code, whoever wrote the files. Checkpoints of
+earlier versions (`optim-*.pt`, `rank{r}.pt`) still load, through a restricted unpickler (legacy.py).
 `RUN/checkpoints/latest` names the newest complete checkpoint (for tools; resuming scans the
 directories). A directory without a valid manifest (manifest.py) is never picked: the resolver
 (resolve.py) falls back to the previous complete one and says so. Anything named `.tmp-*` is an
@@ -26,9 +30,12 @@ import torch
 from moe_lm import faults
 from moe_lm.config import Config, load_config
 from moe_lm.errors import UserError
+from moe_lm.model.params import count_params
 from moe_lm.state.manifest import MANIFEST, write_manifest
 from moe_lm.state.resolve import step_dirs
+from moe_lm.state.run_state import RunState, load_run_state, save_data_position, save_rng
 from moe_lm.state.weights import check_state, save_weights
+from moe_lm.state.write_errors import any_failed, checkpoint_bytes, raise_for_failure
 
 TMP_PREFIX = ".tmp-"
 
@@ -100,60 +107,40 @@ def prune(ckpt_root: Path, keep_last: int, current: int) -> None:
             _discard(old, fault_step=current)
 
 
-def _write_error(e: BaseException) -> str | None:
-    """The reason, when `e` means the disk refused a write (full, quota, read-only, I/O error)."""
-    if isinstance(e, OSError):
-        return e.strerror or str(e)
-    text = str(e)  # torch.save and safetensors wrap the OSError in their own exception types
-    for marker in ("No space left", "StorageFull", "file write failed", "Disk quota"):
-        if marker in text:
-            return text.splitlines()[0] if text.strip() else type(e).__name__
-    return None
-
-
-def _raise_write_error(error: BaseException | None, final: Path, root: Path) -> None:
-    if error is None:
-        raise UserError(f"another process failed to write checkpoint {final.name} in {root}; see its error")
-    reason = _write_error(error)
-    if reason is None:
-        raise error
-    pointer = root / "latest"
-    kept = f"{pointer.read_text().strip()} is intact" if pointer.is_file() else "no earlier checkpoint exists"
-    raise UserError(
-        f"cannot write checkpoint {final.name} in {root}: {reason}; {kept} — free disk space "
-        "(or lower checkpoint.keep_last) and resume with train.resume=latest"
-    ) from None
-
-
 def save_checkpoint(
     cfg: Config,
     backend: StateBackend,
     step: int,
-    rank_state: dict[str, Any],
+    rng: dict[str, torch.Tensor],
+    data_position: dict[str, Any] | None,
     trainer_state: dict[str, Any],
 ) -> Path:
-    """Every rank calls this. Returns the final directory. keep-last-N pruning happens here too.
+    """Every rank calls this with its own RNG state; `data_position` (global) is written by the main
+    process. Returns the final directory. keep-last-N pruning happens here too.
 
     Until the rename, everything lives in a temp dir: a kill leaves it behind (cleaned on the next
-    start), a write error removes it and raises one line; earlier checkpoints are never touched.
+    start), a write error removes it and raises one line on every rank; earlier checkpoints are
+    never touched.
     """
     root = cfg.output_dir / "checkpoints"
     final = root / f"step-{step}"
     tmp = root / f"{TMP_PREFIX}step-{step}"
 
     def phase(work: Any) -> None:
-        """Run one rank's share of a phase; every rank learns whether any rank failed, so a full disk
-        on one rank cannot leave the others waiting at a barrier forever."""
+        """Run one rank's share of a phase; every rank learns whether any rank failed, and why, so a
+        full disk on one rank neither leaves the others waiting at a barrier nor hides behind them."""
         error: BaseException | None = None
         try:
             work()
         except Exception as e:
             error = e
-        failed = float(backend.all_reduce(torch.tensor([0.0 if error is None else 1.0]), "sum")[0])
-        if failed:
-            if backend.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            _raise_write_error(error, final, root)
+        if not any_failed(backend, error):
+            return
+        if backend.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        backend.barrier()  # the temp dir is gone before anyone measures the free space
+        size = checkpoint_bytes(root, count_params(cfg.model).total_params)
+        raise_for_failure(backend, error, final.name, root, size)
 
     def own_files() -> None:
         if backend.is_main:
@@ -161,12 +148,14 @@ def save_checkpoint(
             tmp.mkdir(parents=True)
         backend.barrier()
         backend.save_state(tmp)
-        torch.save(rank_state, tmp / f"rank{backend.rank}.pt")
+        save_rng(tmp, backend.rank, backend.world_size, rng)
         faults.hit("ckpt_files", step, tmp)
 
     def seal() -> None:
         if backend.is_main:
             (tmp / "config.yaml").write_text(cfg.to_yaml())
+            if data_position is not None:
+                save_data_position(tmp, data_position)
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
             write_manifest(tmp)
             faults.hit("ckpt_manifest", step)
@@ -213,20 +202,15 @@ def check_compatible(ckpt_cfg: Config, cfg: Config, where: Path) -> None:
 
 def load_checkpoint(
     cfg: Config, backend: StateBackend, path: Path, weights_only: bool = False
-) -> dict[str, Any]:
-    """Restore model (+ optimizer, scheduler unless weights_only); returns the rank/trainer state
-    (the rank state holds what the trainer saved: loader position, training RNG)."""
+) -> RunState | None:
+    """Restore model (+ optimizer, scheduler unless weights_only); returns what else the run
+    continues from (trainer state, data position, this rank's RNG), None with weights_only."""
     ckpt_cfg = load_config(path / "config.yaml")
     check_compatible(ckpt_cfg, cfg, path)
     backend.load_state(path, weights_only=weights_only)
     if weights_only:
-        return {}
-    trainer_state = json.loads((path / "trainer_state.json").read_text())
-    rank_file = path / f"rank{backend.rank}.pt"
-    rank_state: dict[str, Any] = {}
-    if rank_file.is_file():
-        rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
-    return {"trainer": trainer_state, "rank": rank_state}
+        return None
+    return load_run_state(path, ckpt_cfg, backend.rank, backend.world_size)
 
 
 def write_weights_checkpoint(directory: Path, cfg: Config, state: dict[str, torch.Tensor]) -> None:

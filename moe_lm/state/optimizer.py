@@ -1,27 +1,55 @@
-"""Optimizer state on disk: `optim-ep{r}-of-{n}.pt`, keyed by parameter name, whatever the backend.
+"""Optimizer state on disk: `optim-ep{r}-of-{n}.safetensors`, keyed by parameter name, whatever the backend.
 
-Each file holds the state of the parameters its EP rank held, experts stacked as in memory, with the
-rank's global expert range, and the scheduler's step. EP rank 0 also holds the dense state (equal
-on every rank). Reading splits every file's experts by global index (experts.py) and stacks the
-range a rank holds, so any EP size and either backend (DDP or DeepSpeed ZeRO) resumes any other.
+Each file holds the state of the parameters its EP rank held, experts stacked as in memory: tensor
+`{parameter}/{state key}` (e.g. `layers.0.ffn.experts.gate_up_proj/exp_avg`), and in the header's
+metadata (JSON, read by safetensors' own parser) the rank's global expert range and the
+scheduler's step. EP rank 0 also holds the dense state (equal on every rank). Reading splits every
+file's experts by global index (experts.py) and stacks the range a rank holds, so any EP size and
+either backend (DDP or DeepSpeed ZeRO) resumes any other.
+
+Safetensors, not `torch.save`: loading a checkpoint must never run code, whoever wrote the files,
+and safetensors holds tensors and string metadata only. Checkpoints written before this format
+(`optim-ep*-of-*.pt`) are still read, by the restricted unpickler (legacy.py).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from moe_lm.errors import UserError
 from moe_lm.model.params import is_expert_param
 from moe_lm.state.experts import split_experts, stack_experts
+from moe_lm.state.legacy import load_pickle_safely
 
 # parameter name -> its optimizer state ({"step": 0-dim, "exp_avg": tensor, ...} for AdamW)
 NamedState = dict[str, dict[str, torch.Tensor]]
+FORMAT = "moe_lm.optimizer/1"
 
 
 def optimizer_file_name(ep_rank: int, ep_size: int) -> str:
-    return f"optim-ep{ep_rank}-of-{ep_size}.pt"
+    return f"optim-ep{ep_rank}-of-{ep_size}.safetensors"
+
+
+def _flatten(named: NamedState) -> dict[str, torch.Tensor]:
+    """{name/key: tensor}, each a contiguous CPU tensor with storage of its own (safetensors
+    refuses tensors that share memory, as views of one buffer would)."""
+    flat: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, state in named.items():
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"optimizer state {name}/{key} is a {type(value).__name__}, not a tensor")
+            t = value.detach().cpu().contiguous()
+            if t.untyped_storage().data_ptr() in seen:
+                t = t.clone()
+            seen.add(t.untyped_storage().data_ptr())
+            flat[f"{name}/{key}"] = t
+    return flat
 
 
 def save_optimizer_state(
@@ -36,27 +64,54 @@ def save_optimizer_state(
     if ep_rank != 0:
         named = {n: s for n, s in named.items() if is_expert_param(n)}
     path = Path(directory) / optimizer_file_name(ep_rank, ep_size)
-    torch.save(
-        {"optimizer": named, "scheduler": {"last_epoch": scheduler_step}, "expert_range": expert_range},
-        path,
-    )
+    meta = {
+        "format": FORMAT,
+        "scheduler_last_epoch": str(int(scheduler_step)),
+        "expert_range": json.dumps([int(expert_range[0]), int(expert_range[1])]),
+    }
+    save_file(_flatten(named), str(path), metadata=meta)
     return path
+
+
+def _read(path: Path) -> tuple[NamedState, int, int]:
+    """(state by name, experts stacked; the scheduler step; the file's first global expert)."""
+    if path.suffix == ".pt":  # written before safetensors: plain data only, or refused
+        blob = load_pickle_safely(path)
+        return blob["optimizer"], int(blob["scheduler"]["last_epoch"]), int(blob["expert_range"][0])
+    named: NamedState = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                name, _, state_key = key.rpartition("/")
+                named.setdefault(name, {})[state_key] = f.get_tensor(key)
+        step, first = int(meta["scheduler_last_epoch"]), int(json.loads(meta["expert_range"])[0])
+    except Exception as e:  # truncated, corrupted, or not ours
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"cannot read optimizer state '{path}' ({first_line}); the checkpoint is damaged, use an earlier one"
+        ) from None
+    return named, step, first
+
+
+def optimizer_files(directory: Path) -> list[Path]:
+    directory = Path(directory)
+    return sorted(directory.glob("optim-ep*-of-*.safetensors")) or sorted(directory.glob("optim-ep*-of-*.pt"))
 
 
 def load_optimizer_state(directory: Path, expert_range: tuple[int, int]) -> tuple[NamedState, int]:
     """(state by parameter name holding experts [start, end), the scheduler step) from any EP size.
 
     A parameter without saved state (frozen, or not stepped yet) is absent from the result."""
-    files = sorted(Path(directory).glob("optim-ep*-of-*.pt"))
+    files = optimizer_files(directory)
     if not files:
         raise UserError(
-            f"checkpoint '{directory}' has no optimizer state (optim-ep*-of-*.pt); "
+            f"checkpoint '{directory}' has no optimizer state (optim-ep*-of-*.safetensors); "
             "use train.init_from to start from its weights only"
         )
     per_expert: NamedState = {}
     scheduler_step = 0
     for f in files:
-        blob = torch.load(f, map_location="cpu", weights_only=False)
-        per_expert.update(split_experts(blob["optimizer"], blob["expert_range"][0]))
-        scheduler_step = int(blob["scheduler"]["last_epoch"])
+        named, scheduler_step, first = _read(f)
+        per_expert.update(split_experts(named, first))
     return stack_experts(per_expert, expert_range, strict=False), scheduler_step

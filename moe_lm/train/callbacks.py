@@ -270,12 +270,10 @@ class Checkpoint(Callback):
             "last_metrics": self.last_metrics,
             "val_loss": self.val_loss,
         }
-        rank_state = {
-            "loader": trainer.loader.state_dict(),
-            "rng": trainer.rng.state_dict(),
-            "world_size": b.world_size,
-        }
-        path = ckpt.save_checkpoint(trainer.cfg, b, trainer.step, rank_state, trainer_state)
+        # The data position is global: the main process writes it for every rank.
+        position = trainer.loader.state_dict() if b.is_main else None
+        rng = trainer.rng.state_dict()
+        path = ckpt.save_checkpoint(trainer.cfg, b, trainer.step, rng, position, trainer_state)
         self.saved_step = trainer.step
         if trainer.nonfinite_in_row == 0:
             trainer.last_good_checkpoint = path

@@ -19,7 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from moe_lm import faults
 from moe_lm.config import Config
+from moe_lm.fsutil import append_bytes, disk_full, is_disk_full
 
 
 class Sink:
@@ -31,13 +33,25 @@ class Sink:
 
 
 class JsonlSink(Sink):
-    """One line per record; a resumed run appends to the lines of the run it continues."""
+    """One line per record; a resumed run appends to the lines of the run it continues.
+
+    Unbuffered: each line reaches the file when it is logged, and a full disk is reported at the
+    record that met it (one line: path, bytes needed, bytes free), with nothing left in a buffer
+    to fail again at exit. A line cut short by the full disk is dropped on resume (rundir.py)."""
 
     def __init__(self, path: Path, resumed: bool) -> None:
-        self.file = open(path, "a" if resumed else "w", buffering=1)  # noqa: SIM115
+        self.path = path
+        self.file = open(path, "ab" if resumed else "wb", buffering=0)  # noqa: SIM115
 
     def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        line = (json.dumps(record) + "\n").encode()
+        try:
+            faults.hit("metrics_write", int(record.get("step", 0)), self.path)
+            append_bytes(self.file, line)
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_full("a metrics record", self.path, len(line)) from None
+            raise
 
     def close(self) -> None:
         self.file.close()

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -27,12 +28,14 @@ from moe_lm.data.corpus import open_data
 from moe_lm.data.loader import ResumableLoader
 from moe_lm.data.tokenizer import Tokenizer, check_vocab, ensure_tokenizer
 from moe_lm.errors import UserError
+from moe_lm.fsutil import DiskFullError
 from moe_lm.model import MoETransformer
 from moe_lm.model.balance import global_batch_step
 from moe_lm.parallel.layout import Layout, start_processes
 from moe_lm.parallel.parallelize import build_backend
 from moe_lm.state import checkpoint as ckpt
 from moe_lm.state.resolve import resolve_resume
+from moe_lm.state.write_errors import explain_disk_full
 from moe_lm.train.callbacks import Callback, Record, default_callbacks
 from moe_lm.train.optim import apply_freeze, lr_lambda, optimizer_factory, param_groups
 from moe_lm.train.preflight import check_memory
@@ -62,6 +65,16 @@ class StepResult:
     def finite(self) -> bool:
         loss = self.losses.get("loss")
         return self.stepped and (loss is None or bool(torch.isfinite(loss)))
+
+
+@contextmanager
+def disk_full_context(cfg: Config) -> Iterator[None]:
+    """A full disk met by the token store or metrics.jsonl: say which checkpoint survives and how
+    to continue (a checkpoint write's own error says so already)."""
+    try:
+        yield
+    except DiskFullError as e:
+        raise explain_disk_full(e, cfg.output_dir / "checkpoints") from None
 
 
 class StopRequested:
@@ -107,7 +120,8 @@ class Trainer:
         # data.cache_dir; where they do, the store's lock lets one tokenise and the other find it
         # done). Every process then reads its blocks by memory map.
         local_main = bool(layout.accelerator.is_local_main_process)
-        self.data = open_data(cfg, self.tokenizer, is_main=local_main, barrier=layout.barrier)
+        with disk_full_context(cfg):
+            self.data = open_data(cfg, self.tokenizer, is_main=local_main, barrier=layout.barrier)
         # Conversations: the samples are chat replies, rendered by the tokenizer's chat template.
         self.chat = chat_encoder(self.tokenizer) if self.data.chat else None
 
@@ -129,18 +143,12 @@ class Trainer:
             self.data.train, cfg.train.micro_batch_size, b.dp_rank, b.dp_size, cfg.train.seed
         )
         self.step, self.tokens = 0, 0
+        self.resume_notes: list[str] = []  # what the resume changed, said once the log is up
         if cfg.train.init_from and resumed_from is None:  # resume=auto's requeues continue the run
             init = resolve_resume(cfg.train.init_from, cfg.output_dir, key="train.init_from")
             ckpt.load_checkpoint(cfg, b, init, weights_only=True)
         if resumed_from is not None:  # what the Checkpoint callback saved
-            state = ckpt.load_checkpoint(cfg, b, resumed_from)
-            self.step = state["trainer"]["step"]
-            self.tokens = state["trainer"]["tokens"]
-            if "loader" in state["rank"]:
-                self.loader.load_state_dict(state["rank"]["loader"])
-            # The RNG stream only continues exactly on the same topology; elsewhere it starts from the seed.
-            if "rng" in state["rank"] and state["rank"].get("world_size") == b.world_size:
-                self.rng.load_state_dict(state["rank"]["rng"])
+            self._resume(resumed_from)
         commit_run_dir(cfg, resumed_from, b.is_main)  # only now that every input has loaded
         b.barrier()
         self.resumed_from = resumed_from
@@ -152,6 +160,23 @@ class Trainer:
         self.nonfinite_in_row = 0
         # The newest checkpoint written while every step was finite: where to go back to after a divergence.
         self.last_good_checkpoint: Path | None = resumed_from
+
+    def _resume(self, path: Path) -> None:
+        """Weights, optimizer, step, the global data position and (same topology) the RNG stream."""
+        state = ckpt.load_checkpoint(self.cfg, self.backend, path)
+        assert state is not None
+        self.step, self.tokens = int(state.trainer["step"]), int(state.trainer["tokens"])
+        position = state.data_position if state.data_position is not None else state.legacy_loader_states
+        if position:
+            self.resume_notes += self.loader.load_state_dict(position, self.cfg.train.accept_changed_data)
+            if self.loader.changed_sources:
+                sizes = ", ".join(f"{name} {len(blocks)} blocks" for name, blocks in self.data.val.items())
+                self.resume_notes.append(
+                    f"validation re-cut from the new data: {sizes or 'no validation set'}"
+                )
+        # The RNG stream only continues exactly on the same topology; elsewhere it starts from the seed.
+        if state.rng is not None:
+            self.rng.load_state_dict(state.rng)
 
     # ---- one optimizer step -------------------------------------------------------------------
 
@@ -276,9 +301,11 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         if self.resumed_from is not None:
             self.log.message(f"resumed from {self.resumed_from} at step {self.step}")
+            for note in self.resume_notes:
+                self.log.message(note)
         for callback in self.callbacks:
             callback.pre_train(self)
-        with StopRequested() as stop:
+        with StopRequested() as stop, disk_full_context(self.cfg):
             while not self.done():
                 result = self.train_step()
                 self.step += 1

@@ -1,4 +1,4 @@
-"""Every benchmark the README quotes runs, at its smallest size: the script finishes, prints its
+"""Every benchmark docs/benchmarks.md quotes runs, at its smallest size: the script finishes, prints its
 tables, and the numbers that must hold whatever the machine's speed do (parity with transformers and
 the peers, positive times). Speed itself is not asserted; the benchmarks are what measure it."""
 

@@ -16,6 +16,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import gpu_check  # noqa: E402
 
+HANG_GUARD_S = 1800  # a hang guard: the smoke run takes about 20 s on 2 cores
+
 GPU_BENCH_OUTPUT = """
 ## Train step (fwd + bwd + AdamW)
 
@@ -46,8 +48,11 @@ def _rows(markdown: str) -> dict[str, list[str]]:
 
 def test_smoke_run_on_cpu_passes_every_check(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # The script's 8-minute budget is for a GPU; a loaded CPU machine may need longer with no defect,
+    # so the budget here is past the hang guard's timeout and only a failing check fails the test.
     cmd = [sys.executable, "scripts/gpu_check.py", "--device", "cpu", "--smoke", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    cmd += ["--budget", str(2 * HANG_GUARD_S)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "gpu-check: all checks passed" in proc.stdout
     rows = _rows((tmp_path / "gpu_check.md").read_text())
@@ -60,7 +65,7 @@ def test_smoke_run_on_cpu_passes_every_check(tmp_path: Path) -> None:
         "bench_train fp32",
         "bench_train fp32 --compile",
     ]
-    assert re.fullmatch(r"\d+ skipped", rows["tests/gpu"][3])  # no CUDA here
+    assert re.fullmatch(r"\d+ passed, \d+ skipped", rows["tests/gpu"][3])  # the CPU halves; no CUDA here
     tokens_per_s, mfu, peak, result, _ = rows[train]
     assert float(tokens_per_s.replace(",", "")) > 0 and mfu.endswith("%") and peak == "-"
     assert result.startswith("val loss ")

@@ -116,7 +116,7 @@ def test_the_export_card_links_the_figures(
         (["--data", "a={corpus}", "--layers", "x"], "'x' is not a layer index"),
         (["--data", "a"], "is not NAME=FILE"),
         (["--data", "a={corpus}", "--passage", "b"], "no data set named 'b'"),
-        (["--data", "a={tmp}/nothing.txt"], "file"),
+        (["--data", "a={tmp}/nothing.txt"], "--data a: file '{tmp}/nothing.txt' not found; check the path"),
         (["--data", "a={blob}"], "is binary (NUL bytes), not text"),  # NUL is valid UTF-8: caught up front
     ],
 )
@@ -134,5 +134,5 @@ def test_bad_input_is_one_line_exit_2(
     argv = ["routing", str(run[0]), *[a.format(**fill) for a in args], "--out", str(tmp_path / "out")]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and says in err and err.count("\n") == 1
+    assert err.startswith("error: ") and says.format(**fill) in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -61,7 +62,9 @@ def test_trains_logs_every_field_and_checkpoints(make_config, tmp_path):
         for row in r["expert_load"]:
             assert len(row) == cfg.model.num_experts
             assert sum(row) == pytest.approx(1.0, abs=1e-3)
-        assert all(v >= 1.0 for v in r["imbalance"])
+        # max over mean load per layer: the largest load fraction × E (both logged rounded: 5 and 4 digits)
+        want = [max(row) * cfg.model.num_experts for row in r["expert_load"]]
+        assert r["imbalance"] == pytest.approx(want, abs=1e-4)
         assert r["dropped_frac"] == 0.0  # dropless by default
         assert r["tokens"] == r["step"] * 4 * 32
     assert train_recs[-1]["loss"] < train_recs[0]["loss"] - 0.5
@@ -182,8 +185,21 @@ def test_wandb_offline_run_finishes(make_config, tmp_path, monkeypatch):
     assert any(runs[0].rglob("*.wandb"))
 
 
-def test_train_prints_config_warnings_once_before_step_1(make_config, tmp_path, capsys):
+def test_train_prints_config_warnings_once_before_step_1(make_config, tmp_path, capsys, monkeypatch):
+    from moe_lm.train.trainer import Trainer
+
+    # What stderr held when the first step started, read at that moment: the order, recorded.
+    before_step_1: list[str] = []
+    real_step = Trainer.train_step
+
+    def first_reads_stderr(self: Trainer) -> Any:
+        if not before_step_1:
+            before_step_1.append(capsys.readouterr().err)
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", first_reads_stderr)
     cfg = make_config(train={"max_steps": 2}, optim={"warmup_steps": 5})
     assert train(write(cfg, tmp_path / "c.yaml")) == 0
-    err = capsys.readouterr().err
-    assert err.count("warning: optim.warmup_steps = 5 ≥ train.max_steps = 2") == 1
+    warning = "warning: optim.warmup_steps = 5 ≥ train.max_steps = 2"
+    assert len(before_step_1) == 1 and before_step_1[0].count(warning) == 1
+    assert warning not in capsys.readouterr().err

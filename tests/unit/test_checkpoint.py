@@ -9,24 +9,30 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from moe_lm import faults
+from moe_lm import faults, fsutil
 from moe_lm.config import Config, config_from_dict, load_config
 from moe_lm.errors import UserError
 from moe_lm.state import checkpoint as ckpt
 from moe_lm.state.manifest import verify
 from moe_lm.state.resolve import find_latest, resolve_checkpoint, resolve_resume
+from moe_lm.state.write_errors import PeerWriteError
 from moe_lm.train.preflight import GIB, check_memory, estimate_memory
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 class FakeBackend:
-    rank, world_size, is_main = 0, 1, True
+    """Rank 0 of one process, or of two whose (simulated) rank 1 fails with `peer_line` (what
+    write_errors.py sends: "kind:one line")."""
 
-    def __init__(self, fail: BaseException | None = None, others_failing: int = 0) -> None:
+    rank, is_main = 0, True
+
+    def __init__(self, fail: BaseException | None = None, peer_line: str | None = None) -> None:
         self.fail = fail
-        self.others_failing = others_failing  # failures reported by the (simulated) other ranks
+        self.peer_line = peer_line
+        self.world_size = 1 if peer_line is None else 2
 
     def save_state(self, directory: Path) -> None:
         (directory / "model-ep0-of-1.safetensors").write_bytes(b"w" * 1000)
@@ -41,7 +47,14 @@ class FakeBackend:
         pass
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        return tensor + self.others_failing
+        if self.peer_line is None:
+            return tensor
+        if tensor.dim() == 1:  # "did anyone fail": the peer did
+            return tensor + 1
+        out = tensor.clone()  # the reasons: the peer's in row 1
+        encoded = list(self.peer_line.encode())
+        out[1, : len(encoded)] = torch.tensor(encoded, dtype=out.dtype)
+        return out
 
 
 def cfg_at(tmp_path: Path, keep_last: int = 2) -> Config:
@@ -50,8 +63,11 @@ def cfg_at(tmp_path: Path, keep_last: int = 2) -> Config:
     )
 
 
+RNG = {"torch": torch.arange(5, dtype=torch.uint8)}
+
+
 def save(cfg: Config, step: int, backend: FakeBackend | None = None) -> Path:
-    return ckpt.save_checkpoint(cfg, backend or FakeBackend(), step, {"loader": step}, {"step": step})
+    return ckpt.save_checkpoint(cfg, backend or FakeBackend(), step, RNG, {"samples": step}, {"step": step})
 
 
 def names(root: Path) -> list[str]:
@@ -70,12 +86,15 @@ def test_save_writes_manifest_pointer_and_keeps_last_n(tmp_path):
         "config.yaml",
         "model-ep0-of-1.safetensors",
         "optim-ep0-of-1.pt",
-        "rank0.pt",
+        "rng-rank0.safetensors",
+        "data_position.json",
         "trainer_state.json",
     }
     assert manifest["optim-ep0-of-1.pt"]["size"] == 2000
     assert verify(root / "step-4") is None
-    assert torch.load(root / "step-4" / "rank0.pt", weights_only=False)["loader"] == 4
+    # no pickle: the data position is JSON, the RNG state safetensors
+    assert json.loads((root / "step-4" / "data_position.json").read_text()) == {"samples": 4}
+    assert torch.equal(load_file(str(root / "step-4" / "rng-rank0.safetensors"))["torch"], RNG["torch"])
     assert load_config(root / "step-4" / "config.yaml") == cfg
 
 
@@ -94,7 +113,7 @@ DAMAGE = [
         lambda d: (d / "MANIFEST.json").write_text('{"files": [1'),
         "MANIFEST.json is unreadable",
     ),
-    ("missing", lambda d: (d / "rank0.pt").unlink(), "rank0.pt is missing"),
+    ("missing", lambda d: (d / "rng-rank0.safetensors").unlink(), "rng-rank0.safetensors is missing"),
     ("truncated", _truncate, "optim-ep0-of-1.pt has 10 bytes, the manifest says 2000 (truncated)"),
     ("corrupted", _flip, "optim-ep0-of-1.pt does not match its checksum (corrupted)"),
 ]
@@ -141,30 +160,43 @@ def test_no_complete_checkpoint_at_all(tmp_path, capsys):
     "fail",
     [
         OSError(errno.ENOSPC, "No space left on device"),
-        RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"),
+        OSError(errno.EDQUOT, "Disk quota exceeded"),
+        RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })"),  # safetensors
         None,  # the injected fault: MOE_LM_FAULT=enospc:2
     ],
-    ids=["oserror", "torch-wrapped", "injected"],
+    ids=["oserror", "quota", "safetensors-wrapped", "injected"],
 )
-def test_full_disk_keeps_earlier_checkpoints_and_removes_the_temp_dir(tmp_path, monkeypatch, fail):
+def test_full_disk_keeps_earlier_checkpoints_and_says_what_it_needed(tmp_path, monkeypatch, fail):
     cfg = cfg_at(tmp_path)
     save(cfg, 1)
     root = cfg.output_dir / "checkpoints"
     before = {p.name: p.read_bytes() for p in (root / "step-1").iterdir()}
+    needed = sum(p.stat().st_size for p in (root / "step-1").iterdir() if p.name != "MANIFEST.json")
+    monkeypatch.setattr(fsutil, "free_bytes", lambda path: 12345)
     if fail is None:
         monkeypatch.setenv(faults.ENV, "enospc:2")
-    with pytest.raises(UserError) as info:
+    with pytest.raises(fsutil.DiskFullError) as info:
         save(cfg, 2, FakeBackend(fail))
-    message = str(info.value)
-    assert "\n" not in message
-    assert message.startswith(f"cannot write checkpoint step-2 in {root}: ")
-    assert (
-        "step-1 is intact — free disk space (or lower checkpoint.keep_last) and resume with train.resume"
-        in message
+    assert str(info.value) == (
+        f"disk full: cannot write checkpoint step-2 to {root}: it needs {fsutil.human_bytes(needed)} and 12.1 KiB "
+        "(12,345 bytes) are free; nothing of step-2 was kept and checkpoint step-1 is intact: free space (or lower "
+        "checkpoint.keep_last) and continue with train.resume=auto"
     )
     assert names(root) == ["latest", "step-1"]  # the temp dir is gone
     assert (root / "latest").read_text() == "step-1"
     assert {p.name: p.read_bytes() for p in (root / "step-1").iterdir()} == before
+
+
+def test_a_full_disk_at_the_first_checkpoint_estimates_the_size_from_the_model(tmp_path, monkeypatch):
+    from moe_lm.model.params import count_params
+
+    cfg = cfg_at(tmp_path)
+    monkeypatch.setattr(fsutil, "free_bytes", lambda path: 0)
+    with pytest.raises(fsutil.DiskFullError) as info:
+        save(cfg, 1, FakeBackend(OSError(errno.ENOSPC, "No space left on device")))
+    estimate = 12 * count_params(cfg.model).total_params  # fp32 weights + AdamW's two moments
+    assert f"it needs about {fsutil.human_bytes(estimate)} and 0 bytes are free" in str(info.value)
+    assert "no earlier checkpoint exists: free space" in str(info.value)
 
 
 def test_other_errors_propagate_but_leave_no_temp_dir(tmp_path):
@@ -291,15 +323,38 @@ def test_a_huge_config_warns_and_a_tiny_one_does_not(capsys):
     assert check_memory(tiny(), 2, torch.device("cpu")) is None  # this machine's real RAM
 
 
-def test_write_failure_on_another_rank_stops_every_rank(tmp_path: Path) -> None:
-    # Regression: a full disk on one rank raised there while the others waited at a barrier forever.
+def test_write_failure_on_another_rank_stops_every_rank_with_its_reason(tmp_path: Path) -> None:
+    """A full disk on one rank raised there while the others waited at a barrier forever; then the
+    others said "another process failed to write checkpoint ...; see its error", a line that hid
+    the cause. Now every rank raises the failing rank's own line."""
     cfg = cfg_at(tmp_path)
-    ckpt.save_checkpoint(cfg, FakeBackend(), 1, {}, {"step": 1})
-    with pytest.raises(UserError, match="another process failed to write checkpoint step-2"):
-        ckpt.save_checkpoint(cfg, FakeBackend(others_failing=1), 2, {}, {"step": 2})
+    save(cfg, 1)
     root = cfg.output_dir / "checkpoints"
+    peer = f"disk:disk full: cannot write checkpoint step-2 to {root}: it needs 9 bytes and 0 bytes are free; ..."
+    with pytest.raises(fsutil.DiskFullError) as full:
+        save(cfg, 2, FakeBackend(peer_line=peer))
+    assert str(full.value) == peer[len("disk:") :]
+    with pytest.raises(UserError, match=r"^cannot write checkpoint step-2 in .*: Read-only file system"):
+        save(
+            cfg,
+            2,
+            FakeBackend(peer_line=f"user:cannot write checkpoint step-2 in {root}: Read-only file system"),
+        )
+    with pytest.raises(PeerWriteError) as crash:
+        save(cfg, 2, FakeBackend(peer_line="crash:KeyError: 'exp_avg'"))
+    assert str(crash.value) == (
+        f"process 1 failed while writing checkpoint step-2 in {root} (KeyError: 'exp_avg'); this process stopped "
+        "because of it, see process 1's traceback for the cause; checkpoint step-1 is intact"
+    )
+    with pytest.raises(ValueError, match="a bug"):  # this rank's own crash is re-raised as it was
+        save(cfg, 2, FakeBackend(ValueError("a bug"), peer_line="crash:KeyError: 'exp_avg'"))
+    # a full disk anywhere is the cause, whatever a peer's own broken write says
+    with pytest.raises(fsutil.DiskFullError, match="^disk full: cannot write checkpoint step-2"):
+        save(
+            cfg, 2, FakeBackend(OSError(errno.ENOSPC, "No space left"), peer_line="crash:RuntimeError: gloo")
+        )
+    assert names(root) == ["latest", "step-1"]
     assert (root / "latest").read_text() == "step-1"
-    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-1"]
     assert verify(root / "step-1") is None
 
 

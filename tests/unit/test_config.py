@@ -10,6 +10,7 @@ import yaml
 from moe_lm.config import Config, ModelConfig, config_from_dict, load_config, parse_overrides
 from moe_lm.errors import ConfigError, UserError
 
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 TINY_YAML = """\
 name: unit
 model:
@@ -231,7 +232,9 @@ def test_resolved_config_round_trips(tiny_yaml: Path) -> None:
     again = _roundtrip(cfg)
     assert again == cfg and again.to_yaml() == cfg.to_yaml()
     assert _roundtrip(Config()) == Config()
-    for path in sorted(Path("configs").glob("*.yaml")):
+    paths = sorted(CONFIG_DIR.glob("*.yaml"))  # anchored: from another working directory the loop was empty
+    assert "tiny-shakespeare.yaml" in [p.name for p in paths]
+    for path in paths:
         shipped = load_config(path)
         assert _roundtrip(shipped) == shipped, path
 

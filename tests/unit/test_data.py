@@ -415,17 +415,10 @@ def test_resume_is_bit_identical(k: int) -> None:
 
 def test_resume_guards() -> None:
     state = ResumableLoader(_ids_blocks(), micro_batch_size=2).state_dict()
-    with pytest.raises(UserError, match="over 23 blocks but the data now has 22"):
+    with pytest.raises(UserError, match=r"source 'corpus' had 23 training blocks, now 22\)"):
         ResumableLoader(_ids_blocks()[:22], micro_batch_size=2).load_state_dict(state)
     with pytest.raises(UserError, match=r"23 blocks, fewer than one batch of train.micro_batch_size 12 × 2"):
         ResumableLoader(_ids_blocks(), micro_batch_size=12, dp_size=2)
-    one = ResumableLoader(_ids_blocks(), micro_batch_size=2)
-    for _ in range(4):
-        one.next_batch()
-    two = ResumableLoader(_ids_blocks(), micro_batch_size=4)
-    with pytest.warns(UserWarning, match="continues approximately"):
-        two.load_state_dict(one.state_dict())
-    assert two.position == 2  # 8 samples consumed either way
 
 
 def test_drop_last_false_keeps_a_short_batch() -> None:

@@ -1,4 +1,4 @@
-"""The package layering (README, design): checked by import-linter, plus what it cannot express."""
+"""The package layering (docs/design.md): checked by import-linter, plus what it cannot express."""
 
 from __future__ import annotations
 

@@ -111,22 +111,52 @@ def test_mixture_loader_is_independent_of_world_size_and_resumes_exactly() -> No
 
 
 def test_mixture_resume_guards() -> None:
+    """Changed data is refused even when a weight changes too (the size check sat behind the
+    weights check); other weights alone continue every source exactly where it stood."""
     loader = ResumableLoader(_mixture(), micro_batch_size=4)
-    loader.next_batch()
+    seen = [i for _ in range(50) for i in _ids(loader.next_batch()[0])]
     state = loader.state_dict()
     changed = [_source("small", 8, 1.0, 1000), _source("large", 500, 3.0, 0)]
-    with pytest.raises(UserError, match=r"over \[7, 500\] blocks but the data now has \[8, 500\]"):
+    with pytest.raises(UserError, match=r"source 'small' had 7 training blocks, now 8"):
         ResumableLoader(changed, micro_batch_size=4).load_state_dict(state)
-    reweighted = [_source("small", 7, 2.0, 1000), _source("large", 500, 3.0, 0)]
-    with pytest.warns(UserWarning, match="the mixture changes from here on"):
-        ResumableLoader(reweighted, micro_batch_size=4).load_state_dict(state)
+    changed_and_reweighted = [_source("small", 8, 2.0, 1000), _source("large", 500, 3.0, 0)]
+    with pytest.raises(UserError, match=r"the training data changed since the checkpoint"):
+        ResumableLoader(changed_and_reweighted, micro_batch_size=4).load_state_dict(state)
+    reweighted = ResumableLoader([_source("small", 7, 2.0, 1000), _source("large", 500, 3.0, 0)], 4)
+    notes = reweighted.load_state_dict(state)
+    assert notes == [
+        "the data mixture changed from [['small', 1.0], ['large', 3.0]] to [['small', 2.0], ['large', 3.0]]: "
+        "from here on samples follow the new weights, and each source continues where it stood (a new one from "
+        "its start)"
+    ]
+    assert reweighted.consumed() == loader.consumed()
+    more = [i for _ in range(50) for i in _ids(reweighted.next_batch()[0])]
+    # the large source (no repeats within its 500-block epoch) goes on without repeating a block
+    large = [i for i in seen + more if i < 1000]
+    assert len(large) < 500 and len(set(large)) == len(large)
+    counts = reweighted.consumed()
+    assert counts["small"] - loader.consumed()["small"] > 50  # now 2 : 3
 
 
 def test_single_source_legacy_checkpoints_keep_their_randperm_order() -> None:
     blocks = torch.arange(23 * 5, dtype=torch.int32).view(23, 5)
     old_state = {"epoch": 1, "position": 2, "seed": 7, "num_blocks": 23, "micro_batch_size": 3, "dp_size": 1}
     loader = ResumableLoader(blocks, micro_batch_size=3)
-    loader.load_state_dict(old_state)  # written before this version: no "order" key
+    loader.load_state_dict([old_state])  # one rank's state, written before "order" and the global position
     x, _ = loader.next_batch()
     perm = torch.randperm(23, generator=torch.Generator().manual_seed(7 + 1))
     assert (x[:, 0] // 5).tolist() == perm[6:9].tolist()
+
+
+def test_dropping_a_source_keeps_the_position_and_the_others_where_they_were() -> None:
+    three = ResumableLoader([*_mixture(), _source("extra", 50, 1.0, 2000)], micro_batch_size=4)
+    for _ in range(30):
+        three.next_batch()
+    state = three.state_dict()
+    two = ResumableLoader(_mixture(), micro_batch_size=4)
+    assert "the data mixture changed" in two.load_state_dict(state)[0]
+    assert two.position == 30 and two.state_dict()["samples"] == 120  # the global position, not a sum
+    assert two.consumed() == {k: v for k, v in three.consumed().items() if k != "extra"}
+    again = ResumableLoader(_mixture(), micro_batch_size=4)
+    again.load_state_dict(two.state_dict())
+    assert again.consumed() == two.consumed() and again.position == 30

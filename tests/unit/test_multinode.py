@@ -1,5 +1,5 @@
 """The two-node accelerate configs (2 x 8 GPUs, DDP+EP and ZeRO-2+EP): accelerate reads them into the
-torchrun layout we document, and expert-parallel groups map onto nodes as the README says.
+torchrun layout we document, and expert-parallel groups map onto nodes as docs/launching.md says.
 
 No GPU or second machine is needed: accelerate's own argument handling (`_validate_launch_command`,
 `prepare_*_env`) computes what torchrun gets; global ranks then follow torchrun's static rendezvous
