@@ -104,7 +104,7 @@ class DataConfig:
     num_proc: int = 1  # worker processes for tokenising (moe-lm data prepare and the first train)
     document_mask: bool = False  # packed documents do not attend across EOS; positions restart per doc
     # instruction tuning (docs/instruction-tuning.md)
-    kind: Literal["text", "chat"] = "text"  # chat: records are conversations, rendered by the chat template
+    kind: Literal["text", "chat"] = "text"  # chat: records are conversations (docs/instruction-tuning.md)
     messages_field: str = "messages"  # chat: the field with the [{role, content}] list (else prompt/response)
     train_on: Literal["assistant", "all"] | None = None  # chat: tokens the loss is on; None: assistant
     too_long: Literal["truncate", "drop"] = "truncate"  # chat: an example over seq_len + 1 tokens
