@@ -40,9 +40,11 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def chat_files(root: Path) -> tuple[Path, Path]:
+    # short exchanges (about 30 tokens) among the validation set: rows of 65 hold two of them
+    short = [{"prompt": "Who?", "response": answer} for answer in ("Ay.", "No.", "I.")] * 4
     return (
         write_jsonl(root / "chat" / "train.jsonl", conversations(240, seed=0)),
-        write_jsonl(root / "chat" / "val.jsonl", conversations(24, seed=1)),
+        write_jsonl(root / "chat" / "val.jsonl", conversations(24, seed=1) + short),
     )
 
 
@@ -209,7 +211,8 @@ def test_export_carries_the_template_and_transformers_renders_the_same_ids(
 ):
     from transformers import AutoTokenizer
 
-    assert load_chat_template(exported) == load_chat_template(tokenizer_dir)
+    template = load_chat_template(tokenizer_dir)
+    assert (exported / "chat_template.jinja").read_text() == template  # transformers 5 reads this first
     assert json.loads((exported / "tokenizer_config.json").read_text())[
         "chat_template"
     ] == load_chat_template(tokenizer_dir)

@@ -48,13 +48,14 @@ def test_best_fit_decreasing_packs_every_item_once_within_capacity():
 
 def test_split_inputs_decodes_labels_and_documents_of_a_packed_row():
     ids = np.array([10, 11, 12, 13, 14, 15, 2, 2])
-    targets = np.array([0, 0, 1, 1, 0, 1, 0, 0])
+    targets = np.array([0, 0, 1, 1, 1, 1, 0, 0])  # the second example's first token is a target (train_on all)
     docs = np.array([0, 0, 0, 0, 1, 1, 2, 2])  # two examples, then padding
     plain = np.arange(20, 28)
     batch = split_inputs(np.stack([encode_packed(ids, targets, docs), plain]))
     input_ids, labels = batch
     assert input_ids.tolist() == [ids[:-1].tolist(), plain[:-1].tolist()]
-    # a label is kept only where the next token is a target of the same example
+    # a label is kept only where the next token is a target of the same example (not at 3: 14 is
+    # a target, but of the next example)
     assert labels[0].tolist() == [-100, 12, 13, -100, 15, -100, -100]
     assert labels[1].tolist() == plain[1:].tolist()
     assert batch.document_ids.tolist() == [[0, 0, 0, 0, 1, 1, 2], [0] * 7]
