@@ -192,12 +192,19 @@ class Trainer:
             return from_eos
         return torch.where(batch.packed_B[:, None], docs, from_eos)  # type: ignore[attr-defined]
 
-    def forward(self, model: Any, batch: Sequence[torch.Tensor], **kwargs: Any) -> Any:
+    def forward(
+        self,
+        model: Any,
+        batch: Sequence[torch.Tensor] | torch.Tensor,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """`model` (wrapped for training, raw for evaluation) on a batch from the CPU: the loader's
-        (input_ids, labels) pair (moe_lm.data.blocks.Batch)."""
+        (input_ids, labels) pair (moe_lm.data.blocks.Batch), or input_ids and `labels`."""
         b = self.backend
-        input_ids, labels = batch[0], batch[1]
-        docs = self.document_ids(batch)
+        pair: Sequence[torch.Tensor] = batch if labels is None else (batch, labels)  # type: ignore[assignment]
+        input_ids, labels = pair[0], pair[1]
+        docs = self.document_ids(pair)
         if docs is not None:
             kwargs["document_ids"] = docs.to(b.device)
         return model(input_ids.to(b.device), labels=labels.to(b.device), **kwargs)
