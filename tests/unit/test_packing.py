@@ -48,7 +48,9 @@ def test_best_fit_decreasing_packs_every_item_once_within_capacity():
 
 def test_split_inputs_decodes_labels_and_documents_of_a_packed_row():
     ids = np.array([10, 11, 12, 13, 14, 15, 2, 2])
-    targets = np.array([0, 0, 1, 1, 1, 1, 0, 0])  # the second example's first token is a target (train_on all)
+    targets = np.array(
+        [0, 0, 1, 1, 1, 1, 0, 0]
+    )  # the second example's first token is a target (train_on all)
     docs = np.array([0, 0, 0, 0, 1, 1, 2, 2])  # two examples, then padding
     plain = np.arange(20, 28)
     batch = split_inputs(np.stack([encode_packed(ids, targets, docs), plain]))
