@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -385,3 +386,40 @@ def test_chat_config_errors():
         Exception, match=r"data.sources.c.streaming: conversations are packed from the token store"
     ):
         config_from_dict(streaming)
+
+
+def test_eval_command_gives_the_runs_own_validation_loss(sft_run, capsys):
+    capsys.readouterr()
+    assert main(["eval", str(sft_run)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.endswith("(over assistant tokens)")
+    assert float(line.split()[1]) == pytest.approx(records(sft_run, "eval")[-1]["val_loss"], abs=1e-4)
+
+
+def test_data_prepare_reports_conversations_and_packed_rows(make_chat, capsys):
+    capsys.readouterr()
+    assert main(["data", "prepare", str(make_chat("prepare-only"))]) == 0
+    out = capsys.readouterr().out
+    assert "packed" in out.splitlines()[1] and "240" in out.splitlines()[1]  # the training source's row
+    assert "conversations packed into" in out and "rows of 65 tokens" in out
+
+
+def test_rows_of_text_in_a_mixture_get_their_documents_from_eos():
+    """data.document_mask with packed conversations and text in one batch: packed rows keep their
+    example ids, text rows are cut at EOS as in pretraining."""
+    from types import SimpleNamespace
+
+    from moe_lm.data.blocks import encode_packed, split_inputs
+    from moe_lm.train.trainer import Trainer
+
+    packed = encode_packed(
+        np.array([1, 5, 6, 1, 7, 8]), np.array([0, 1, 1, 0, 1, 1]), np.array([0, 0, 0, 1, 1, 1])
+    )
+    text = np.array([5, 2, 6, 7, 2, 8])  # EOS = 2
+    batch = split_inputs(np.stack([packed, text]))
+    trainer = SimpleNamespace(
+        cfg=SimpleNamespace(data=SimpleNamespace(document_mask=True)), tokenizer=SimpleNamespace(eos_id=2)
+    )
+    assert Trainer.document_ids(trainer, batch).tolist() == [[0, 0, 0, 1, 1], [0, 0, 1, 1, 1]]  # type: ignore[arg-type]
+    trainer.cfg.data.document_mask = False
+    assert Trainer.document_ids(trainer, batch).tolist() == [[0, 0, 0, 1, 1], [0, 0, 0, 0, 0]]  # type: ignore[arg-type]
