@@ -122,7 +122,7 @@ def eval_main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    from moe_lm.data.blocks import document_ids
+    from moe_lm.data.blocks import batch_document_ids
     from moe_lm.data.corpus import open_data
     from moe_lm.data.loader import eval_batches
     from moe_lm.data.sources import eval_plan
@@ -150,13 +150,7 @@ def eval_main(argv: list[str]) -> int:
                 blocks, args.batch_size or cfg.train.micro_batch_size, max_batches=args.max_batches
             ):
                 input_ids, labels = batch
-                docs = getattr(batch, "document_ids", None)  # packed conversations bring their own
-                if cfg.data.document_mask:
-                    from_eos = document_ids(input_ids, tokenizer.eos_id)
-                    if docs is None:
-                        docs = from_eos
-                    else:
-                        docs = torch.where(getattr(batch, "packed_B")[:, None], docs, from_eos)  # noqa: B009
+                docs = batch_document_ids(batch, tokenizer.eos_id, cfg.data.document_mask)
                 out = model(
                     input_ids.to(args.device),
                     labels=labels.to(args.device),

@@ -221,6 +221,17 @@ def split_inputs(x_BL: np.ndarray | torch.Tensor) -> Batch:
     return Batch(ids_BL[:, :-1].contiguous(), labels.contiguous(), docs_BL[:, :-1].contiguous(), packed_B)
 
 
+def batch_document_ids(batch: Any, eos_id: int, document_mask: bool) -> torch.Tensor | None:
+    """The document ids [B, T] a batch is computed with, or None for plain causal attention: packed
+    conversations bring theirs (Batch.document_ids); rows of text are cut at EOS with
+    `document_mask` (data.document_mask), else are one document each."""
+    docs = getattr(batch, "document_ids", None)
+    if not document_mask:
+        return docs
+    from_eos = document_ids(batch[0], eos_id)
+    return from_eos if docs is None else torch.where(batch.packed_B[:, None], docs, from_eos)
+
+
 def document_ids(input_ids_BT: torch.Tensor, eos_id: int) -> torch.Tensor:
     """Per token, how many EOS come before it in its row: tokens of one document share an id (the
     EOS belongs to the document it ends)."""
@@ -236,6 +247,7 @@ __all__ = [
     "StoreBlocks",
     "TokenStream",
     "as_blocks",
+    "batch_document_ids",
     "document_ids",
     "encode_packed",
     "split_inputs",

@@ -22,7 +22,7 @@ import torch
 
 from moe_lm import faults
 from moe_lm.config import Config
-from moe_lm.data.blocks import document_ids
+from moe_lm.data.blocks import batch_document_ids
 from moe_lm.data.chat import chat_encoder
 from moe_lm.data.corpus import open_data
 from moe_lm.data.loader import ResumableLoader
@@ -181,16 +181,8 @@ class Trainer:
     # ---- one optimizer step -------------------------------------------------------------------
 
     def document_ids(self, batch: Sequence[torch.Tensor]) -> torch.Tensor | None:
-        """The batch's document ids (on the CPU), or None for plain causal attention: packed
-        conversations bring theirs (moe_lm/data/packing.py); rows of text get them from EOS
-        with data.document_mask, else are one document each."""
-        input_ids, docs = batch[0], getattr(batch, "document_ids", None)
-        if not self.cfg.data.document_mask:
-            return docs
-        from_eos = document_ids(input_ids, self.tokenizer.eos_id)
-        if docs is None:
-            return from_eos
-        return torch.where(batch.packed_B[:, None], docs, from_eos)  # type: ignore[attr-defined]
+        """The batch's document ids on the CPU (moe_lm.data.blocks.batch_document_ids)."""
+        return batch_document_ids(batch, self.tokenizer.eos_id, self.cfg.data.document_mask)
 
     def forward(
         self,
