@@ -51,8 +51,10 @@ def train_main(argv: list[str]) -> int:
 
 def preflight(cfg: Config) -> None:
     """What would otherwise fail late, checked before any process group, data or model: the
-    TensorBoard package, and everything the final push needs (on the first process only: it
-    asks the Hub once)."""
+    TensorBoard package, the checkpoint train.init_from starts from (so a missing or misshapen one
+    never leaves a tokenizer or token store trained for nothing), and everything the final push
+    needs (on the first process only: it asks the Hub once)."""
+    _check_init_from(cfg)
     if cfg.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise UserError(
             "logging.tensorboard needs the tensorboard package: pip install 'moe_lm[tensorboard]' "
@@ -63,6 +65,20 @@ def preflight(cfg: Config) -> None:
 
         user = check_can_push(cfg.hub.repo_id, key="hub.repo_id")
         print(f"hub.push_at_end: '{user}' may push to {cfg.hub.repo_id}; the run is pushed when it finishes")
+
+
+def _check_init_from(cfg: Config) -> None:
+    """train.init_from exists, is complete and has this config's model shape (unless resume=auto
+    finds the run's own checkpoints, which are loaded instead)."""
+    from moe_lm.state.checkpoint import check_compatible
+    from moe_lm.state.resolve import resolve_resume, step_dirs
+
+    if not cfg.train.init_from:
+        return
+    if cfg.train.resume == "auto" and step_dirs(cfg.output_dir / "checkpoints"):
+        return
+    init = resolve_resume(cfg.train.init_from, cfg.output_dir, key="train.init_from")
+    check_compatible(load_config(init / "config.yaml"), cfg, init)
 
 
 def _train(cfg: Config, layout: Layout) -> int:

@@ -423,3 +423,25 @@ def test_rows_of_text_in_a_mixture_get_their_documents_from_eos():
     assert Trainer.document_ids(trainer, batch).tolist() == [[0, 0, 0, 1, 1], [0, 0, 1, 1, 1]]  # type: ignore[arg-type]
     trainer.cfg.data.document_mask = False
     assert Trainer.document_ids(trainer, batch).tolist() == [[0, 0, 0, 1, 1], [0, 0, 0, 0, 0]]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("init", "model", "words"),
+    [
+        ("nowhere", {}, "no such checkpoint directory"),
+        ("pretrain", {"num_experts": 8}, "has model.num_experts = 4 but the config says 8"),
+    ],
+    ids=["missing", "other-shape"],
+)
+def test_a_bad_init_from_stops_before_any_tokenizer_or_store_is_made(
+    make_chat, root, capsys, pretrained, init, model, words
+):
+    name = f"bad-init-{init}"
+    data = {"tokenizer": str(root / f"{name}-tok"), "cache_dir": str(root / f"{name}-cache")}
+    cfg = make_chat(name, data=data, train={"init_from": str(root / init)}, model=model)
+    capsys.readouterr()
+    assert main(["train", str(cfg)]) == 2
+    line = _one_line(capsys)
+    assert "train.init_from" in line or str(root / init) in line
+    assert words in line
+    assert not any((root / f"{name}{suffix}").exists() for suffix in ("-tok", "-cache", ""))
