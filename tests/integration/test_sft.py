@@ -28,6 +28,7 @@ from moe_lm.config import config_from_dict
 from moe_lm.data.chat import ChatEncoder, Conversation, chat_encoder
 from moe_lm.data.chat_template import load_chat_template, write_chat_template
 from moe_lm.data.tokenizer import Tokenizer
+from moe_lm.errors import ConfigError
 from moe_lm.state.weights import load_model_state, load_pretrained
 from tests.integration.chat_data import chat_sections, conversations, messages_of, write_jsonl
 from tests.integration.conftest import run_config_dict
@@ -247,13 +248,20 @@ def test_exported_model_loss_on_a_conversation_equals_moe_lms(exported, sft_run,
         assert float(theirs) == pytest.approx(float(mine), abs=1e-4)
 
 
-def test_text_generation_pipeline_answers_on_the_export(exported):
+def test_text_generation_pipeline_answers_on_the_export_as_moe_lm_does(exported, sft_run, tokenizer_dir):
     from transformers import pipeline
 
     chat = pipeline("text-generation", model=str(exported))
-    out = chat([{"role": "user", "content": "Who art thou?"}], max_new_tokens=8, do_sample=False)
+    messages = [{"role": "user", "content": "Who art thou?"}]
+    out = chat(messages, max_new_tokens=8, do_sample=False)
     reply = out[0]["generated_text"][-1]
-    assert reply["role"] == "assistant" and isinstance(reply["content"], str)
+    assert reply["role"] == "assistant"
+    # greedy, the same reply as moe_lm's generate --chat
+    _, model = load_pretrained(sft_run)
+    tok = Tokenizer.load(tokenizer_dir)
+    prompt = chat_encoder(tok).prompt_ids(messages)
+    ids = model.eval().generate(torch.tensor([prompt]), 8, temperature=0, eos_id=tok.eos_id)
+    assert reply["content"] == tok.decode(ids[0, len(prompt) :].tolist())
 
 
 def test_mixture_with_pretraining_text(make_chat, root, corpus, chat_files):
@@ -379,7 +387,7 @@ def test_train_on_assistant_with_text_data_is_one_line_exit_2(corpus, tokenizer_
 
 def test_chat_config_errors():
     base = {"data": {"kind": "chat", "train_files": ["x.jsonl"], "format": "text"}}
-    with pytest.raises(Exception, match=r"data.format: text files hold no conversation records"):
+    with pytest.raises(ConfigError, match=r"data.format: text files hold no conversation records"):
         config_from_dict(base)
     streaming = {"data": {"sources": {"c": {"dataset": "d", "kind": "chat", "streaming": True}}}}
     with pytest.raises(
