@@ -22,7 +22,8 @@ import torch
 
 from moe_lm import faults
 from moe_lm.config import Config
-from moe_lm.data.blocks import document_ids
+from moe_lm.data.blocks import batch_document_ids
+from moe_lm.data.chat import chat_encoder
 from moe_lm.data.corpus import open_data
 from moe_lm.data.loader import ResumableLoader
 from moe_lm.data.tokenizer import Tokenizer, check_vocab, ensure_tokenizer
@@ -58,6 +59,7 @@ class StepResult:
     router_entropy_L: torch.Tensor | None = (
         None  # per MoE layer, mean router entropy (nats) over the micro-batches
     )
+    target_tokens: torch.Tensor | None = None  # packed conversations: the step's targets, every process
 
     @property
     def finite(self) -> bool:
@@ -120,6 +122,8 @@ class Trainer:
         local_main = bool(layout.accelerator.is_local_main_process)
         with disk_full_context(cfg):
             self.data = open_data(cfg, self.tokenizer, is_main=local_main, barrier=layout.barrier)
+        # Conversations: the samples are chat replies, rendered by the tokenizer's chat template.
+        self.chat = chat_encoder(self.tokenizer) if self.data.chat else None
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = MoETransformer(cfg.model)
@@ -176,22 +180,48 @@ class Trainer:
 
     # ---- one optimizer step -------------------------------------------------------------------
 
-    def forward(self, model: Any, input_ids: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> Any:
-        """`model` (wrapped for training, raw for evaluation) on a batch from the CPU."""
+    def document_ids(self, batch: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """The batch's document ids on the CPU (moe_lm.data.blocks.batch_document_ids)."""
+        return batch_document_ids(batch, self.tokenizer.eos_id, self.cfg.data.document_mask)
+
+    def forward(
+        self,
+        model: Any,
+        batch: Sequence[torch.Tensor] | torch.Tensor,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """`model` (wrapped for training, raw for evaluation) on a batch from the CPU: the loader's
+        (input_ids, labels) pair (moe_lm.data.blocks.Batch), or input_ids and `labels`."""
         b = self.backend
-        if self.cfg.data.document_mask:
-            kwargs["document_ids"] = document_ids(input_ids, self.tokenizer.eos_id).to(b.device)
+        pair: Sequence[torch.Tensor] = batch if labels is None else (batch, labels)  # type: ignore[assignment]
+        input_ids, labels = pair[0], pair[1]
+        docs = self.document_ids(pair)
+        if docs is not None:
+            kwargs["document_ids"] = docs.to(b.device)
         return model(input_ids.to(b.device), labels=labels.to(b.device), **kwargs)
 
-    def _count(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def _count(self, batch: Sequence[torch.Tensor]) -> torch.Tensor:
         """Expert counts [L, E] of one micro-batch, without autograd or LM head (the counting pass
         of model.aux_loss_scope global_batch, moe_lm/model/balance.py)."""
         b, input_ids = self.backend, batch[0]
-        docs = None
-        if self.cfg.data.document_mask:
-            docs = document_ids(input_ids, self.tokenizer.eos_id).to(b.device)
+        docs = self.document_ids(batch)
         with b.autocast():
-            return b.raw_model.route_counts(input_ids.to(b.device), document_ids=docs)
+            return b.raw_model.route_counts(
+                input_ids.to(b.device), document_ids=None if docs is None else docs.to(b.device)
+            )
+
+    def _lm_weights(self, batches: list[Any]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Packed conversations: per micro-batch, the factor n_m * W / N on its lm_loss (its mean over
+        its n_m targets), N the targets of the whole step (every micro-batch of all W processes, one
+        all-reduce). The step's LM loss and gradient are then the mean over every target token, as
+        one process running the global batch at once computes them; a mean of micro-batch means
+        would weigh a token of a micro-batch with few assistant tokens above the others. Counted
+        from the labels on the CPU: no device sync. -> (factors, N as a 0-dim device tensor)."""
+        b = self.backend
+        counts = [float((labels != -100).sum()) for _, labels in batches]
+        total = b.all_reduce(torch.tensor([sum(counts)], device=b.device), "sum")[0]
+        return [c * b.world_size / total.clamp_min(1) for c in counts], total
 
     def train_step(self) -> StepResult:
         start = time.perf_counter()
@@ -208,15 +238,23 @@ class Trainer:
         entropy_L: torch.Tensor | None = None
         # All of the step's micro-batches first: global-batch balancing may count them before any runs.
         batches = [self.loader.next_batch() for _ in range(accum)]
+        weights, targets = self._lm_weights(batches) if self.data.packed else (None, None)
         with global_batch_step(b.raw_model, batches, self._count):
-            for micro, (input_ids, labels) in enumerate(batches):
+            for micro, batch in enumerate(batches):
                 with b.accumulate(sync=micro == accum - 1), b.autocast():
-                    out = self.forward(b.model, input_ids, labels, return_logits=False)
-                    b.backward(faults.poison(out.loss, self.step + 1) / accum)
+                    out = self.forward(b.model, batch, return_logits=False)
+                    weighted: dict[str, torch.Tensor] = {}
+                    if weights is not None:  # token-weighted LM term; the router terms stay means
+                        lm = out.lm_loss * weights[micro]
+                        weighted = {"loss": (out.loss - out.lm_loss) / accum + lm, "lm_loss": lm}
+                        b.backward(faults.poison(weighted["loss"], self.step + 1))
+                    else:
+                        b.backward(faults.poison(out.loss, self.step + 1) / accum)
                 for key in ("loss", "lm_loss", "aux_loss", "hf_aux_loss", "z_loss"):
                     value = getattr(out, key)
                     if value is not None:
-                        losses[key] = losses.get(key, 0) + value.detach().float() / accum
+                        value = weighted[key] if key in weighted else value.detach().float() / accum
+                        losses[key] = losses.get(key, 0) + value.detach().float()
                 if out.expert_counts_LE is not None and out.dropped_L is not None:
                     counts_LE = (
                         out.expert_counts_LE if counts_LE is None else counts_LE + out.expert_counts_LE
@@ -231,7 +269,7 @@ class Trainer:
             # Every rank applies the same update from the global load, so biases stay identical.
             b.raw_model.update_expert_bias(b.all_reduce(counts_LE.float(), "sum"))
         seconds = time.perf_counter() - start
-        return StepResult(losses, counts_LE, dropped_L, grad_norm, stepped, seconds, entropy_L)
+        return StepResult(losses, counts_LE, dropped_L, grad_norm, stepped, seconds, entropy_L, targets)
 
     def _guard(self, result: StepResult) -> None:
         """Non-finite loss or gradient: the update was skipped; too many in a row stops the run."""
