@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "tokenizer": ("moe_lm.data.tokenizer", "tokenizer_main", "train or ensure a sentencepiece tokenizer"),
     "data": ("moe_lm.data.cli", "data_main", "prepare: tokenise a config's sources into the token store"),
     "info": ("moe_lm.cli.info", "info_main", "parameter counts (total / active) and the resolved config"),
+    "plan": ("moe_lm.cli.plan", "plan_main", "size a GPU job: memory, fit and speed per layout, rehearsed"),
     "eval": ("moe_lm.cli.train", "eval_main", "validation loss and perplexity of a checkpoint"),
     "generate": ("moe_lm.cli.train", "generate_main", "sample text from a checkpoint"),
     "stats": ("moe_lm.cli.stats", "stats_main", "expert-load heatmaps (PNG) from a run or checkpoint"),

@@ -107,7 +107,8 @@ class Counts:
 
     flops: int = 0
     roofline_seconds: float = 0.0  # sum over ops of max(FLOPs / peak, bytes / memory bandwidth)
-    collective_bytes: Counter[str] = field(default_factory=Counter)  # kind -> bytes this rank sent
+    collective_bytes: Counter[str] = field(default_factory=Counter)  # kind -> bytes handed to it
+    all_to_all_received: int = 0  # bytes the all-to-alls brought to this rank
     host_reads: Counter[str] = field(default_factory=Counter)  # file:line -> values read
     grouped_mm_calls: int = 0
     attention_kernels: Counter[str] = field(default_factory=Counter)
@@ -128,7 +129,9 @@ class RehearsalMode(TorchDispatchMode):
         finally:
             self.counts = previous
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
         kwargs = kwargs or {}
         packet = func.overloadpacket
         if packet is aten.bincount:
@@ -153,12 +156,10 @@ class RehearsalMode(TorchDispatchMode):
     def _attention_choice(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
         # torch.nn.attention.SDPBackend: MATH 0, FLASH 1, EFFICIENT 2. On an H100/A100 in bf16,
         # causal attention without a mask runs the flash kernel, with a mask the efficient one.
-        from torch.nn.attention import SDPBackend
-
         mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
         if not self.half_attention:
-            return int(SDPBackend.MATH)
-        return int(SDPBackend.FLASH_ATTENTION if mask is None else SDPBackend.EFFICIENT_ATTENTION)
+            return 0
+        return 1 if mask is None else 2
 
     def _count(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         counts = self.counts
@@ -169,6 +170,8 @@ class RehearsalMode(TorchDispatchMode):
             if kind is not None:
                 sent = args[1] if kind == "all_to_all" else args[0]
                 counts.collective_bytes[kind] += _nbytes(sent)
+                if kind == "all_to_all":
+                    counts.all_to_all_received += _nbytes(args[0])
             return
         if packet is aten._grouped_mm:
             counts.grouped_mm_calls += 1

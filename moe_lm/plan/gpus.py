@@ -8,6 +8,7 @@ one 400 Gb/s (H100/H200) or 200 Gb/s (A100) InfiniBand port per GPU. `--gpu cust
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 from moe_lm.errors import UserError
 
@@ -56,9 +57,7 @@ def parse_gpu(spec: str) -> GPU:
     if spec in KNOWN:
         return KNOWN[spec]
     if not spec.startswith("custom:"):
-        raise UserError(
-            f"--gpu: unknown GPU kind '{spec}'; use one of {', '.join(KNOWN)} or {_CUSTOM_HELP}"
-        )
+        raise UserError(f"--gpu: unknown GPU kind '{spec}'; use one of {', '.join(KNOWN)} or {_CUSTOM_HELP}")
     gpu = replace(KNOWN["h100-80gb"], name="custom")
     for item in filter(None, spec[len("custom:") :].split(",")):
         key, _, raw = item.partition("=")
@@ -71,5 +70,6 @@ def parse_gpu(spec: str) -> GPU:
         if value <= 0:
             raise UserError(f"--gpu: {key} must be positive, got {raw}")
         field_name, unit = _CUSTOM[key]
-        gpu = replace(gpu, **{field_name: int(value * unit) if field_name == "memory" else value * unit})
+        values: dict[str, Any] = {field_name: int(value * unit) if field_name == "memory" else value * unit}
+        gpu = replace(gpu, **values)
     return gpu
