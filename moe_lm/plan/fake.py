@@ -115,10 +115,17 @@ class Counts:
 
 
 class RehearsalMode(TorchDispatchMode):
-    def __init__(self, peak_flops: float, memory_bandwidth: float, half_precision_attention: bool) -> None:
+    def __init__(
+        self,
+        peak_flops: float,
+        memory_bandwidth: float,
+        half_precision_attention: bool,
+        gpu_attention: bool = True,
+    ) -> None:
         super().__init__()
         self.peak_flops, self.memory_bandwidth = peak_flops, memory_bandwidth
         self.half_attention = half_precision_attention
+        self.gpu_attention = gpu_attention  # False: a plan of a CPU run keeps the CPU's own choice
         self.counts: Counts | None = None  # counting off
 
     @contextmanager
@@ -139,7 +146,7 @@ class RehearsalMode(TorchDispatchMode):
             return args[0].new_empty((minlength,), dtype=torch.long)
         if packet is aten._local_scalar_dense:
             return self._read(args[0])
-        if packet is aten._fused_sdp_choice:
+        if packet is aten._fused_sdp_choice and self.gpu_attention:
             return self._attention_choice(args, kwargs)
         out = func(*args, **kwargs)
         if self.counts is not None:

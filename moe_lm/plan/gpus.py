@@ -24,6 +24,7 @@ class GPU:
     hbm: float  # memory bandwidth, bytes/s
     nvlink: float  # bytes/s per direction to a GPU of the same node
     network: float  # bytes/s per direction to another node
+    device_type: str = "cuda"  # "cpu": a plan of a CPU run (its own precision, kernels and experts path)
 
     def describe(self) -> str:
         return (
@@ -49,6 +50,12 @@ _CUSTOM = {
     "network_gbps": ("network", 1e9),
 }
 _CUSTOM_HELP = "custom:memory_gib=80,tflops=989,hbm_tbps=3.35,nvlink_gbps=450,network_gbps=50"
+
+
+def cpu_target(memory: int) -> GPU:
+    """A CPU process as the target of a rehearsal (the memory checks of docs/plan.md compare it with
+    real CPU runs); its speed figures are placeholders no report shows."""
+    return GPU("cpu", memory, 1e12, 1e11, 1e10, 1e10, device_type="cpu")
 
 
 def parse_gpu(spec: str) -> GPU:

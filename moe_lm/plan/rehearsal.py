@@ -84,6 +84,7 @@ class Rehearsal:
     world_size: int
     memory: dict[str, int]  # category -> bytes at the peak phase, measured + arithmetic
     peak_phase: str
+    phase_peaks: dict[str, int]  # phase (PHASES) -> its peak bytes, measured + arithmetic
     flops: int  # per optimizer step, counted (recomputation included)
     roofline_seconds: float  # per step: sum over ops of max(FLOPs / peak, bytes / HBM bandwidth)
     backward_seconds: float  # the part of it that a gradient all-reduce can overlap with
@@ -135,10 +136,12 @@ def depths(model: ModelConfig) -> tuple[int, ...]:
     return (prefix + period, prefix + 2 * period)
 
 
-def _measure(cfg: Config, mode: RehearsalMode, routing: AssumedRouting, deepspeed: bool) -> Measurement:
+def _measure(
+    cfg: Config, mode: RehearsalMode, routing: AssumedRouting, deepspeed: bool, device_type: str
+) -> Measurement:
     """Rank 0 for two optimizer steps, an evaluation pass, one sampled token and the checkpoint
     read-out. Inside a fake world and `mode`, outside a FakeTensorMode."""
-    precision = resolve_precision(cfg.train.mixed_precision, "cuda")
+    precision = resolve_precision(cfg.train.mixed_precision, device_type)
     dtype = DTYPES[precision]
     world_size = torch.distributed.get_world_size()
     meta = build_meta_model(cfg.model)  # outside the fake mode: to_empty swaps its parameters
@@ -251,22 +254,26 @@ def _affine(a: Any, b: Any, units: float) -> Any:
 
 def rehearse(cfg: Config, world_size: int, gpu: GPU, routing: AssumedRouting) -> Rehearsal:
     """Rank 0 of `world_size` ranks running `cfg` (its layout included), on fake tensors."""
-    precision = resolve_precision(cfg.train.mixed_precision, "cuda")
+    on_gpu = gpu.device_type == "cuda"
+    precision = resolve_precision(cfg.train.mixed_precision, gpu.device_type)
     dtype = DTYPES[precision]
     deepspeed = cfg.parallel.backend == "deepspeed"
     accum = cfg.train.grad_accum_steps
     micro_batches = min(accum, REHEARSED_MICRO_BATCHES)
     # DeepSpeed's engine runs the model in its own dtype with our step; its update is arithmetic.
+    impl: Any = gpu_experts_impl(cfg.model, dtype) if on_gpu else cfg.model.experts_impl
     run_cfg = cfg.replace(
-        model=dataclasses.replace(cfg.model, experts_impl=gpu_experts_impl(cfg.model, dtype)),  # type: ignore[arg-type]
+        model=dataclasses.replace(cfg.model, experts_impl=impl),
         train=dataclasses.replace(cfg.train, grad_accum_steps=micro_batches, compile=False),
         parallel=dataclasses.replace(cfg.parallel, backend="ddp", zero_stage=0),
     )
     layers = depths(cfg.model)
-    mode = RehearsalMode(gpu.peak_flops, gpu.hbm, dtype != torch.float32)
+    mode = RehearsalMode(gpu.peak_flops, gpu.hbm, dtype != torch.float32, gpu_attention=on_gpu)
     with fake_world(world_size, 0), mode:
         found = [
-            _measure(run_cfg.replace(model=dataclasses.replace(run_cfg.model, num_layers=n)), mode, routing, deepspeed)
+            _measure(
+                run_cfg.replace(model=dataclasses.replace(run_cfg.model, num_layers=n)), mode, routing, deepspeed, gpu.device_type
+            )
             for n in layers
         ]  # fmt: skip
         extras = data_parallel_extras(cfg, world_size)
@@ -280,7 +287,9 @@ def rehearse(cfg: Config, world_size: int, gpu: GPU, routing: AssumedRouting) ->
     if deepspeed and cfg.parallel.zero_stage >= 2:  # ZeRO-2 never holds every bf16 gradient
         for snap in phases.values():
             snap["gradients"] = 0
-    phase = max(PHASES, key=lambda p: sum(phases[p].values()))
+    added = sum(extras.memory.values())
+    phase_peaks = {p: int(sum(phases[p].values()) + added) for p in PHASES}
+    phase = max(PHASES, key=lambda p: phase_peaks[p])
     memory = {c: int(phases[phase][c] + extras.memory.get(c, 0)) for c in CATEGORIES}
     scale = accum / micro_batches
     traffic = Counter({k: int(v * scale) for k, v in whole(lambda m: dict(m.micro.collective_bytes)).items()})
@@ -291,6 +300,7 @@ def rehearse(cfg: Config, world_size: int, gpu: GPU, routing: AssumedRouting) ->
         world_size=world_size,
         memory=memory,
         peak_phase=phase,
+        phase_peaks=phase_peaks,
         flops=int(whole(lambda m: m.micro.flops) * scale + whole(lambda m: m.step.flops)),
         roofline_seconds=micro_roofline + whole(lambda m: m.step.roofline_seconds),
         backward_seconds=micro_roofline * 2 / 3,  # backward: two of the three GEMMs of each weight

@@ -67,7 +67,7 @@ class Trainer:
         self.cfg = cfg
         layout = layout if layout is not None else start_processes(cfg)
         resumed_from = prepare_run_dir(cfg, layout.is_main)
-        if layout.is_main:
+        if layout.is_main and layout.device.type == "cpu":  # GPU runs: the plan, in `moe-lm train`
             check_memory(cfg, layout.world_size, layout.device)
         layout.barrier()
 
