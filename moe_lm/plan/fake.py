@@ -68,12 +68,12 @@ def _grouped_mm_flops(a: torch.Tensor, b: torch.Tensor) -> int:
 
 
 def _sdpa_flops(q: torch.Tensor, k: torch.Tensor, backward: bool) -> int:
-    """QK^T and PV (x2.5 in backward: dQ, dK, dV, dP and the recomputed P), the full causal square
-    as `flops_per_token` counts it."""
+    """QK^T and PV over the full causal square (as `flops_per_token` and torch's flop counter count
+    it); backward twice the forward (dQ, dK, dV, dP; the flash kernel's recomputed P is not counted)."""
     b, h, s_q, d = q.shape
     s_k = k.shape[-2]
     forward = 2 * (2 * b * h * s_q * s_k * d)
-    return forward * 5 // 2 if backward else forward
+    return 2 * forward if backward else forward
 
 
 def _op_flops(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> int:

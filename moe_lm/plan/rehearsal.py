@@ -252,8 +252,11 @@ def _affine(a: Any, b: Any, units: float) -> Any:
     return a + (b - a) * (units - 1)
 
 
-def rehearse(cfg: Config, world_size: int, gpu: GPU, routing: AssumedRouting) -> Rehearsal:
-    """Rank 0 of `world_size` ranks running `cfg` (its layout included), on fake tensors."""
+def rehearse(
+    cfg: Config, world_size: int, gpu: GPU, routing: AssumedRouting, full_depth: bool = False
+) -> Rehearsal:
+    """Rank 0 of `world_size` ranks running `cfg` (its layout included), on fake tensors.
+    `full_depth`: every layer, no extrapolation (the tests compare the two)."""
     on_gpu = gpu.device_type == "cuda"
     precision = resolve_precision(cfg.train.mixed_precision, gpu.device_type)
     dtype = DTYPES[precision]
@@ -267,7 +270,7 @@ def rehearse(cfg: Config, world_size: int, gpu: GPU, routing: AssumedRouting) ->
         train=dataclasses.replace(cfg.train, grad_accum_steps=micro_batches, compile=False),
         parallel=dataclasses.replace(cfg.parallel, backend="ddp", zero_stage=0),
     )
-    layers = depths(cfg.model)
+    layers = (cfg.model.num_layers,) if full_depth else depths(cfg.model)
     mode = RehearsalMode(gpu.peak_flops, gpu.hbm, dtype != torch.float32, gpu_attention=on_gpu)
     with fake_world(world_size, 0), mode:
         found = [
