@@ -11,8 +11,8 @@ import torch
 from moe_lm.config import Config, ParallelConfig
 from moe_lm.errors import UserError
 from moe_lm.model import MoETransformer
-from moe_lm.parallel.layout import check_launch, ddp_accelerator
 from moe_lm.parallel.expert_parallel import source_to_expert_order
+from moe_lm.parallel.layout import check_launch, ddp_accelerator
 from moe_lm.parallel.mesh import Mesh, expert_data_parallel_ranks, expert_parallel_ranks, validate_ep
 from tests.conftest import tiny_model_config
 
