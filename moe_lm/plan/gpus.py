@@ -16,6 +16,11 @@ GIB = 1024**3
 MIB = 1024**2
 
 
+def size(n: float) -> str:
+    """Bytes in GiB, or MiB below one GiB."""
+    return f"{n / GIB:.1f} GiB" if abs(n) >= GIB else f"{n / MIB:.1f} MiB"
+
+
 @dataclass(frozen=True)
 class GPU:
     name: str

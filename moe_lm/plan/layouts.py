@@ -3,6 +3,7 @@ accumulation, activation checkpointing; as `--layouts` spells them, and checked 
 
     ep8/zero2/mb1x8/ac     EP 8, DeepSpeed ZeRO-2, micro-batch 1 x 8 accumulation, checkpointing on
     ep4/ddp/noac           EP 4, DDP, no checkpointing; the micro-batch as the config has it
+    config                 the config's own layout
 
 Any part left out is the config's.
 """
@@ -77,9 +78,12 @@ def of_config(cfg: Config) -> JobLayout:
 
 
 def parse_layout(text: str, cfg: Config) -> JobLayout:
+    """A layout as `--layouts` spells it; "config" (or nothing) is the config's own."""
     layout = of_config(cfg)
     for part in filter(None, text.strip().split("/")):
-        if m := re.fullmatch(r"ep(\d+)", part):
+        if part == "config":
+            continue
+        elif m := re.fullmatch(r"ep(\d+)", part):
             layout = dataclasses.replace(layout, ep_size=int(m.group(1)))
         elif part in _BACKENDS:
             backend, stage = _BACKENDS[part]

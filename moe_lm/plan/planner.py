@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 from moe_lm.config import Config
 from moe_lm.errors import UserError
-from moe_lm.plan.gpus import GIB, GPU
-from moe_lm.plan.layouts import JobLayout, auto_layouts, check_layout, of_config, parse_layout
+from moe_lm.plan.gpus import GPU, size
+from moe_lm.plan.layouts import JobLayout, auto_layouts, check_layout, parse_layout
 from moe_lm.plan.rehearsal import Rehearsal, rehearse
 from moe_lm.plan.roofline import StepTime, predict
 from moe_lm.plan.routing import AssumedRouting
@@ -69,8 +69,6 @@ def resolve_layouts(spec: str, job: Job) -> list[JobLayout]:
     cfg = job.cfg
     if spec == "auto":
         layouts = auto_layouts(cfg, job.gpus, job.gpus_per_node)
-    elif spec == "config":
-        layouts = [of_config(cfg)]
     else:
         layouts = [parse_layout(item, cfg) for item in spec.split(",") if item.strip()]
         if not layouts:
@@ -102,7 +100,7 @@ def require_fit(plan: Plan) -> Candidate:
     job = plan.job
     raise UserError(
         f"no layout fits {job.gpus} x {job.gpu.name}: the closest, {near.layout.name}, needs "
-        f"{near.rehearsal.peak / GIB:.1f} GiB per GPU, {-near.headroom / GIB:.1f} GiB over the "
-        f"{job.usable / GIB:.1f} GiB usable; add GPUs, raise ep_size, use ZeRO-2 (zero2), turn on "
+        f"{size(near.rehearsal.peak)} per GPU, {size(-near.headroom)} over the "
+        f"{size(job.usable)} usable; add GPUs, raise ep_size, use ZeRO-2 (zero2), turn on "
         "activation checkpointing (ac) or lower the micro-batch"
     )

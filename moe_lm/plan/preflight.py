@@ -17,7 +17,7 @@ import sys
 import torch
 
 from moe_lm.config import Config
-from moe_lm.plan.gpus import GIB, GPU, KNOWN
+from moe_lm.plan.gpus import GPU, KNOWN, size
 from moe_lm.plan.layouts import of_config
 from moe_lm.plan.planner import Job, evaluate_layout
 
@@ -38,10 +38,10 @@ def check_with_plan(cfg: Config, world_size: int, gpus_per_node: int, gpu: GPU) 
     if found.fits:
         return None
     r = found.rehearsal
-    parts = ", ".join(f"{k} {v / GIB:.1f}" for k, v in r.memory.items())
+    parts = ", ".join(f"{k} {size(v)}" for k, v in r.memory.items())
     message = (
-        f"warning: the plan of this run ({found.layout.name} on {world_size} GPUs) needs {r.peak / GIB:.1f} GiB "
-        f"per GPU ({parts}) but {gpu.name} gives {job.usable / GIB:.1f} GiB usable; see "
+        f"warning: the plan of this run ({found.layout.name} on {world_size} GPU{'s' * (world_size > 1)}) needs {size(r.peak)} "
+        f"per GPU ({parts}) but {gpu.name} gives {size(job.usable)} usable; see "
         f"`moe-lm plan CONFIG --gpus {world_size}` for a layout that fits"
     )
     print(message, file=sys.stderr, flush=True)
