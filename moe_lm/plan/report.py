@@ -47,6 +47,8 @@ def _detail(plan: Plan, c: Candidate) -> list[str]:
     parts = ", ".join(f"{k} {_gib(r.memory[k])}" for k in CATEGORIES)
     traffic = ", ".join(f"{k} {_gib(v)}" for k, v in sorted(r.traffic.items())) or "none"
     reads = ", ".join(f"{site} ({n})" for site, n in sorted(r.host_reads.items())) or "none"
+    if cfg.parallel.backend == "deepspeed":
+        reads = "DeepSpeed's engine step is not rehearsed"
     return [
         f"{c.layout.name} on rank 0 (it holds the hottest expert), per optimizer step:",
         f"  peak memory {_gib(r.peak)} GiB, during the {r.peak_phase}: {parts} (GiB)",
@@ -75,16 +77,17 @@ def render(plan: Plan, config_path: str, overrides: list[str]) -> str:
         *_table(plan),
         "",
     ]
-    best = plan.recommended
-    if best is not None:
-        command = " ".join(["moe-lm train", config_path, *overrides, *best.layout.overrides()])
-        lines += [f"recommended: {best.layout.name}, the fastest layout that fits", f"  {command}", ""]
-        lines += _detail(plan, best)
+    shown = plan.recommended
+    if shown is not None:
+        command = " ".join(["moe-lm train", config_path, *overrides, *shown.layout.overrides()])
+        lines += [f"recommended: {shown.layout.name}, the fastest layout that fits", f"  {command}", ""]
+        lines += _detail(plan, shown)
     else:
-        lines += ["no layout fits; the closest:"] + _detail(plan, plan.closest)
-    notes = sorted({n for c in plan.candidates for n in c.rehearsal.arithmetic})
+        shown = plan.closest
+        lines += ["no layout fits; the closest:"] + _detail(plan, shown)
     lines += ["", "roofline assumptions:", *(f"  {a}" for a in ASSUMPTIONS)]
-    lines += ["not rehearsed (arithmetic or extrapolation):", *(f"  {n}" for n in notes)]
+    lines += [f"not rehearsed in {shown.layout.name} (arithmetic or extrapolation):"]
+    lines += [f"  {n}" for n in shown.rehearsal.arithmetic]
     return "\n".join(lines)
 
 
