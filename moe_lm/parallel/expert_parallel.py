@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from moe_lm.model import MoETransformer
 from moe_lm.model.dispatch import combine, plan_routing
-from moe_lm.model.experts import Experts
+from moe_lm.model.experts import Experts, compute_dtype
 from moe_lm.model.split_sizes import split_sizes
 from moe_lm.parallel.mesh import Mesh
 
@@ -141,6 +141,10 @@ class AllToAllDispatcher:
             stats.tokens_received += sum(recv_splits)
 
         x_SH = x_TH[plan.token_idx]
+        if experts.uses_grouped_mm(x_TH):
+            # The experts compute in autocast's dtype (bf16 on GPUs, where the layer's input is the
+            # fp32 residual stream): send the rows in it, half the bytes both ways.
+            x_SH = x_SH.to(compute_dtype(x_TH))
         x_recv_NH = _AllToAll.apply(x_SH, recv_splits, send_splits, self.group, stats)
         order_N = source_to_expert_order(recv_counts_RE, sum(recv_splits))
         y_NH = experts(x_recv_NH[order_N], recv_counts_RE.sum(0))

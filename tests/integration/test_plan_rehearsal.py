@@ -120,3 +120,17 @@ def test_imbalance_loads_the_hot_rank() -> None:
     assert hot.traffic["all_to_all"] > 2 * balanced.traffic["all_to_all"]
     assert hot.memory["activations"] > balanced.memory["activations"]
     assert hot.flops > balanced.flops
+
+
+@pytest.mark.slow
+def test_ep_token_rows_travel_in_bf16_under_autocast() -> None:
+    # Regression: under DDP's bf16 autocast the layer's input is fp32 and its rows were sent in fp32
+    # (and their gradients came back in fp32), twice the bytes the bf16 experts need.
+    r, cfg = _rehearse("gpu-check", 8, "ep8/ddp/ac")
+    rows = cfg.train.micro_batch_size * cfg.data.seq_len * cfg.model.top_k  # balanced: all of rank 0's
+    exchange = rows * cfg.model.hidden_size * 2  # bf16
+    counts = cfg.model.num_experts * 8  # the int64 counts exchanged before the rows
+    # per MoE layer: rows and outputs forward, their gradients backward, and the forward again in
+    # checkpointing's recomputation
+    per_layer = 4 * exchange + 2 * exchange + 2 * counts
+    assert r.traffic["all_to_all"] == len(cfg.model.moe_layer_indices) * per_layer
