@@ -8,6 +8,7 @@ and MFU; then the fastest layout that fits in detail. Exit 2 when none fits.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -57,7 +58,8 @@ def plan_main(argv: list[str]) -> int:
     AssumedRouting(cfg.model.num_experts, args.imbalance)  # refuses an impossible imbalance
     job = Job(cfg, args.gpus, args.gpus_per_node, parse_gpu(args.gpu), args.imbalance)
     job.check()
-    plan = make_plan(job, resolve_layouts(args.layouts, job))
+    with contextlib.redirect_stdout(sys.stderr):  # stdout holds the report (one JSON object with --json)
+        plan = make_plan(job, resolve_layouts(args.layouts, job))
     if args.json:
         print(json.dumps(as_json(plan)))
     else:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moe_lm.config import Config
+from moe_lm.libraries import configure_deepspeed
 from moe_lm.model import MoETransformer
 from moe_lm.model.params import is_expert_param
 from moe_lm.parallel.backend import Backend, DDPBackend, Parallelized
@@ -76,6 +77,7 @@ def deepspeed_param_groups(param_groups: ParamGroups) -> ParamGroups:
     """The optimizer groups moe_lm hands DeepSpeed: expert parameters (marked by
     apply_expert_parallel) split into groups of their own, which ZeRO partitions over the
     expert-data-parallel group instead of the whole world (`"moe": True`)."""
+    configure_deepspeed()  # before DeepSpeed's first import (a plan imports it here first)
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     # DeepSpeed keys MoE optimizer groups by group name; then drops groups emptied by the split.

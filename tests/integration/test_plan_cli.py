@@ -4,6 +4,9 @@ GPU run makes before step 1 (moe_lm/plan/preflight.py)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -35,12 +38,24 @@ def test_plan_reports_each_layout_and_recommends_one(capsys: pytest.CaptureFixtu
     assert "  experts: grouped_mm; attention: flash attention" in lines
 
 
-def test_plan_json_is_one_object(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["plan", TINY, "--gpus", "1", "--layouts", "config", "--json", "--gpu", "a100-40gb"]) == 0
-    plan = json.loads(capsys.readouterr().out)
-    assert plan["recommended"] == "ep1/ddp/mb16x1/noac"
+def test_plan_json_is_one_object_on_stdout() -> None:
+    # In a process of its own: importing DeepSpeed (a ZeRO layout) must not print onto the JSON.
+    cmd = [sys.executable, "-m", "moe_lm", "plan", TINY, "--gpus", "1", "--json", "--gpu", "a100-40gb"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [*cmd, "--layouts", "config,zero2"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plan = json.loads(proc.stdout)
+    assert [layout["layout"] for layout in plan["layouts"]] == [
+        "ep1/ddp/mb16x1/noac",
+        "ep1/zero2/mb16x1/noac",
+    ]
+    assert (
+        plan["recommended"] == "ep1/zero2/mb16x1/noac"
+    )  # bf16 weights: less to move than fp32 under autocast
     assert plan["gpu"]["name"] == "a100-40gb" and plan["usable_bytes"] == int(40 * 1024**3 * 0.9)
-    (layout,) = plan["layouts"]
+    layout = plan["layouts"][0]
     assert layout["fits"] and layout["peak_bytes"] == sum(layout["memory"].values())
     assert layout["step"]["tokens_per_s"] > 0 and 0 < layout["step"]["mfu"] < 1
 
