@@ -103,9 +103,7 @@ def test_two_process_ep2_trains_and_logs_per_rank_load(ddp_ep2: Path) -> None:
 def test_two_process_mfu_is_global_flops_over_every_process_peak(ddp_ep2: Path) -> None:
     # Two processes: FLOPs of both ranks over the peak of both (it was over one rank's peak: > 100%).
     cfg = load_config(ddp_ep2 / "config.yaml")
-    per_token = flops_per_token(
-        cfg.model, cfg.data.seq_len, count_params(cfg.model).active_params
-    ).train_total
+    per_token = flops_per_token(cfg.model, cfg.data.seq_len, count_params(cfg.model).active_params).train_total
     for r in train_records(ddp_ep2)[:4]:
         assert r["mfu"] == pytest.approx(r["tokens_per_s"] * per_token / (2 * PEAK_TFLOPS * 1e12), rel=1e-9)
 
