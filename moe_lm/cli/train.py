@@ -52,8 +52,10 @@ def train_main(argv: list[str]) -> int:
 def preflight(cfg: Config) -> None:
     """What would otherwise fail late, checked before any process group, data or model: the
     TensorBoard package, the checkpoint train.init_from starts from (so a missing or misshapen one
-    never leaves a tokenizer or token store trained for nothing), and everything the final push
-    needs (on the first process only: it asks the Hub once)."""
+    never leaves a tokenizer or token store trained for nothing), everything the final push needs (on
+    the first process only: it asks the Hub once), and on GPUs whether the run's layout fits the
+    device (the plan, rehearsed on the first process in a fake process group of the launched size:
+    moe_lm/plan/preflight.py)."""
     _check_init_from(cfg)
     if cfg.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise UserError(
@@ -65,6 +67,10 @@ def preflight(cfg: Config) -> None:
 
         user = check_can_push(cfg.hub.repo_id, key="hub.repo_id")
         print(f"hub.push_at_end: '{user}' may push to {cfg.hub.repo_id}; the run is pushed when it finishes")
+    if torch.cuda.is_available():
+        from moe_lm.plan.preflight import check_gpu_run
+
+        check_gpu_run(cfg)
 
 
 def _check_init_from(cfg: Config) -> None:

@@ -2,9 +2,8 @@
 logging, evaluation, samples and checkpoints are callbacks (`moe_lm/train/callbacks.py`) it calls
 at fixed points, and processes, checkpoint format, metrics and data live in their own modules.
 
-One optimizer step = grad_accum_steps micro-batches on every data-parallel rank. The loss of a
-micro-batch is lm + aux_coef * mean_layers(aux) + z_coef * mean_layers(z), divided by the number of
-micro-batches so gradients are means over the global batch.
+One optimizer step (`moe_lm/train/step.py`) = grad_accum_steps micro-batches on every
+data-parallel rank.
 """
 
 from __future__ import annotations
@@ -13,14 +12,12 @@ import signal
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import torch
 
-from moe_lm import faults
 from moe_lm.config import Config
 from moe_lm.data.blocks import batch_document_ids
 from moe_lm.data.chat import chat_encoder
@@ -30,7 +27,6 @@ from moe_lm.data.tokenizer import Tokenizer, check_vocab, ensure_tokenizer
 from moe_lm.errors import UserError
 from moe_lm.fsutil import DiskFullError
 from moe_lm.model import MoETransformer
-from moe_lm.model.balance import global_batch_step
 from moe_lm.parallel.layout import Layout, start_processes
 from moe_lm.parallel.parallelize import build_backend
 from moe_lm.state import checkpoint as ckpt
@@ -42,29 +38,8 @@ from moe_lm.train.preflight import check_memory
 from moe_lm.train.rng import TrainingRNG
 from moe_lm.train.rundir import commit_run_dir, prepare_run_dir
 from moe_lm.train.sinks import build_logger
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """What one optimizer step measured on this process, before any reduction over processes."""
-
-    # loss, lm_loss, aux_loss, hf_aux_loss, z_loss (those the model returned): 0-dim float32
-    # tensors on the device, means over the step's micro-batches.
-    losses: dict[str, torch.Tensor]
-    expert_counts_LE: torch.Tensor | None  # tokens each MoE layer routed to each expert (None: no MoE layer)
-    dropped_L: torch.Tensor | None  # per MoE layer, tokens dropped by the capacity limit
-    grad_norm: float  # global, before clipping
-    stepped: bool  # False: the norm was not finite and the update was skipped
-    seconds: float  # wall-clock time of the step
-    router_entropy_L: torch.Tensor | None = (
-        None  # per MoE layer, mean router entropy (nats) over the micro-batches
-    )
-    target_tokens: torch.Tensor | None = None  # packed conversations: the step's targets, every process
-
-    @property
-    def finite(self) -> bool:
-        loss = self.losses.get("loss")
-        return self.stepped and (loss is None or bool(torch.isfinite(loss)))
+from moe_lm.train.step import StepResult, train_step
+from moe_lm.train.step import forward as step_forward
 
 
 @contextmanager
@@ -107,7 +82,7 @@ class Trainer:
         self.cfg = cfg
         layout = layout if layout is not None else start_processes(cfg)
         resumed_from = prepare_run_dir(cfg, layout.is_main)
-        if layout.is_main:
+        if layout.is_main and layout.device.type == "cpu":  # GPU runs: the plan, in `moe-lm train`
             check_memory(cfg, layout.world_size, layout.device)
         layout.barrier()
 
@@ -193,83 +168,18 @@ class Trainer:
     ) -> Any:
         """`model` (wrapped for training, raw for evaluation) on a batch from the CPU: the loader's
         (input_ids, labels) pair (moe_lm.data.blocks.Batch), or input_ids and `labels`."""
-        b = self.backend
-        pair: Sequence[torch.Tensor] = batch if labels is None else (batch, labels)  # type: ignore[assignment]
-        input_ids, labels = pair[0], pair[1]
-        docs = self.document_ids(pair)
-        if docs is not None:
-            kwargs["document_ids"] = docs.to(b.device)
-        return model(input_ids.to(b.device), labels=labels.to(b.device), **kwargs)
-
-    def _count(self, batch: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Expert counts [L, E] of one micro-batch, without autograd or LM head (the counting pass
-        of model.aux_loss_scope global_batch, moe_lm/model/balance.py)."""
-        b, input_ids = self.backend, batch[0]
-        docs = self.document_ids(batch)
-        with b.autocast():
-            return b.raw_model.route_counts(
-                input_ids.to(b.device), document_ids=None if docs is None else docs.to(b.device)
-            )
-
-    def _lm_weights(self, batches: list[Any]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Packed conversations: per micro-batch, the factor n_m * W / N on its lm_loss (its mean over
-        its n_m targets), N the targets of the whole step (every micro-batch of all W processes, one
-        all-reduce). The step's LM loss and gradient are then the mean over every target token, as
-        one process running the global batch at once computes them; a mean of micro-batch means
-        would weigh a token of a micro-batch with few assistant tokens above the others. Counted
-        from the labels on the CPU: no device sync. -> (factors, N as a 0-dim device tensor)."""
-        b = self.backend
-        counts = [float((labels != -100).sum()) for _, labels in batches]
-        total = b.all_reduce(torch.tensor([sum(counts)], device=b.device), "sum")[0]
-        return [c * b.world_size / total.clamp_min(1) for c in counts], total
+        return step_forward(
+            self.cfg, self.backend.device, self.tokenizer.eos_id, model, batch, labels, **kwargs
+        )
 
     def train_step(self) -> StepResult:
         start = time.perf_counter()
         with self.rng.active():  # only the step draws from the training stream
-            return self._train_step(start)
-
-    def _train_step(self, start: float) -> StepResult:
-        b, cfg = self.backend, self.cfg
-        b.model.train()
-        accum = cfg.train.grad_accum_steps
-        losses: dict[str, torch.Tensor] = {}
-        counts_LE: torch.Tensor | None = None
-        dropped_L: torch.Tensor | None = None
-        entropy_L: torch.Tensor | None = None
-        # All of the step's micro-batches first: global-batch balancing may count them before any runs.
-        batches = [self.loader.next_batch() for _ in range(accum)]
-        weights, targets = self._lm_weights(batches) if self.data.packed else (None, None)
-        with global_batch_step(b.raw_model, batches, self._count):
-            for micro, batch in enumerate(batches):
-                with b.accumulate(sync=micro == accum - 1), b.autocast():
-                    out = self.forward(b.model, batch, return_logits=False)
-                    weighted: dict[str, torch.Tensor] = {}
-                    if weights is not None:  # token-weighted LM term; the router terms stay means
-                        lm = out.lm_loss * weights[micro]
-                        weighted = {"loss": (out.loss - out.lm_loss) / accum + lm, "lm_loss": lm}
-                        b.backward(faults.poison(weighted["loss"], self.step + 1))
-                    else:
-                        b.backward(faults.poison(out.loss, self.step + 1) / accum)
-                for key in ("loss", "lm_loss", "aux_loss", "hf_aux_loss", "z_loss"):
-                    value = getattr(out, key)
-                    if value is not None:
-                        value = weighted[key] if key in weighted else value.detach().float() / accum
-                        losses[key] = losses.get(key, 0) + value.detach().float()
-                if out.expert_counts_LE is not None and out.dropped_L is not None:
-                    counts_LE = (
-                        out.expert_counts_LE if counts_LE is None else counts_LE + out.expert_counts_LE
-                    )
-                    dropped_L = out.dropped_L if dropped_L is None else dropped_L + out.dropped_L
-                if out.router_entropy_L is not None:
-                    entropy = out.router_entropy_L / accum
-                    entropy_L = entropy if entropy_L is None else entropy_L + entropy
-        faults.hit("step", self.step + 1)
-        grad_norm, stepped = b.step(cfg.optim.grad_clip)
-        if counts_LE is not None and cfg.model.aux_free_bias:
-            # Every rank applies the same update from the global load, so biases stay identical.
-            b.raw_model.update_expert_bias(b.all_reduce(counts_LE.float(), "sum"))
-        seconds = time.perf_counter() - start
-        return StepResult(losses, counts_LE, dropped_L, grad_norm, stepped, seconds, entropy_L, targets)
+            # All of the step's micro-batches first: global-batch balancing may count them before any runs.
+            batches = [self.loader.next_batch() for _ in range(self.cfg.train.grad_accum_steps)]
+            return train_step(
+                self.backend, self.cfg, batches, self.tokenizer.eos_id, self.step + 1, start, self.data.packed
+            )
 
     def _guard(self, result: StepResult) -> None:
         """Non-finite loss or gradient: the update was skipped; too many in a row stops the run."""
