@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup train train-ep2 test check lint bench bench-setup gpu-check clean
+.PHONY: setup train train-ep2 test test-fake-cuda check lint bench bench-setup gpu-check clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,21 @@ train-ep2: setup
 test: setup
 	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; fi; exit $$rc
 
+# The forward half of the GPU code path on fake CUDA tensors (tests/fake_cuda; docs/gpu.md): it needs a
+# CUDA build of torch, which the CPU venv has not. A second venv holds only that torch (2.14.1, about
+# 5.4 GB with the nvidia-* packages) and reads every other package, and moe_lm, from the CPU venv, so
+# `make train` and `make test` install nothing more.
+CUDA_VENV := .venv-cuda
+$(CUDA_VENV)/.installed: $(STAMP)
+	python3 -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -m pip install -q torch==2.14.1
+	$(PY) -c "import sysconfig; print('import site; site.addsitedir(%r)' % sysconfig.get_paths()['purelib'])" > \
+	  "$$($(CUDA_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/moe_lm_cpu_venv.pth"
+	@touch $@
+
+test-fake-cuda: $(CUDA_VENV)/.installed
+	PYTHONPATH=$(CURDIR) $(CUDA_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/fake_cuda
+
 # lint-imports checks the layering in pyproject.toml ([tool.importlinter]): no upward imports, no cycles.
 lint: setup
 	$(VENV)/bin/ruff check moe_lm tests scripts
@@ -77,4 +92,4 @@ gpu-check: setup
 	$(PY) scripts/gpu_check.py --device cuda $(ARGS)
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
+	rm -rf $(VENV) $(CUDA_VENV) runs .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

@@ -85,6 +85,8 @@ class SourceConfig:
     val_files: list[str] = field(default_factory=list)  # this source's validation set; empty: val_fraction
     val_fraction: float | None = None  # None: data.val_fraction (the tail of this source's blocks)
     streaming: bool = False  # read a dataset as an IterableDataset while training instead of preparing it
+    kind: Literal["text", "chat"] | None = None  # None: data.kind
+    messages_field: str | None = None  # None: data.messages_field
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,11 @@ class DataConfig:
     cache_dir: str = ".cache/moe_lm"  # the token store lives in CACHE_DIR/store (shared by runs)
     num_proc: int = 1  # worker processes for tokenising (moe-lm data prepare and the first train)
     document_mask: bool = False  # packed documents do not attend across EOS; positions restart per doc
+    # instruction tuning (docs/instruction-tuning.md)
+    kind: Literal["text", "chat"] = "text"  # chat: records are conversations (docs/instruction-tuning.md)
+    messages_field: str = "messages"  # chat: the field with the [{role, content}] list (else prompt/response)
+    train_on: Literal["assistant", "all"] | None = None  # chat: tokens the loss is on; None: assistant
+    too_long: Literal["truncate", "drop"] = "truncate"  # chat: an example over seq_len + 1 tokens
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,7 @@ def validate(cfg: Config) -> None:
     _positive("data.seq_len", d.seq_len)
     _positive("data.num_proc", d.num_proc)
     _validate_sources(cfg)
+    _validate_chat(cfg)
     if d.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len = {d.seq_len} exceeds model.max_seq_len = {m.max_seq_len}")
     for name in (
@@ -134,7 +135,9 @@ def validate(cfg: Config) -> None:
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
-def _validate_source(key: str, name: str, src: SourceConfig, for_validation: bool) -> None:
+def _validate_source(
+    key: str, name: str, src: SourceConfig, for_validation: bool, cfg_kind: str = "text"
+) -> None:
     if not _NAME.fullmatch(name):
         raise ConfigError(
             f"{key}: source name {name!r} must be letters, digits, '_', '.' or '-' (it names metrics and files)"
@@ -162,6 +165,11 @@ def _validate_source(key: str, name: str, src: SourceConfig, for_validation: boo
         raise ConfigError(
             f"{key}.streaming reads a dataset; files are prepared into the store (remove streaming)"
         )
+    if src.streaming and (src.kind or cfg_kind) == "chat":
+        raise ConfigError(
+            f"{key}.streaming: conversations are packed from the token store (every example's length is "
+            "needed first); remove streaming"
+        )
     if src.streaming and src.val_fraction:
         raise ConfigError(
             f"{key}.val_fraction: a streaming source has no tail to hold out; set it to 0 and list "
@@ -184,12 +192,33 @@ def _validate_sources(cfg: Config) -> None:
                 "(data.sources.NAME.files, .val_files)"
             )
         for name, src in d.sources.items():
-            _validate_source(f"data.sources.{name}", name, src, for_validation=False)
+            _validate_source(f"data.sources.{name}", name, src, for_validation=False, cfg_kind=d.kind)
     for name, src in d.val_sources.items():
-        _validate_source(f"data.val_sources.{name}", name, src, for_validation=True)
+        _validate_source(f"data.val_sources.{name}", name, src, for_validation=True, cfg_kind=d.kind)
         if name in d.sources or (not d.sources and name == "corpus"):
             raise ConfigError(
                 f"data.val_sources.{name}: the name is taken by a training source's validation set; rename it"
+            )
+
+
+def _validate_chat(cfg: Config) -> None:
+    """Conversation settings: `train_on: assistant` needs a source whose records have roles, and
+    conversations come as records (JSON(L), parquet, a dataset), never as plain text files."""
+    d = cfg.data
+    kinds = {f"data.sources.{n}": s.kind or d.kind for n, s in d.sources.items()} or {"data": d.kind}
+    if d.train_on == "assistant" and "chat" not in kinds.values():
+        raise ConfigError(
+            "data.train_on: assistant needs conversations with roles, but every training source is plain "
+            "text; set data.kind: chat (records with a 'messages' list of {role, content}, or 'prompt' and "
+            "'response' fields), or remove data.train_on"
+        )
+    formats = {f"data.sources.{n}": s.format or d.format for n, s in d.sources.items()} or {"data": d.format}
+    for key, kind in kinds.items():
+        if kind == "chat" and formats[key] == "text":
+            where = "data.format" if key == "data" else f"{key}.format"
+            raise ConfigError(
+                f"{where}: text files hold no conversation records; chat data is JSON(L), parquet or a "
+                "dataset (set the format to auto, json or parquet)"
             )
 
 

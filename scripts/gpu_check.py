@@ -3,7 +3,8 @@
 1. runs tests/gpu (bf16 experts, grouped GEMM);
 2. trains configs/gpu-check.yaml (102.8M parameters, 36.7M active) in bf16 for 300 steps, with
    evaluation every 100 steps and a checkpoint at step 150, then exports it (fp32) to a transformers
-   folder and compares transformers' logits with ours;
+   folder and compares transformers' logits with ours; beside the run, the plan's prediction for it
+   (`moe-lm plan`'s rehearsal of the same layout on this GPU: peak memory, tokens/s, MFU);
 3. resumes a second run from the step-150 checkpoint and compares its losses and final weights
    with the uninterrupted run;
 4. runs scripts/bench_train.py --device cuda --dtype bf16, without and with --compile (against
@@ -164,11 +165,33 @@ def max_weight_diff(a: Path, b: Path) -> float:
     return max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa)
 
 
+def plan_row(cfg: Any, device: str) -> Row:
+    """What `moe-lm plan` predicts for the training run below (its layout, 1 process): peak memory,
+    and on a GPU tokens/s and MFU, beside what the run measures."""
+    from moe_lm.plan.gpus import cpu_target
+    from moe_lm.plan.layouts import of_config
+    from moe_lm.plan.planner import Job, evaluate_layout
+    from moe_lm.plan.preflight import local_gpu
+
+    gpu = local_gpu() if device == "cuda" else cpu_target(24 * 1024**3)
+    c = evaluate_layout(Job(cfg, 1, 1, gpu), of_config(cfg))
+    on_gpu = device == "cuda"  # the roofline is a GPU's; on a CPU only the memory is predicted
+    return Row(
+        f"plan of that run ({c.layout.name}, {gpu.name})",
+        f"predicted; peak during the {c.rehearsal.peak_phase}",
+        True,
+        c.time.tokens_per_s if on_gpu else None,
+        c.time.mfu if on_gpu else None,
+        c.rehearsal.peak / MIB,
+    )
+
+
 def train_resume_export(a: argparse.Namespace, out: Path) -> list[Row]:
     torch.use_deterministic_algorithms(True, warn_only=True)
     straight = run_config(a, out, "straight")
     steps, half = straight.train.max_steps, straight.checkpoint.every
     precision = {"no": "fp32"}.get(straight.train.mixed_precision, straight.train.mixed_precision)
+    prediction = plan_row(straight, a.device)  # before training: a rehearsal needs a process of its own
     records, peak = train(straight, a.device)
     logged = [r for r in records if r["kind"] == "train" and r["step"] > 1]  # step 1 allocates
     evals = [r["val_loss"] for r in records if r["kind"] == "eval"]
@@ -180,7 +203,8 @@ def train_resume_export(a: argparse.Namespace, out: Path) -> list[Row]:
             statistics.median(r["tokens_per_s"] for r in logged),
             statistics.median(r["mfu"] for r in logged),
             peak,
-        )
+        ),
+        prediction,
     ]
     ckpts = straight.output_dir / "checkpoints"
     resumed = run_config(a, out, "resumed", f"train.resume={ckpts / f'step-{half}'}")

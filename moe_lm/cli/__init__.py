@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "data_main",
         "tokenise the config's sources into the token store (only what is missing)",
     ),
+    "plan": ("moe_lm.cli.plan", "plan_main", "size a GPU job: memory, fit and speed per layout, rehearsed"),
     "eval": ("moe_lm.cli.train", "eval_main", "validation loss and perplexity, per validation set"),
     "generate": ("moe_lm.cli.train", "generate_main", "sample text with a KV cache"),
     "stats": ("moe_lm.cli.stats", "stats_main", "expert-load heatmaps (PNG), latest and over time"),
@@ -72,9 +73,13 @@ USAGE: dict[str, tuple[str, str]] = {
     "info": ("CONFIG [key.sub=value ...] [--json]", "docs/configuration.md"),
     "tokenizer": ("train --input FILE... --vocab-size N --out DIR", "docs/data.md"),
     "data": ("prepare CONFIG [key.sub=value ...] [--verify]", "docs/data.md"),
+    "plan": (
+        "CONFIG [key.sub=value ...] --gpus N [--gpus-per-node N] [--gpu KIND] [--layouts auto|LIST] [--imbalance F] [--json]",
+        "docs/plan.md",
+    ),
     "eval": ("RUN_OR_CHECKPOINT [--sets NAME...] [--data FILE...]", "docs/data.md"),
     "generate": (
-        "RUN_OR_CHECKPOINT --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K]",
+        "RUN_OR_CHECKPOINT --prompt TEXT [--chat [--system TEXT]] [--max-new-tokens N] [--temperature T] [--top-k K]",
         "docs/launching.md",
     ),
     "stats": ("RUN_OR_CHECKPOINT --out DIR", "docs/routing.md"),
@@ -83,7 +88,7 @@ USAGE: dict[str, tuple[str, str]] = {
         "docs/routing.md",
     ),
     "export": (
-        "CHECKPOINT --out DIR [--dtype bf16|fp16|fp32] [--max-shard-size 5GB] [--routing DIR]",
+        "RUN_OR_CHECKPOINT --out DIR [--dtype bf16|fp16|fp32] [--max-shard-size 5GB] [--routing DIR]",
         "docs/hub.md",
     ),
     "import": ("HF_DIR --out CHECKPOINT [--config CONFIG]", "docs/hub.md"),

@@ -58,8 +58,12 @@ def train_main(argv: list[str]) -> int:
 
 def preflight(cfg: Config) -> None:
     """What would otherwise fail late, checked before any process group, data or model: the
-    TensorBoard package, and everything the final push needs (on the first process only: it
-    asks the Hub once)."""
+    TensorBoard package, the checkpoint train.init_from starts from (so a missing or misshapen one
+    never leaves a tokenizer or token store trained for nothing), everything the final push needs (on
+    the first process only: it asks the Hub once), and on GPUs whether the run's layout fits the
+    device (the plan, rehearsed on the first process in a fake process group of the launched size:
+    moe_lm/plan/preflight.py)."""
+    _check_init_from(cfg)
     if cfg.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise UserError(
             "logging.tensorboard needs the tensorboard package: pip install 'moe_lm[tensorboard]' "
@@ -70,6 +74,24 @@ def preflight(cfg: Config) -> None:
 
         user = check_can_push(cfg.hub.repo_id, key="hub.repo_id")
         print(f"hub.push_at_end: '{user}' may push to {cfg.hub.repo_id}; the run is pushed when it finishes")
+    if torch.cuda.is_available():
+        from moe_lm.plan.preflight import check_gpu_run
+
+        check_gpu_run(cfg)
+
+
+def _check_init_from(cfg: Config) -> None:
+    """train.init_from exists, is complete and has this config's model shape (unless resume=auto
+    finds the run's own checkpoints, which are loaded instead)."""
+    from moe_lm.state.checkpoint import check_compatible
+    from moe_lm.state.resolve import resolve_resume, step_dirs
+
+    if not cfg.train.init_from:
+        return
+    if cfg.train.resume == "auto" and step_dirs(cfg.output_dir / "checkpoints"):
+        return
+    init = resolve_resume(cfg.train.init_from, cfg.output_dir, key="train.init_from")
+    check_compatible(load_config(init / "config.yaml"), cfg, init)
 
 
 def _train(cfg: Config, layout: Layout) -> int:
@@ -129,7 +151,7 @@ def eval_main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    from moe_lm.data.blocks import document_ids
+    from moe_lm.data.blocks import batch_document_ids
     from moe_lm.data.corpus import open_data
     from moe_lm.data.loader import eval_batches
     from moe_lm.data.sources import eval_plan
@@ -153,15 +175,16 @@ def eval_main(argv: list[str]) -> int:
     with torch.no_grad():
         for name, blocks in sets.items():
             total_loss, total_tokens = 0.0, 0
-            for input_ids, labels in eval_batches(
+            for batch in eval_batches(
                 blocks, args.batch_size or cfg.train.micro_batch_size, max_batches=args.max_batches
             ):
-                docs = (
-                    document_ids(input_ids, tokenizer.eos_id).to(args.device)
-                    if cfg.data.document_mask
-                    else None
+                input_ids, labels = batch
+                docs = batch_document_ids(batch, tokenizer.eos_id, cfg.data.document_mask)
+                out = model(
+                    input_ids.to(args.device),
+                    labels=labels.to(args.device),
+                    document_ids=None if docs is None else docs.to(args.device),
                 )
-                out = model(input_ids.to(args.device), labels=labels.to(args.device), document_ids=docs)
                 assert out.lm_loss is not None
                 tokens = int((labels != -100).sum())  # the mean is over these, as in training's eval
                 if tokens:
@@ -174,7 +197,8 @@ def eval_main(argv: list[str]) -> int:
             results[name] = (total_loss / total_tokens, total_tokens)
     loss = sum(v[0] for v in results.values()) / len(results)
     tokens = sum(v[1] for v in results.values())
-    print(f"val_loss {loss:.4f}  val_ppl {math.exp(loss):.3f}  tokens {tokens}")
+    over = f" (over {cfg.data.train_on or 'assistant'} tokens)" if data.chat else ""
+    print(f"val_loss {loss:.4f}  val_ppl {math.exp(loss):.3f}  tokens {tokens}{over}")
     if len(results) > 1:
         for name, (set_loss, set_tokens) in results.items():
             print(f"  val/{name}  loss {set_loss:.4f}  ppl {math.exp(set_loss):.3f}  tokens {set_tokens}")
@@ -184,15 +208,32 @@ def eval_main(argv: list[str]) -> int:
 def generate_main(argv: list[str]) -> int:
     parser = ArgumentParser(prog="moe-lm generate", description="Sample text with a KV cache.")
     parser.add_argument("checkpoint", help="a checkpoint directory or a run directory (its latest)")
-    parser.add_argument("--prompt", default="")
+    parser.add_argument("--prompt", default="", help="text to continue; with --chat, the user's message")
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="answer --prompt as the assistant: render it with the tokenizer's chat template, stop at "
+        "the end of the reply and print only the reply",
+    )
+    parser.add_argument("--system", help="with --chat: a system message before the user's")
     parser.add_argument("--max-new-tokens", type=int, default=100)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    if args.system is not None and not args.chat:
+        raise UserError("--system needs --chat (it is a message of the conversation)")
     _, model, tokenizer = _load(args.checkpoint, args.device)
-    prompt = tokenizer.encode(args.prompt) or [tokenizer.bos_id]
+    if args.chat:
+        from moe_lm.data.chat import chat_encoder
+
+        messages = [{"role": "user", "content": args.prompt}]
+        if args.system is not None:
+            messages.insert(0, {"role": "system", "content": args.system})
+        prompt = chat_encoder(tokenizer).prompt_ids(messages)
+    else:
+        prompt = tokenizer.encode(args.prompt) or [tokenizer.bos_id]
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     ids = torch.tensor([prompt], device=args.device)
     out = model.generate(
@@ -203,5 +244,5 @@ def generate_main(argv: list[str]) -> int:
         eos_id=tokenizer.eos_id,
         generator=gen,
     )
-    print(tokenizer.decode(out[0].tolist()))
+    print(tokenizer.decode(out[0, len(prompt) :].tolist() if args.chat else out[0].tolist()))
     return 0

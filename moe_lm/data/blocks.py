@@ -60,12 +60,15 @@ class ArrayBlocks:
 
 
 class TokenStream:
-    """The concatenated ids of a list of shards, read by offset."""
+    """The concatenated ids of a list of shards, read by offset (`suffix="mask"`: a chat source's
+    assistant masks, one uint8 per token)."""
 
-    def __init__(self, shard_dir: Path, names: list[str], manifests: list[dict[str, Any]]) -> None:
-        self.paths = [shard_dir / f"{n}.ids" for n in names]
-        self.dtypes = [np.dtype(m["dtype"]) for m in manifests]
-        self.checksums = [m.get("files", {}).get("ids", {}).get("xxh3") for m in manifests]  # of the ids
+    def __init__(
+        self, shard_dir: Path, names: list[str], manifests: list[dict[str, Any]], suffix: str = "ids"
+    ) -> None:
+        self.paths = [shard_dir / f"{n}.{suffix}" for n in names]
+        self.dtypes = [np.dtype(np.uint8 if suffix == "mask" else m["dtype"]) for m in manifests]
+        self.checksums = [m.get("files", {}).get(suffix, {}).get("xxh3") for m in manifests]  # of these files
         counts = np.array([m["tokens"] for m in manifests], dtype=np.int64)
         self.starts = np.concatenate(([0], np.cumsum(counts)))  # shard i holds [starts[i], starts[i+1])
         self._maps: OrderedDict[int, mmap.mmap] = OrderedDict()
@@ -159,10 +162,74 @@ def as_blocks(blocks: Any) -> Blocks:
     return blocks if hasattr(blocks, "read") and hasattr(blocks, "block_len") else ArrayBlocks(blocks)
 
 
-def split_inputs(x_BL: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, labels) = (block[:, :-1], block[:, 1:]) as int64 tensors."""
+# Rows of packed examples (moe_lm/data/packing.py) carry more than ids in their int64 values, so they
+# travel through the loader, its mixtures and its resume state exactly as plain blocks do:
+#   bits 0-31 the token id, bit 32 "a target" (in the loss), bits 33-61 the example's ordinal in the
+#   row (padding is one more), bit 62 set on every value of such a row.
+# `split_inputs` turns them into labels (-100 off target and across examples) and document ids. A
+# reader that forgot to would feed ids ≥ 2^62 to the embedding and fail at once, never silently.
+_ID_BITS = 32
+_TARGET = 1 << 32
+_DOC_SHIFT = 33
+_DOC_MASK = (1 << 29) - 1
+PACKED_ROW = 1 << 62
+
+
+def encode_packed(ids: np.ndarray, targets: np.ndarray, docs: np.ndarray) -> np.ndarray:
+    """One row (or rows) of packed examples as the loader carries them."""
+    return (
+        ids.astype(np.int64)
+        | (targets.astype(np.int64) << _ID_BITS)
+        | (docs.astype(np.int64) << _DOC_SHIFT)
+        | PACKED_ROW
+    )
+
+
+class Batch(tuple):  # noqa: SLOT001 - a pair with two attributes
+    """(input_ids [B, T], labels [B, T]) int64, unpacked like the plain pair it was before packed rows.
+
+    `document_ids` [B, T]: each token's example in its row, when some row holds packed examples (rows
+    of plain blocks are one document: 0), else None. `packed_B`: which rows hold packed examples."""
+
+    document_ids: torch.Tensor | None
+    packed_B: torch.Tensor | None
+
+    def __new__(
+        cls,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        document_ids: torch.Tensor | None = None,
+        packed_B: torch.Tensor | None = None,
+    ) -> Batch:
+        batch = super().__new__(cls, (input_ids, labels))
+        batch.document_ids, batch.packed_B = document_ids, packed_B
+        return batch
+
+
+def split_inputs(x_BL: np.ndarray | torch.Tensor) -> Batch:
+    """(input_ids, labels) = (block[:, :-1], block[:, 1:]) as int64 tensors; rows of packed examples
+    (bit 62) decoded: labels -100 where the next token is no target or starts another example."""
     x_BL = torch.as_tensor(x_BL).long()
-    return x_BL[:, :-1].contiguous(), x_BL[:, 1:].contiguous()
+    packed_B = (x_BL[:, 0] & PACKED_ROW) != 0
+    if not bool(packed_B.any()):
+        return Batch(x_BL[:, :-1].contiguous(), x_BL[:, 1:].contiguous())
+    ids_BL = torch.where(packed_B[:, None], x_BL & (_TARGET - 1), x_BL)
+    target_BL = torch.where(packed_B[:, None], (x_BL & _TARGET) != 0, True)
+    docs_BL = torch.where(packed_B[:, None], (x_BL >> _DOC_SHIFT) & _DOC_MASK, 0)
+    keep_BT = target_BL[:, 1:] & (docs_BL[:, 1:] == docs_BL[:, :-1])
+    labels = torch.where(keep_BT, ids_BL[:, 1:], -100)
+    return Batch(ids_BL[:, :-1].contiguous(), labels.contiguous(), docs_BL[:, :-1].contiguous(), packed_B)
+
+
+def batch_document_ids(batch: Any, eos_id: int, document_mask: bool) -> torch.Tensor | None:
+    """The document ids [B, T] a batch is computed with, or None for plain causal attention: packed
+    conversations bring theirs (Batch.document_ids); rows of text are cut at EOS with
+    `document_mask` (data.document_mask), else are one document each."""
+    docs = getattr(batch, "document_ids", None)
+    if not document_mask:
+        return docs
+    from_eos = document_ids(batch[0], eos_id)
+    return from_eos if docs is None else torch.where(batch.packed_B[:, None], docs, from_eos)
 
 
 def document_ids(input_ids_BT: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -172,4 +239,16 @@ def document_ids(input_ids_BT: torch.Tensor, eos_id: int) -> torch.Tensor:
     return eos_BT.cumsum(dim=1) - eos_BT
 
 
-__all__ = ["ArrayBlocks", "Blocks", "StoreBlocks", "TokenStream", "as_blocks", "document_ids", "split_inputs"]
+__all__ = [
+    "PACKED_ROW",
+    "ArrayBlocks",
+    "Batch",
+    "Blocks",
+    "StoreBlocks",
+    "TokenStream",
+    "as_blocks",
+    "batch_document_ids",
+    "document_ids",
+    "encode_packed",
+    "split_inputs",
+]

@@ -44,6 +44,7 @@ def data_main(argv: list[str]) -> int:
     by_key = {src.spec.key: src for src in prepared}
     roles = [(spec, "train") for spec in plan.train] + [(spec, "validation") for spec in plan.val.values()]
     rows = [["source", "role", "shards", "documents", "tokens", f"blocks of {block_len}"]]
+    notes: list[str] = []
     for spec, role in roles:
         if spec.streaming:
             rows.append([spec.name, "train (streaming)", "-", "-", "-", "-"])
@@ -51,17 +52,26 @@ def data_main(argv: list[str]) -> int:
         if spec.name in plan.holdout and role == "train":
             role += f" (val: last {plan.holdout[spec.name]:g})"
         src = by_key[spec.key]
-        rows.append(
-            [
-                spec.name,
-                role,
-                f"{len(src.names):,}",
-                f"{src.documents:,}",
-                f"{src.tokens:,}",
-                f"{src.tokens // block_len:,}",
-            ]
-        )
+        blocks = f"{src.tokens // block_len:,}"
+        if spec.chat:  # conversations are packed whole, not cut: count the rows they fill
+            from moe_lm.data.packing import packed_blocks
+
+            packed = packed_blocks(
+                store_dir(cfg) / "shards",
+                src.names,
+                src.manifests,
+                block_len,
+                tokenizer.eos_id,
+                cfg.data.train_on or "assistant",
+                cfg.data.too_long,
+                spec.key,
+            )
+            blocks = f"{len(packed):,} packed"
+            notes.append(packed.report.line())
+        rows.append([spec.name, role, f"{len(src.names):,}", f"{src.documents:,}", f"{src.tokens:,}", blocks])
     print(_table(rows))
+    for line in notes:
+        print(line)
     print(f"store: {store_dir(cfg)} (tokenizer {tokenizer.fingerprint[:12]}, {tokenizer.vocab_size} tokens)")
     return 0
 

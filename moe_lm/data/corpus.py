@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from moe_lm.data.blocks import Blocks, StoreBlocks, TokenStream
 from moe_lm.data.loader import TrainSource
-from moe_lm.data.prepare import PreparedSource, plan_shards, prepare_sources, store_dir
+from moe_lm.data.packing import PackedBlocks, packed_blocks
+from moe_lm.data.prepare import PreparedSource, chat_template_for, plan_shards, prepare_sources, store_dir
 from moe_lm.data.sources import DataPlan, SourceSpec, data_plan
 from moe_lm.data.store import input_identity, shard_status
 from moe_lm.errors import UserError
@@ -37,14 +38,28 @@ class StoreWaits(Protocol):
 class RunData:
     train: list[TrainSource] = field(default_factory=list)
     val: dict[str, Blocks] = field(default_factory=dict)  # validation set name -> blocks
+    packing: list[str] = field(
+        default_factory=list
+    )  # one line per chat source: what was packed, cut, dropped
+
+    @property
+    def packed(self) -> bool:
+        """Some training rows are packed conversations: labels have -100s, rows have document ids."""
+        return any(isinstance(s.blocks, PackedBlocks) for s in self.train)
+
+    @property
+    def chat(self) -> bool:
+        """Some training or validation set is conversations."""
+        return self.packed or any(isinstance(b, PackedBlocks) for b in self.val.values())
 
 
 def _opened(cfg: Config, tokenizer: Tokenizer, specs: list[SourceSpec]) -> list[PreparedSource]:
     """The prepared shards of `specs` (a process that did not prepare them)."""
     shard_dir = store_dir(cfg) / "shards"
     out = []
+    template = chat_template_for(tokenizer, specs)
     for spec in specs:
-        shards, empty = plan_shards(spec)
+        shards, empty = plan_shards(spec, template)
         src = PreparedSource(spec, [n for n, _ in shards], empty_files=empty)
         for name, piece in shards:
             status, manifest = shard_status(shard_dir, name, input_identity(piece), tokenizer.fingerprint)
@@ -58,7 +73,7 @@ def _opened(cfg: Config, tokenizer: Tokenizer, specs: list[SourceSpec]) -> list[
     return out
 
 
-def _blocks(cfg: Config, src: PreparedSource) -> StoreBlocks:
+def _blocks(cfg: Config, src: PreparedSource, pad_id: int) -> StoreBlocks | PackedBlocks:
     block_len = cfg.data.seq_len + 1
     worst = max(m["max_id"] for m in src.manifests)
     if worst >= cfg.model.vocab_size:
@@ -66,6 +81,11 @@ def _blocks(cfg: Config, src: PreparedSource) -> StoreBlocks:
             f"{src.spec.key}: the store holds token id {worst} ≥ model.vocab_size = {cfg.model.vocab_size}; "
             "raise model.vocab_size to the tokenizer's size or re-prepare with data.tokenizer"
         )
+    if src.spec.chat:
+        train_on = cfg.data.train_on or "assistant"
+        shard_dir = store_dir(cfg) / "shards"
+        args = (block_len, pad_id, train_on, cfg.data.too_long, src.spec.key)
+        return packed_blocks(shard_dir, src.names, src.manifests, *args)
     blocks = StoreBlocks(TokenStream(store_dir(cfg) / "shards", src.names, src.manifests), block_len)
     if len(blocks) == 0:
         raise UserError(
@@ -110,15 +130,20 @@ def open_data(
                 )
             )
             continue
-        blocks = _blocks(cfg, by_key[spec.key])
+        blocks = _blocks(cfg, by_key[spec.key], tokenizer.eos_id)
         if spec.name in plan.holdout:
             blocks, data.val[spec.name] = blocks.split(plan.holdout[spec.name], spec.key)
         data.train.append(TrainSource(spec.name, spec.weight, blocks, spec.key))
     for name, spec in plan.val.items():
-        data.val[name] = _blocks(cfg, by_key[spec.key])
+        data.val[name] = _blocks(cfg, by_key[spec.key], tokenizer.eos_id)
     if not train:
         data.train = []
     data.val = {name: data.val[name] for name in plan.val_names if name in data.val}  # config order
+    for role, sets in (("training", {s.name: s.blocks for s in data.train}), ("validation", data.val)):
+        data.packing += [f"{b.report.line()} ({role})" for b in sets.values() if isinstance(b, PackedBlocks)]
+    if is_main:
+        for line in data.packing:
+            print(line, flush=True)
     return data
 
 

@@ -21,9 +21,12 @@ import lzma
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from moe_lm.errors import UserError
+
+if TYPE_CHECKING:
+    from moe_lm.data.chat import ChatSpec
 
 _EXTENSIONS = {
     ".txt": "text",
@@ -130,6 +133,7 @@ class FilePiece:
     end: int
     last: bool  # the piece that ends the file (a text file's single document ends here)
     row_groups: tuple[int, int] | None = None  # parquet only, when the file is cut; None: all of them
+    chat: ChatSpec | None = None  # records are conversations (moe_lm/data/chat.py), not text_field
 
 
 def _line_starts(path: Path, size: int) -> list[int]:
@@ -145,8 +149,13 @@ def _line_starts(path: Path, size: int) -> list[int]:
     return [*cuts, size]
 
 
-def check_file(path: Path, fmt: str, text_field: str, key: str) -> None:
+def check_file(path: Path, fmt: str, text_field: str, key: str, chat: ChatSpec | None = None) -> None:
     """Cheap checks before tokenising (binary text, parquet schema), so errors come early."""
+    if chat is not None and fmt == "text":
+        raise UserError(
+            f"{key}: '{path}' is plain text, but chat data are records (JSON Lines, JSON or parquet) with a "
+            f"'{chat.messages_field}' list or 'prompt'/'response' fields; convert it, or set {setting(key, 'format')}"
+        )
     if fmt == "text" and not _compression(path):
         with path.open("rb") as f:
             if b"\0" in f.read(_SNIFF_BYTES):
@@ -165,6 +174,9 @@ def check_file(path: Path, fmt: str, text_field: str, key: str) -> None:
             raise UserError(
                 f"{key}: '{path}' is not a parquet file ({detail}); fix it or set {setting(key, 'format')}"
             ) from None
+        if chat is not None:
+            chat.check_columns(schema.names, f"{key}: '{path}'")
+            return
         if text_field not in schema.names:
             raise UserError(
                 f"{key}: '{path}' has no field '{text_field}' (fields: {', '.join(schema.names)}); "
@@ -198,19 +210,21 @@ def _row_group_runs(path: Path, size: int) -> list[tuple[int, int, int, int]]:
     return [*runs, (first, len(sizes), start, size)]
 
 
-def file_pieces(path: Path, fmt: str, text_field: str, key: str) -> list[FilePiece]:
+def file_pieces(
+    path: Path, fmt: str, text_field: str, key: str, chat: ChatSpec | None = None
+) -> list[FilePiece]:
     size = path.stat().st_size
     if fmt == "parquet" and size > PIECE_BYTES:  # smaller files are one piece: no footer read here
         runs = _row_group_runs(path, size)
         if len(runs) > 1:
             return [
-                FilePiece(str(path), fmt, text_field, key, a, b, i == len(runs) - 1, (first, end))
+                FilePiece(str(path), fmt, text_field, key, a, b, i == len(runs) - 1, (first, end), chat)
                 for i, (first, end, a, b) in enumerate(runs)
             ]
     splittable = fmt in ("text", "json") and not _compression(path) and not _is_json_array(path, fmt)
     cuts = _line_starts(path, size) if splittable else [0, size]
     return [
-        FilePiece(str(path), fmt, text_field, key, a, b, i == len(cuts) - 2)
+        FilePiece(str(path), fmt, text_field, key, a, b, i == len(cuts) - 2, chat=chat)
         for i, (a, b) in enumerate(zip(cuts, cuts[1:]))
     ]
 
@@ -266,7 +280,9 @@ def _bad_json(piece: FilePiece, detail: str) -> UserError:
     )
 
 
-def _field(record: Any, piece: FilePiece, where: str) -> str:
+def _field(record: Any, piece: FilePiece, where: str) -> Any:
+    if piece.chat is not None:  # a conversation (a Conversation, not a str)
+        return piece.chat.conversation(record, f"{piece.key}: {where} of '{piece.path}'")
     if not isinstance(record, dict):
         raise _bad_json(piece, f"{where} is not an object")
     if piece.text_field not in record:
@@ -323,12 +339,19 @@ def _parquet(piece: FilePiece) -> Iterator[tuple[list[str], int]]:
     groups = list(range(*(piece.row_groups or (0, pf.metadata.num_row_groups))))
     rows = max(sum(pf.metadata.row_group(g).num_rows for g in groups), 1)
     size = piece.end - piece.start
-    for batch in pf.iter_batches(batch_size=1000, columns=[piece.text_field], row_groups=groups):
-        texts = [t or "" for t in batch.column(0).to_pylist()]
+    chat = piece.chat
+    columns = [piece.text_field] if chat is None else chat.columns(pf.schema_arrow.names)
+    done = 0
+    for batch in pf.iter_batches(batch_size=1000, columns=columns, row_groups=groups):
+        if chat is None:
+            texts = [t or "" for t in batch.column(0).to_pylist()]
+        else:
+            texts = [_field(r, piece, f"row {done + i}") for i, r in enumerate(batch.to_pylist())]
+        done += len(texts)
         yield texts, size * len(texts) // rows
 
 
-def read_piece(piece: FilePiece) -> Iterator[tuple[list[str], bool, int]]:
+def read_piece(piece: FilePiece) -> Iterator[tuple[list[Any], bool, int]]:
     """Batches of (texts, texts_are_documents, input bytes consumed).
 
     For text files the texts are lines of one document (the caller appends EOS after the last

@@ -19,6 +19,8 @@ from moe_lm.errors import UserError
 if TYPE_CHECKING:
     import datasets
 
+    from moe_lm.data.chat import ChatSpec
+
 PIECE_ROWS = 100_000
 
 
@@ -29,6 +31,7 @@ class DatasetSpec:
     split: str
     text_field: str
     key: str  # the setting, for messages (data.sources.NAME.dataset)
+    chat: ChatSpec | None = None  # rows are conversations (moe_lm/data/chat.py), not text_field
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,10 @@ def _first_line(e: BaseException) -> str:
 
 def _check_field(ds: Any, spec: DatasetSpec) -> None:
     names = list(ds.column_names or [])
+    if spec.chat is not None:
+        if names:
+            spec.chat.check_columns(names, f"{spec.key}: {_what(spec)}")
+        return
     if names and spec.text_field not in names:
         raise UserError(
             f"{spec.key}: {_what(spec)} has no field '{spec.text_field}' (fields: {', '.join(names)}); "
@@ -133,11 +140,25 @@ def dataset_pieces(spec: DatasetSpec) -> list[DatasetPiece]:
     ]
 
 
-def read_rows(piece: DatasetPiece) -> Iterator[tuple[list[str], bool, int]]:
-    """Batches of (documents, True, bytes of text) of rows [start, end)."""
+def read_rows(piece: DatasetPiece) -> Iterator[tuple[list[Any], bool, int]]:
+    """Batches of (documents, True, bytes of text) of rows [start, end); a chat source's documents
+    are Conversations (moe_lm/data/chat.py)."""
     ds = open_dataset(piece.spec)
+    chat = piece.spec.chat
     for a in range(piece.start, piece.end, 1000):
-        texts = [t or "" for t in ds[a : min(a + 1000, piece.end)][piece.spec.text_field]]
+        rows = ds[a : min(a + 1000, piece.end)]
+        if chat is not None:  # conversations: checked rows, with their size as text for the progress bar
+            columns = chat.columns(list(rows))
+            n = len(rows[columns[0]]) if columns else 0
+            what = _what(piece.spec)
+            records = [{c: rows[c][i] for c in columns} for i in range(n)]
+            found = [
+                chat.conversation(r, f"{piece.spec.key}: row {a + i} of {what}")
+                for i, r in enumerate(records)
+            ]
+            yield found, True, 0
+            continue
+        texts = [t or "" for t in rows[piece.spec.text_field]]
         yield texts, True, sum(len(t) for t in texts)
 
 

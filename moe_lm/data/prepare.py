@@ -11,6 +11,7 @@ file to a source tokenises only that file. Shards are shared between sources lis
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -65,12 +66,23 @@ class PreparedSource:
         return sum(m["documents"] for m in self.manifests)
 
 
-def plan_shards(spec: SourceSpec) -> tuple[list[tuple[str, Piece]], int]:
-    """(shard name, piece) in stream order, and the number of empty files skipped."""
+def chat_template_for(tokenizer: Tokenizer, specs: list[SourceSpec]) -> str:
+    """The chat template the specs' chat sources are rendered with ("" when none is chat)."""
+    from moe_lm.data.chat import template_of
+
+    return template_of(tokenizer) if any(s.chat for s in specs) else ""
+
+
+def plan_shards(spec: SourceSpec, template: str = "") -> tuple[list[tuple[str, Piece]], int]:
+    """(shard name, piece) in stream order, and the number of empty files skipped. A chat source's
+    pieces carry the chat `template` (chat_template_for) they are rendered with."""
+    from moe_lm.data.chat import ChatSpec
+
     pieces: list[Piece] = []
     empty: list[Path] = []
+    chat = ChatSpec(spec.messages_field, template) if spec.chat else None
     if spec.dataset is not None:
-        pieces += dataset_pieces(spec.dataset)
+        pieces += dataset_pieces(dataclasses.replace(spec.dataset, chat=chat))
     else:
         files = resolve_files(list(spec.files), spec.key)
         for path in files:
@@ -78,8 +90,8 @@ def plan_shards(spec: SourceSpec) -> tuple[list[tuple[str, Piece]], int]:
                 empty.append(path)
                 continue
             fmt = file_format(path, spec.fmt, spec.key)
-            check_file(path, fmt, spec.text_field, spec.key)
-            pieces += file_pieces(path, fmt, spec.text_field, spec.key)
+            check_file(path, fmt, spec.text_field, spec.key, chat)
+            pieces += file_pieces(path, fmt, spec.text_field, spec.key, chat)
         if not pieces:
             first = (
                 f"'{empty[0]}' is empty"
@@ -92,6 +104,8 @@ def plan_shards(spec: SourceSpec) -> tuple[list[tuple[str, Piece]], int]:
 
 def _no_text(source: PreparedSource) -> UserError:
     spec = source.spec
+    if spec.chat:
+        return UserError(f"{spec.key}: no conversation in its records; add data or remove the source")
     what = f"field '{spec.text_field}'" if spec.dataset or spec.fmt != "text" else "its files"
     return UserError(
         f"{spec.key}: no text in {what} (every record is empty or null); "
@@ -174,8 +188,9 @@ def prepare_sources(
     store = store_dir(cfg)
     shard_dir = store / "shards"
     planned = []
+    template = chat_template_for(tokenizer, specs)
     for spec in specs:
-        shards, empty = plan_shards(spec)
+        shards, empty = plan_shards(spec, template)
         planned.append((spec, shards, empty))
     with store_lock(store):
         shard_dir.mkdir(parents=True, exist_ok=True)
@@ -261,4 +276,4 @@ def _write_manifest(store: Path, tokenizer: Tokenizer, prepared: list[PreparedSo
     tmp.rename(path)
 
 
-__all__ = ["PreparedSource", "plan_shards", "prepare_sources", "store_dir"]
+__all__ = ["PreparedSource", "chat_template_for", "plan_shards", "prepare_sources", "store_dir"]

@@ -29,6 +29,8 @@ class SourceSpec:
     text_field: str
     weight: float = 1.0
     streaming: bool = False
+    chat: bool = False  # records are conversations (data.kind: chat), rendered by the chat template
+    messages_field: str = "messages"
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,19 @@ def _spec(
 ) -> SourceSpec:
     d = cfg.data
     text_field = src.text_field or d.text_field
+    chat = (src.kind or d.kind) == "chat"
+    messages_field = src.messages_field or d.messages_field
     if files is not None:  # a source's val_files
-        return SourceSpec(name, f"{prefix}.val_files", tuple(files), None, src.format or d.format, text_field)
+        return SourceSpec(
+            name,
+            f"{prefix}.val_files",
+            tuple(files),
+            None,
+            src.format or d.format,
+            text_field,
+            chat=chat,
+            messages_field=messages_field,
+        )
     dataset = None
     if src.dataset:
         dataset = DatasetSpec(src.dataset, src.dataset_config, src.split, text_field, f"{prefix}.dataset")
@@ -65,6 +78,8 @@ def _spec(
         text_field,
         src.weight,
         src.streaming,
+        chat,
+        messages_field,
     )
 
 
@@ -74,12 +89,17 @@ def data_plan(cfg: Config) -> DataPlan:
     holdout: dict[str, float] = {}
     train: tuple[SourceSpec, ...]
     if not d.sources:
+        chat, field = d.kind == "chat", d.messages_field
+        files = tuple(d.train_files)
         train = (
-            SourceSpec(SHORTHAND, "data.train_files", tuple(d.train_files), None, d.format, d.text_field),
+            SourceSpec(
+                SHORTHAND, "data.train_files", files, None, d.format, d.text_field, 1.0, False, chat, field
+            ),
         )
         if d.val_files:
+            files = tuple(d.val_files)
             val[SHORTHAND] = SourceSpec(
-                SHORTHAND, "data.val_files", tuple(d.val_files), None, d.format, d.text_field
+                SHORTHAND, "data.val_files", files, None, d.format, d.text_field, 1.0, False, chat, field
             )
         elif d.val_fraction > 0:
             holdout[SHORTHAND] = d.val_fraction
@@ -102,11 +122,20 @@ def data_plan(cfg: Config) -> DataPlan:
 
 
 def eval_plan(cfg: Config, files: list[str]) -> DataPlan:
-    """`moe-lm eval --data FILE...`: one validation set named "data" from these files."""
+    """`moe-lm eval --data FILE...`: one validation set named "data" from these files (conversations
+    when the run's data.kind is chat)."""
     d = cfg.data
-    return DataPlan(
-        (), {}, {"data": SourceSpec("data", "--data", tuple(files), None, d.format, d.text_field)}
+    spec = SourceSpec(
+        "data",
+        "--data",
+        tuple(files),
+        None,
+        d.format,
+        d.text_field,
+        chat=d.kind == "chat",
+        messages_field=d.messages_field,
     )
+    return DataPlan((), {}, {"data": spec})
 
 
 __all__ = ["SHORTHAND", "DataPlan", "SourceSpec", "data_plan", "eval_plan"]

@@ -3,12 +3,14 @@ shard that looks complete.
 
     CACHE_DIR/store/shards/NAME.ids    token ids, flat, uint16 (vocab ≤ 65,536) or uint32
     CACHE_DIR/store/shards/NAME.docs   int64 end offsets of the documents that end in this shard
+    CACHE_DIR/store/shards/NAME.mask   chat sources only: uint8 per token, 1 on the assistant's tokens
     CACHE_DIR/store/shards/NAME.json   the shard's manifest: input identity, tokenizer fingerprint,
                                        counts, max id, and for each file its size, mtime and xxh3-128
 
 The `.ids` and `.docs` are written under temporary names and renamed; the manifest is written last
 (and removed first when a shard is rebuilt): a shard without one is incomplete and gets rebuilt.
 Every document is followed by EOS; a plain-text file is one document (EOS after its last piece).
+A chat source's documents are its conversations as the chat template renders them, nothing added.
 
 Checking a shard at load time is cheap (sizes and mtimes against its manifest); a file whose size
 differs is damaged, one whose mtime differs is checksummed. `moe-lm data prepare --verify`
@@ -64,9 +66,13 @@ def shard_name(piece: Piece) -> str:
         ]
         if piece.row_groups is not None:  # absent for whole files: their shard names stay as they were
             material.append(list(piece.row_groups))
+        chat = piece.chat
     else:
         stem = piece.spec.dataset.rstrip("/").rsplit("/", 1)[-1] + f"-{piece.spec.split}"
         material = [piece.fingerprint, piece.spec.text_field, piece.start, piece.end]
+        chat = piece.spec.chat
+    if chat is not None:  # also absent for text: their names stay as they were
+        material.append(["chat", *chat.material()])
     digest = hashlib.sha256(json.dumps(material).encode()).hexdigest()[:16]
     stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in stem)[:60]
     return f"{stem}-{piece.start}-{digest}"
@@ -92,7 +98,7 @@ class ShardJob:
     identity: dict[str, Any]
 
 
-def _batches(piece: Piece) -> Iterator[tuple[list[str], bool, int]]:
+def _batches(piece: Piece) -> Iterator[tuple[list[Any], bool, int]]:
     return read_piece(piece) if isinstance(piece, FilePiece) else read_rows(piece)
 
 
@@ -130,6 +136,10 @@ class _Writer:
 _written = 0  # shards written by this process (for the fault-injection tests)
 
 
+def _chat_of(piece: Piece) -> Any:
+    return piece.chat if isinstance(piece, FilePiece) else piece.spec.chat
+
+
 def write_shard(job: ShardJob, tokenizer: Any, dtype: np.dtype, progress: Any = None) -> dict[str, Any]:
     """Tokenise `job.piece` batch by batch into the shard's files; returns its manifest."""
     global _written
@@ -137,19 +147,20 @@ def write_shard(job: ShardJob, tokenizer: Any, dtype: np.dtype, progress: Any = 
     manifest_path = shard_dir / f"{job.name}.json"
     manifest_path.unlink(missing_ok=True)  # from here on the old shard (if any) no longer looks complete
     ids_out, docs_out = _Writer(shard_dir / f"{job.name}.ids"), _Writer(shard_dir / f"{job.name}.docs")
+    chat = _chat_of(job.piece)
+    mask_out = _Writer(shard_dir / f"{job.name}.mask") if chat is not None else None
     eos = tokenizer.eos_id
     tokens = documents = max_id = 0
     try:
         for texts, are_docs, nbytes in _batches(job.piece):
-            rows = tokenizer.encode_batch(texts) if texts else []
-            if are_docs:
-                kept = [r for r, t in zip(rows, texts) if t]  # empty and null records are skipped
-                flat = list(itertools.chain.from_iterable(r + [eos] for r in kept))
-                ends = tokens + np.cumsum([len(r) + 1 for r in kept], dtype=np.int64)
+            if mask_out is not None:
+                from moe_lm.data.chat import encode_batch
+
+                ids, lengths, mask = encode_batch(texts, tokenizer, chat)
+                ends = tokens + np.cumsum(lengths)
+                mask_out.write(mask)
             else:
-                flat = list(itertools.chain.from_iterable(rows))
-                ends = np.zeros(0, np.int64)
-            ids = np.asarray(flat, dtype=np.int64)
+                ids, ends = _encode_texts(tokenizer, texts, are_docs, tokens, eos)
             if ids.size:
                 max_id = max(max_id, int(ids.max()))
                 ids_out.pending = ids.size * dtype.itemsize
@@ -166,11 +177,14 @@ def write_shard(job: ShardJob, tokenizer: Any, dtype: np.dtype, progress: Any = 
             docs_out.write(np.array([tokens + 1], dtype=np.int64))
             tokens, documents, max_id = tokens + 1, documents + 1, max(max_id, eos)
         files = {"ids": ids_out.commit(), "docs": docs_out.commit()}
+        if mask_out is not None:
+            files["mask"] = mask_out.commit()
     except BaseException as e:
-        ids_out.abort()
-        docs_out.abort()
+        for out in (ids_out, docs_out, mask_out):
+            if out is not None:
+                out.abort()
         if is_disk_full(e):  # the shard's temporaries are gone; finished shards stay
-            needed = ids_out.bytes + docs_out.bytes + ids_out.pending
+            needed = ids_out.bytes + docs_out.bytes + ids_out.pending + (mask_out.bytes if mask_out else 0)
             raise disk_full(f"token store shard {job.name}", shard_dir, needed, "at least") from None
         raise
     _written += 1
@@ -196,6 +210,22 @@ def write_shard(job: ShardJob, tokenizer: Any, dtype: np.dtype, progress: Any = 
         raise
     tmp.rename(manifest_path)  # last: the shard is complete from this moment
     return manifest
+
+
+def _encode_texts(
+    tokenizer: Any, texts: list[str], are_docs: bool, tokens: int, eos: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, end offsets of the documents that end in them) of a batch of texts; `tokens` is where
+    the batch starts in the shard."""
+    rows = tokenizer.encode_batch(texts) if texts else []
+    if are_docs:
+        kept = [r for r, t in zip(rows, texts) if t]  # empty and null records are skipped
+        flat = list(itertools.chain.from_iterable(r + [eos] for r in kept))
+        ends = tokens + np.cumsum([len(r) + 1 for r in kept], dtype=np.int64)
+    else:
+        flat = list(itertools.chain.from_iterable(rows))
+        ends = np.zeros(0, np.int64)
+    return np.asarray(flat, dtype=np.int64), ends
 
 
 # ---------------------------------------------------------------------------------------------

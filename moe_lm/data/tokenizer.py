@@ -10,6 +10,8 @@ Choices that make `decode(encode(text)) == text` for any text, and make our ids 
   byte token <0x0A>); hence encoding a text line by line gives exactly the ids of encoding it whole.
 Special ids: <unk>=0, <s>=1, </s>=2 and no pad token: training packs documents into full blocks, so
 nothing is padded; code that must pad uses `eos_id`.
+Every tokenizer moe_lm trains carries moe_lm's default chat template (moe_lm/data/chat_template.py);
+`moe-lm tokenizer chat-template DIR` shows or replaces a folder's template.
 """
 
 from __future__ import annotations
@@ -27,7 +29,13 @@ from typing import TYPE_CHECKING, Any
 
 import sentencepiece as spm
 
-from moe_lm.data.files import file_format, iter_texts, resolve_files
+from moe_lm.data.chat_template import (
+    DEFAULT_CHAT_TEMPLATE,
+    TEMPLATE_FILE,
+    load_chat_template,
+    write_chat_template,
+)
+from moe_lm.data.files import file_format, file_pieces, iter_texts, read_piece, resolve_files
 from moe_lm.errors import ArgumentParser, UserError
 from moe_lm.fsutil import replace_dir
 
@@ -36,7 +44,7 @@ if TYPE_CHECKING:
 
 MODEL_FILE = "tokenizer.model"
 # What `train_tokenizer` writes; a directory holding anything else is not replaced.
-_OUR_FILES = {MODEL_FILE, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+_OUR_FILES = {MODEL_FILE, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", TEMPLATE_FILE}
 # Lines are taken round-robin from the input files up to this count: about 50 MB of typical text,
 # enough for a good BPE vocabulary while keeping training to seconds (1 MB trains in ~0.2 s).
 MAX_TRAIN_LINES = 1_000_000
@@ -96,6 +104,23 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         # one thread: parallelism comes from data.num_proc worker processes
         return self._sp.encode(list(texts), num_threads=1)  # type: ignore[no-any-return]
+
+    def encode_offsets(self, text: str) -> list[tuple[int, int, int]]:
+        """(id, first byte, end byte) of each token of `text`; a byte-fallback token before the last
+        byte of its character is empty (first byte == end byte)."""
+        pieces = self._sp.encode(text, return_type="proto").pieces
+        return [(int(p.id), int(p.begin), int(p.end)) for p in pieces]
+
+    def special_pieces(self) -> dict[str, int]:
+        """The text of the control and unknown tokens (<s>, </s>, <unk>) -> id. sentencepiece encodes
+        that text as characters; a chat template writes it to mean the token (as transformers reads it)."""
+        sp = self._sp
+        return {sp.id_to_piece(i): i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i)}
+
+    def template_variables(self) -> dict[str, str]:
+        """What a chat template calls the special tokens (transformers' special_tokens_map)."""
+        sp, names = self._sp, {"bos_token": self.bos_id, "eos_token": self.eos_id, "unk_token": self.unk_id}
+        return {name: sp.id_to_piece(i) for name, i in names.items() if i >= 0}
 
     def decode(self, ids: Sequence[int] | Any) -> str:
         """Text of `ids` (a list or a 1-D tensor); control tokens (<s>, </s>) decode to nothing."""
@@ -212,6 +237,7 @@ def _write_dir(model_bytes: bytes, out_dir: Path) -> None:
             for k in ("local_files_only", "is_local"):
                 hf_cfg.pop(k, None)
             cfg_path.write_text(json.dumps(hf_cfg, indent=2, ensure_ascii=False) + "\n")
+        write_chat_template(tmp, DEFAULT_CHAT_TEMPLATE)
         replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -244,12 +270,35 @@ def _source_texts(cfg: Config) -> list[Iterator[str]]:
 
     texts: list[Iterator[str]] = []
     for spec in data_plan(cfg).train:
+        if spec.chat:
+            texts.append(_chat_texts(spec))
+            continue
         if spec.dataset is not None:
             texts.append(iter_dataset_texts(spec.dataset, spec.streaming))
             continue
         files = [p for p in resolve_files(list(spec.files), spec.key) if p.stat().st_size > 0]
         texts += _file_texts(files, spec.fmt, spec.text_field, spec.key)
     return texts
+
+
+def _chat_texts(spec: Any) -> Iterator[str]:
+    """The messages' text of a chat source (records checked as for the store, template not needed)."""
+    import dataclasses
+
+    from moe_lm.data.chat import ChatSpec, contents
+    from moe_lm.data.hf_sources import dataset_pieces, read_rows
+
+    chat = ChatSpec(spec.messages_field)
+    if spec.dataset is not None:
+        rows = dataset_pieces(dataclasses.replace(spec.dataset, chat=chat))
+        return contents(c for p in rows for batch, _, _ in read_rows(p) for c in batch)
+    pieces = []
+    for path in resolve_files(list(spec.files), spec.key):
+        if path.stat().st_size:
+            pieces += file_pieces(
+                path, file_format(path, spec.fmt, spec.key), spec.text_field, spec.key, chat
+            )
+    return contents(c for p in pieces for batch, _, _ in read_piece(p) for c in batch)
 
 
 def ensure_tokenizer(cfg: Config) -> Path:
@@ -276,6 +325,31 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
         )
 
 
+def _chat_template_command(folder: Path, default: bool, file: str | None) -> int:
+    """`moe-lm tokenizer chat-template DIR [--default | --file F]`."""
+    from moe_lm.data.chat_template import ChatTemplateError
+
+    if not (folder / MODEL_FILE).is_file() and not (folder / "tokenizer.json").is_file():
+        raise UserError(f"'{folder}' holds no tokenizer (tokenizer.model or tokenizer.json)")
+    if not default and file is None:
+        template = load_chat_template(folder)
+        if template is None:
+            raise UserError(
+                f"'{folder}' has no chat template; set one with --default or --file TEMPLATE.jinja"
+            )
+        print(template, end="" if template.endswith("\n") else "\n")
+        return 0
+    if file is not None and not Path(file).is_file():
+        raise UserError(f"--file '{file}' not found")
+    template = DEFAULT_CHAT_TEMPLATE if default else Path(file).read_text(encoding="utf-8")  # type: ignore[arg-type]
+    try:
+        write_chat_template(folder, template)
+    except ChatTemplateError as e:
+        raise UserError(f"--file '{file}': {e}; nothing was written") from None
+    print(f"wrote the chat template of {folder} ({folder / TEMPLATE_FILE}, tokenizer_config.json)")
+    return 0
+
+
 def tokenizer_main(argv: list[str]) -> int:
     """`moe-lm tokenizer train|ensure ...`; raises UserError on bad input (the CLI prints it)."""
     parser = ArgumentParser(prog="moe-lm tokenizer", description="Train or check the BPE tokenizer.")
@@ -289,7 +363,14 @@ def tokenizer_main(argv: list[str]) -> int:
     p_ensure = sub.add_parser("ensure", help="train the config's tokenizer unless it exists; check its size")
     p_ensure.add_argument("--config", required=True)
     p_ensure.add_argument("overrides", nargs="*", help="key.sub=value")
+    p_chat = sub.add_parser("chat-template", help="print a tokenizer folder's chat template, or set it")
+    p_chat.add_argument("dir", metavar="DIR", help="a tokenizer folder (or a transformers model folder)")
+    which = p_chat.add_mutually_exclusive_group()
+    which.add_argument("--default", action="store_true", help="set moe_lm's default template")
+    which.add_argument("--file", metavar="TEMPLATE.jinja", help="set the template in this Jinja file")
     args = parser.parse_args(argv)
+    if args.command == "chat-template":
+        return _chat_template_command(Path(args.dir), args.default, args.file)
 
     if args.command == "train":
         if args.vocab_size < 260:

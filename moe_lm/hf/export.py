@@ -18,6 +18,7 @@ import torch
 from moe_lm.analysis.expert_load import LATEST_PNG, plot_latest
 from moe_lm.analysis.records import load_records
 from moe_lm.config import Config, load_config
+from moe_lm.data.chat_template import TEMPLATE_FILE, load_chat_template, write_chat_template
 from moe_lm.errors import UserError
 from moe_lm.fsutil import staged_dir
 from moe_lm.hf.convert import check_exportable, to_hf_model
@@ -35,6 +36,7 @@ TOKENIZER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "added_tokens.json",
+    TEMPLATE_FILE,
 )
 
 
@@ -65,7 +67,8 @@ def find_tokenizer(cfg: Config, checkpoint: Path, override: str | None = None) -
 
 
 def copy_tokenizer(src: Path, dst: Path) -> Any:
-    """Copy (or, from a bare tokenizer.model, create) the transformers tokenizer files; return it loaded."""
+    """Copy (or, from a bare tokenizer.model, create) the transformers tokenizer files, with the chat
+    template (chat_template.jinja and tokenizer_config.json's chat_template); return it loaded."""
     from transformers import AutoTokenizer, LlamaTokenizer
 
     if (src / "tokenizer_config.json").is_file():
@@ -77,6 +80,9 @@ def copy_tokenizer(src: Path, dst: Path) -> Any:
         tok = LlamaTokenizer.from_pretrained(str(src), add_prefix_space=False, local_files_only=True)
         tok.save_pretrained(str(dst))
         shutil.copy2(src / "tokenizer.model", dst / "tokenizer.model")
+    template = load_chat_template(src)
+    if template is not None:  # in both places transformers (any version), TGI and vLLM look
+        write_chat_template(dst, template)
     try:
         return AutoTokenizer.from_pretrained(str(dst), local_files_only=True)
     except Exception as e:  # transformers raises many kinds; the user needs the cause in one line

@@ -49,6 +49,18 @@ def front_matter(cfg: Config) -> dict[str, Any]:
     return meta
 
 
+def is_chat(cfg: Config) -> bool:
+    """Instruction-tuned: some training source is conversations (data.kind: chat)."""
+    d = cfg.data
+    return any((s.kind or d.kind) == "chat" for s in d.sources.values()) or (
+        not d.sources and d.kind == "chat"
+    )
+
+
+def _chat_loss(cfg: Config) -> str:
+    return "every token of them" if cfg.data.train_on == "all" else "the assistant's tokens only"
+
+
 def _training_inputs(cfg: Config) -> dict[str, list[str]]:
     """Per training source, its file names or dataset name."""
     d = cfg.data
@@ -85,16 +97,32 @@ def data_section(cfg: Config) -> str:
         f"Documents were tokenised with the tokenizer in this folder, joined with `</s>` and packed into "
         f"sequences of {cfg.data.seq_len} tokens.",
     ]
+    if is_chat(cfg):
+        lines[-1] = (
+            "Conversations were rendered with the chat template in this folder (`chat_template.jinja`, also "
+            "in `tokenizer_config.json`), each packed whole into sequences of "
+            f"{cfg.data.seq_len + 1} tokens with document masking (no conversation attends to another), "
+            f"and the loss was on {_chat_loss(cfg)}."
+        )
     return "\n".join(lines)
 
 
 def limitations_section(cfg: Config, records: RunRecords) -> str:
     tokens = (records.trainer_state or {}).get("tokens") or (records.latest or {}).get("tokens")
     seen = f"{int(tokens):,} tokens" if tokens else "its training data"
+    first = (
+        f"- A base language model pretrained from scratch on {seen} (see Training data): it continues "
+        "text in the style of that data. It is not instruction-tuned, not aligned and not safety-tested."
+    )
+    if is_chat(cfg):
+        first = (
+            f"- Instruction-tuned on {seen} of conversations (see Training data), with the loss on "
+            f"{_chat_loss(cfg)}: it answers in their format, in the style of that data. It is not "
+            "aligned and not safety-tested."
+        )
     return "\n".join(
         [
-            f"- A base language model pretrained from scratch on {seen} (see Training data): it continues "
-            "text in the style of that data. It is not instruction-tuned, not aligned and not safety-tested.",
+            first,
             "- Meant for research and for testing training and serving pipelines; not for factual answers, "
             "advice, or decisions about people. What it writes may be wrong, and may repeat biases or "
             "offensive content of its training data.",
@@ -234,10 +262,10 @@ def render_model_card(
         f"---\n{meta}\n---",
         f"# {repo_id or cfg.name}",
         f"A Mixtral-style mixture-of-experts language model ({human(total)} parameters, {human(active)} "
-        f"active per token), pretrained from scratch with moe_lm and exported as a `transformers` "
-        "`MixtralForCausalLM`.",
+        f"active per token), {'instruction-tuned' if is_chat(cfg) else 'pretrained from scratch'} with "
+        "moe_lm and exported as a `transformers` `MixtralForCausalLM`.",
         "## Usage",
-        USAGE.format(
+        (USAGE_CHAT if is_chat(cfg) else USAGE).format(
             path=repo_id or PLACEHOLDER,
             prompt=json.dumps(cfg.train.sample_prompt or "Hello", ensure_ascii=False),
         ),
@@ -257,6 +285,17 @@ def render_model_card(
     if routing is not None:  # the figures of `moe-lm routing` (moe_lm/hf/routing_card.py)
         sections += ["## Routing", routing_section(routing)]
     return "\n\n".join(sections) + "\n"
+
+
+USAGE_CHAT = """```python
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+tokenizer = AutoTokenizer.from_pretrained("{path}")  # its chat template renders the messages
+model = AutoModelForCausalLM.from_pretrained("{path}")
+chat = pipeline("text-generation", model=model, tokenizer=tokenizer)
+messages = [{{"role": "user", "content": {prompt}}}]
+print(chat(messages, max_new_tokens=50)[0]["generated_text"][-1]["content"])
+```"""
 
 
 _FROM_PRETRAINED = re.compile(r'(\.from_pretrained\()"[^"\n]*"(\))')

@@ -32,14 +32,26 @@ from torch import nn
 
 from moe_lm.model.expert_threads import run_sliced
 from moe_lm.model.grouped_experts import grouped_gather_experts_combine
+from moe_lm.model.split_sizes import split_sizes
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the experts' GEMMs run in. Under autocast (the DDP backend's bf16) the layer gets
+    fp32 activations and holds fp32 weights, and autocast's dtype is the one meant: torch's grouped
+    GEMM is no autocast op, so the grouped path casts to it itself (Experts._cast)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 def _grouped_mm_available(x: torch.Tensor, hidden: int, inter: int) -> bool:
     # torch's grouped GEMM is one kernel on CUDA (bf16); on CPU it is a loop of GEMMs that saves
     # more for backward than the Functions below, so the hand-written loop is used there. It needs
     # every row stride to be a multiple of 16 bytes, or it raises: such shapes take the loop too.
-    aligned = all((n * x.element_size()) % 16 == 0 for n in (hidden, inter, 2 * inter))
-    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") and aligned
+    dtype = compute_dtype(x)
+    aligned = all((n * dtype.itemsize) % 16 == 0 for n in (hidden, inter, 2 * inter))
+    return x.is_cuda and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") and aligned
 
 
 def _silu_mul(h_N2I: torch.Tensor, inter: int) -> torch.Tensor:
@@ -295,8 +307,8 @@ class _GatherExpertsCombine(torch.autograd.Function):
 
 
 def _counts(counts_E: torch.Tensor, rows: int) -> list[int]:
-    # The one host sync of the loop path: the split sizes.
-    counts = counts_E.tolist()
+    # The one host sync of the loop path: the split sizes, through the routing counts' seam.
+    counts = split_sizes(counts_E, rows, "experts")
     if sum(counts) != rows:
         raise ValueError(f"Experts: counts_E sums to {sum(counts)} but there are {rows} rows")
     return counts
@@ -340,8 +352,13 @@ class Experts(nn.Module):
     def forward(self, x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_NH: tokens sorted by expert; counts_E: how many rows belong to each expert, in order."""
         if self.uses_grouped_mm(x_NH):
-            return self._grouped(x_NH, counts_E)
+            return self._grouped(*self._cast(x_NH), counts_E)
         return _loop_experts(x_NH, self.gate_up_proj, self.down_proj, counts_E)
+
+    def _cast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x and both weights in the compute dtype (no copy when they already are)."""
+        dtype = compute_dtype(x)
+        return x.to(dtype), self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
 
     def forward_combined(
         self, x_TH: torch.Tensor, token_idx_S: torch.Tensor, counts_E: torch.Tensor, weight_S: torch.Tensor
@@ -350,12 +367,16 @@ class Experts(nn.Module):
 
         Equals `zeros(T, H).index_add_(0, token_idx_S, forward(x_TH[token_idx_S], counts_E) * weight_S)`.
         """
-        fn = grouped_gather_experts_combine if self.uses_grouped_mm(x_TH) else _gather_experts_combine
-        return fn(x_TH, self.gate_up_proj, self.down_proj, weight_S, token_idx_S, counts_E)
-
-    def _grouped(self, x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        offs = torch.cumsum(counts_E, dim=0).to(torch.int32)
-        h = torch._grouped_mm(x_NH, self.gate_up_proj.transpose(-2, -1), offs=offs)
-        return torch._grouped_mm(
-            _silu_mul(h, self.intermediate_size), self.down_proj.transpose(-2, -1), offs=offs
+        if self.uses_grouped_mm(x_TH):
+            x, w_gu, w_down = self._cast(x_TH)
+            return grouped_gather_experts_combine(x, w_gu, w_down, weight_S, token_idx_S, counts_E)
+        return _gather_experts_combine(
+            x_TH, self.gate_up_proj, self.down_proj, weight_S, token_idx_S, counts_E
         )
+
+    def _grouped(
+        self, x_NH: torch.Tensor, w_gu: torch.Tensor, w_down: torch.Tensor, counts_E: torch.Tensor
+    ) -> torch.Tensor:
+        offs = torch.cumsum(counts_E, dim=0).to(torch.int32)
+        h = torch._grouped_mm(x_NH, w_gu.transpose(-2, -1), offs=offs)
+        return torch._grouped_mm(_silu_mul(h, self.intermediate_size), w_down.transpose(-2, -1), offs=offs)

@@ -25,7 +25,8 @@ import torch.distributed as dist
 
 from moe_lm.model import MoETransformer
 from moe_lm.model.dispatch import combine, plan_routing
-from moe_lm.model.experts import Experts
+from moe_lm.model.experts import Experts, compute_dtype
+from moe_lm.model.split_sizes import split_sizes
 from moe_lm.parallel.mesh import Mesh
 
 
@@ -96,15 +97,15 @@ class _AllToAll(torch.autograd.Function):
         return _exchange(grad, in_splits, out_splits, ctx.group, ctx.stats), None, None, None, None
 
 
-def source_to_expert_order(counts_RE: torch.Tensor) -> torch.Tensor:
+def source_to_expert_order(counts_RE: torch.Tensor, total: int) -> torch.Tensor:
     """Received rows arrive grouped by (source rank, local expert); the experts want them grouped
-    by (local expert, source rank). Returns the gather index that reorders them."""
+    by (local expert, source rank). Returns the gather index that reorders them. `total`: the
+    number of rows received (counts_RE's sum, already on the host as the receive splits)."""
     ranks, experts = counts_RE.shape
     flat = counts_RE.reshape(-1)
     src_start = (torch.cumsum(flat, 0) - flat).view(ranks, experts).t().reshape(-1)
     counts_ER = counts_RE.t().reshape(-1)
     dst_start = torch.cumsum(counts_ER, 0) - counts_ER
-    total = int(flat.sum())
     shift = torch.repeat_interleave(src_start - dst_start, counts_ER, output_size=total)
     return torch.arange(total, device=counts_RE.device) + shift
 
@@ -129,17 +130,23 @@ class AllToAllDispatcher:
         send_counts_RE = plan.counts_E.view(self.ep_size, local)
         recv_counts_RE = torch.empty_like(send_counts_RE)
         dist.all_to_all_single(recv_counts_RE, send_counts_RE, group=self.group)
-        # The one host sync of the layer: collectives need the split sizes on the host.
-        send_splits = send_counts_RE.sum(1).tolist()
-        recv_splits = recv_counts_RE.sum(1).tolist()
+        # The layer's host syncs, through the routing counts' seam: collectives need the split
+        # sizes on the host.
+        rows = plan.order.shape[0]
+        send_splits = split_sizes(send_counts_RE.sum(1), rows, "ranks_out")
+        recv_splits = split_sizes(recv_counts_RE.sum(1), rows, "ranks_in")
         # Training passes only: evaluation and sampling (no grad) would skew the per-step numbers.
         stats = self.stats if torch.is_grad_enabled() else None
         if stats is not None:
             stats.tokens_received += sum(recv_splits)
 
         x_SH = x_TH[plan.token_idx]
+        if experts.uses_grouped_mm(x_TH):
+            # The experts compute in autocast's dtype (bf16 on GPUs, where the layer's input is the
+            # fp32 residual stream): send the rows in it, half the bytes both ways.
+            x_SH = x_SH.to(compute_dtype(x_TH))
         x_recv_NH = _AllToAll.apply(x_SH, recv_splits, send_splits, self.group, stats)
-        order_N = source_to_expert_order(recv_counts_RE)
+        order_N = source_to_expert_order(recv_counts_RE, sum(recv_splits))
         y_NH = experts(x_recv_NH[order_N], recv_counts_RE.sum(0))
         if x_recv_NH.requires_grad and not y_NH.requires_grad:
             # No rows reached this rank's experts: keep the graph connected so this rank still

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moe_lm.config import Config
+from moe_lm.libraries import configure_deepspeed
 from moe_lm.model import MoETransformer
 from moe_lm.model.params import is_expert_param
 from moe_lm.parallel.backend import Backend, DDPBackend, Parallelized
@@ -52,14 +53,10 @@ def parallelize(
     model.activation_checkpointing = cfg.train.activation_checkpointing
     if cfg.parallel.backend == "deepspeed":
         # Imported here so that DDP runs never load deepspeed (half a second, and its log lines).
-        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
         from moe_lm.parallel.deepspeed_moe import mark_moe_layers
 
         mark_moe_layers(model, layout.mesh)
-        # DeepSpeed keys MoE optimizer groups by group name; then drops groups emptied by the split.
-        named = [{"name": g.get("name", f"group{i}"), **g} for i, g in enumerate(param_groups)]
-        param_groups = [g for g in split_params_into_different_moe_groups_for_optimizer(named) if g["params"]]
+        param_groups = deepspeed_param_groups(param_groups)
     elif layout.mesh.ep_size > 1 and layout.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -74,6 +71,18 @@ def parallelize(
     scheduler = torch.optim.lr_scheduler.LambdaLR(torch_optimizer if deepspeed else optimizer, lr_lambda)
     compiled: nn.Module = torch.compile(wrapped) if cfg.train.compile else wrapped  # type: ignore[assignment]
     return Parallelized(compiled, wrapped, model, optimizer, torch_optimizer, scheduler, ep_stats)
+
+
+def deepspeed_param_groups(param_groups: ParamGroups) -> ParamGroups:
+    """The optimizer groups moe_lm hands DeepSpeed: expert parameters (marked by
+    apply_expert_parallel) split into groups of their own, which ZeRO partitions over the
+    expert-data-parallel group instead of the whole world (`"moe": True`)."""
+    configure_deepspeed()  # before DeepSpeed's first import (a plan imports it here first)
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    # DeepSpeed keys MoE optimizer groups by group name; then drops groups emptied by the split.
+    named = [{"name": g.get("name", f"group{i}"), **g} for i, g in enumerate(param_groups)]
+    return [g for g in split_params_into_different_moe_groups_for_optimizer(named) if g["params"]]
 
 
 @torch.no_grad()

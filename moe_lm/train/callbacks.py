@@ -32,7 +32,7 @@ from moe_lm import faults
 from moe_lm.config import Config
 from moe_lm.model.params import count_params, flops_per_token
 from moe_lm.state import checkpoint as ckpt
-from moe_lm.train.evaluation import evaluate, load_summary, sample
+from moe_lm.train.evaluation import evaluate, load_summary, loss_on, sample
 from moe_lm.train.metrics import mfu, peak_flops, router_metrics
 from moe_lm.train.routing_health import eval_repetition, router_entropy
 
@@ -122,6 +122,8 @@ class LogMetrics(Callback):
             counts = b.all_reduce(result.expert_counts_LE.float(), "sum")
             dropped = b.all_reduce(result.dropped_L.float(), "sum")
             record.update(router_metrics(counts, dropped, cfg.model.top_k))
+        if result.target_tokens is not None:  # packed conversations: lm_loss is over these tokens only
+            record.update(loss_on=loss_on(cfg), target_tokens=int(result.target_tokens))
         record.update(b.extra_metrics())
         for name, samples in trainer.loader.consumed().items():  # the same on every rank: no collective
             record[f"tokens/{name}"] = samples * cfg.data.seq_len
@@ -197,8 +199,9 @@ class Evaluate(Callback):
         per_set = ""
         if len(sets) > 1:
             per_set = "  (" + ", ".join(f"{n} {record[f'val/{n}/loss']:.4f}" for n in sets) + ")"
+        over = f" (over {record['loss_on']} tokens)" if "loss_on" in record else ""
         trainer.log.message(
-            f"step {trainer.step}: val_loss {record['val_loss']:.4f}  val_ppl {record['val_ppl']:.2f}{per_set}"
+            f"step {trainer.step}: val_loss {record['val_loss']:.4f}  val_ppl {record['val_ppl']:.2f}{per_set}{over}"
         )
         if record.get("val_imbalance"):
             trainer.log.message(f"step {trainer.step}: {load_summary(record['val_imbalance'])}")

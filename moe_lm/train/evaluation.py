@@ -40,6 +40,8 @@ def evaluate(trainer: Trainer) -> dict[str, Any]:
     model.train()
     val_loss = sum(losses) / len(losses)
     record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+    if trainer.chat is not None:  # which tokens of a conversation the losses are over
+        record["loss_on"] = loss_on(trainer.cfg)
     moe_layers, experts = len(trainer.cfg.model.moe_layer_indices), trainer.cfg.model.num_experts
     if moe_layers:  # decided by the config, so every rank takes part in the reduction
         if counts_LE is None:
@@ -66,13 +68,13 @@ def _eval_set(trainer: Trainer, blocks: Any) -> tuple[float, int, torch.Tensor |
     # how the blocks are split over ranks. train.eval_batches counts the batches of all ranks.
     total = torch.zeros(2, dtype=torch.float64, device=b.device)
     counts_LE: torch.Tensor | None = None
-    for input_ids, labels in eval_batches(
+    for batch in eval_batches(
         blocks, cfg.train.micro_batch_size, b.dp_rank, b.dp_size, cfg.train.eval_batches
     ):
         with b.autocast():
-            out = trainer.forward(b.raw_model, input_ids, labels)
+            out = trainer.forward(b.raw_model, batch)
         assert out.lm_loss is not None
-        tokens = int((labels != -100).sum())  # labels are still on the CPU: no device sync
+        tokens = int((batch[1] != -100).sum())  # labels are still on the CPU: no device sync
         if tokens:
             total[0] += out.lm_loss.double() * tokens
             total[1] += tokens
@@ -83,14 +85,26 @@ def _eval_set(trainer: Trainer, blocks: Any) -> tuple[float, int, torch.Tensor |
     return float(total[0] / total[1]), int(total[1]), counts_LE
 
 
+def loss_on(cfg: Any) -> str:
+    """What the loss of a conversation is averaged over (data.train_on): "assistant" tokens or "all"."""
+    return str(cfg.data.train_on or "assistant")
+
+
 @torch.no_grad()
 def sample(trainer: Trainer) -> str:
-    """`train.sample_tokens` tokens after `train.sample_prompt`, from the model as it is now."""
+    """`train.sample_tokens` tokens after `train.sample_prompt`, from the model as it is now. With
+    conversations the prompt is a user turn in the chat template, and the reply stops at its end."""
     cfg, b, tokenizer = trainer.cfg, trainer.backend, trainer.tokenizer
-    prompt = tokenizer.encode(cfg.train.sample_prompt) or [tokenizer.bos_id]
+    if trainer.chat is not None:
+        prompt = trainer.chat.prompt_ids([{"role": "user", "content": cfg.train.sample_prompt}])
+    else:
+        prompt = tokenizer.encode(cfg.train.sample_prompt) or [tokenizer.bos_id]
+    eos = tokenizer.eos_id if trainer.chat is not None else None
     # A generator of its own: sampling must not move the training RNG (exact resume).
     gen = torch.Generator(device=b.device).manual_seed(cfg.train.seed + trainer.step)
     ids = torch.tensor([prompt], device=b.device)
     with b.autocast():
-        out = b.raw_model.generate(ids, cfg.train.sample_tokens, temperature=0.8, top_k=50, generator=gen)
+        out = b.raw_model.generate(
+            ids, cfg.train.sample_tokens, temperature=0.8, top_k=50, eos_id=eos, generator=gen
+        )
     return tokenizer.decode(out[0].tolist())

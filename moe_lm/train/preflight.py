@@ -1,8 +1,10 @@
-"""Pre-flight memory check: estimate what one process needs for a config and warn before step 1.
+"""Pre-flight memory check of CPU runs: a formula for what one process needs, warned before step 1.
 
 Finding out at step 1 (or at step 4000, when a long batch arrives) that the model does not fit
-wastes a queue slot; one line up front says what to change. The estimate is deliberately simple
-and conservative (a ceiling, not a prediction):
+wastes a queue slot; one line up front says what to change. GPU runs are checked by the plan
+instead (`moe-lm train` rehearses the run's own layout: moe_lm/plan/preflight.py); this formula is
+the fallback for CPU runs, where a rehearsal would cost every run seconds and RAM is rarely the
+limit. docs/plan.md gives its error against the plan. The estimate is deliberately simple:
 
   weights     4 B/param (fp32 master weights; autocast keeps them fp32)
   grads       4 B/trainable param          (ZeRO-2: divided by the data-parallel size)

@@ -2,9 +2,8 @@
 logging, evaluation, samples and checkpoints are callbacks (`moe_lm/train/callbacks.py`) it calls
 at fixed points, and processes, checkpoint format, metrics and data live in their own modules.
 
-One optimizer step = grad_accum_steps micro-batches on every data-parallel rank. The loss of a
-micro-batch is lm + aux_coef * mean_layers(aux) + z_coef * mean_layers(z), divided by the number of
-micro-batches so gradients are means over the global batch.
+One optimizer step (`moe_lm/train/step.py`) = grad_accum_steps micro-batches on every
+data-parallel rank.
 """
 
 from __future__ import annotations
@@ -13,23 +12,21 @@ import signal
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import torch
 
-from moe_lm import faults
 from moe_lm.config import Config
-from moe_lm.data.blocks import document_ids
+from moe_lm.data.blocks import batch_document_ids
+from moe_lm.data.chat import chat_encoder
 from moe_lm.data.corpus import open_data
 from moe_lm.data.loader import ResumableLoader
 from moe_lm.data.tokenizer import Tokenizer, check_vocab, ensure_tokenizer
 from moe_lm.errors import UserError
 from moe_lm.fsutil import DiskFullError
 from moe_lm.model import MoETransformer
-from moe_lm.model.balance import global_batch_step
 from moe_lm.parallel.layout import Layout, start_processes
 from moe_lm.parallel.parallelize import build_backend
 from moe_lm.state import checkpoint as ckpt
@@ -41,28 +38,8 @@ from moe_lm.train.preflight import check_memory
 from moe_lm.train.rng import TrainingRNG
 from moe_lm.train.rundir import commit_run_dir, prepare_run_dir
 from moe_lm.train.sinks import build_logger
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """What one optimizer step measured on this process, before any reduction over processes."""
-
-    # loss, lm_loss, aux_loss, hf_aux_loss, z_loss (those the model returned): 0-dim float32
-    # tensors on the device, means over the step's micro-batches.
-    losses: dict[str, torch.Tensor]
-    expert_counts_LE: torch.Tensor | None  # tokens each MoE layer routed to each expert (None: no MoE layer)
-    dropped_L: torch.Tensor | None  # per MoE layer, tokens dropped by the capacity limit
-    grad_norm: float  # global, before clipping
-    stepped: bool  # False: the norm was not finite and the update was skipped
-    seconds: float  # wall-clock time of the step
-    router_entropy_L: torch.Tensor | None = (
-        None  # per MoE layer, mean router entropy (nats) over the micro-batches
-    )
-
-    @property
-    def finite(self) -> bool:
-        loss = self.losses.get("loss")
-        return self.stepped and (loss is None or bool(torch.isfinite(loss)))
+from moe_lm.train.step import StepResult, train_step
+from moe_lm.train.step import forward as step_forward
 
 
 @contextmanager
@@ -105,7 +82,7 @@ class Trainer:
         self.cfg = cfg
         layout = layout if layout is not None else start_processes(cfg)
         resumed_from = prepare_run_dir(cfg, layout.is_main)
-        if layout.is_main:
+        if layout.is_main and layout.device.type == "cpu":  # GPU runs: the plan, in `moe-lm train`
             check_memory(cfg, layout.world_size, layout.device)
         layout.barrier("checking the run directory")
 
@@ -120,6 +97,8 @@ class Trainer:
         local_main = bool(layout.accelerator.is_local_main_process)
         with disk_full_context(cfg):
             self.data = open_data(cfg, self.tokenizer, is_main=local_main, waits=layout.waits)
+        # Conversations: the samples are chat replies, rendered by the tokenizer's chat template.
+        self.chat = chat_encoder(self.tokenizer) if self.data.chat else None
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = MoETransformer(cfg.model)
@@ -176,62 +155,31 @@ class Trainer:
 
     # ---- one optimizer step -------------------------------------------------------------------
 
-    def forward(self, model: Any, input_ids: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> Any:
-        """`model` (wrapped for training, raw for evaluation) on a batch from the CPU."""
-        b = self.backend
-        if self.cfg.data.document_mask:
-            kwargs["document_ids"] = document_ids(input_ids, self.tokenizer.eos_id).to(b.device)
-        return model(input_ids.to(b.device), labels=labels.to(b.device), **kwargs)
+    def document_ids(self, batch: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """The batch's document ids on the CPU (moe_lm.data.blocks.batch_document_ids)."""
+        return batch_document_ids(batch, self.tokenizer.eos_id, self.cfg.data.document_mask)
 
-    def _count(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Expert counts [L, E] of one micro-batch, without autograd or LM head (the counting pass
-        of model.aux_loss_scope global_batch, moe_lm/model/balance.py)."""
-        b, input_ids = self.backend, batch[0]
-        docs = None
-        if self.cfg.data.document_mask:
-            docs = document_ids(input_ids, self.tokenizer.eos_id).to(b.device)
-        with b.autocast():
-            return b.raw_model.route_counts(input_ids.to(b.device), document_ids=docs)
+    def forward(
+        self,
+        model: Any,
+        batch: Sequence[torch.Tensor] | torch.Tensor,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """`model` (wrapped for training, raw for evaluation) on a batch from the CPU: the loader's
+        (input_ids, labels) pair (moe_lm.data.blocks.Batch), or input_ids and `labels`."""
+        return step_forward(
+            self.cfg, self.backend.device, self.tokenizer.eos_id, model, batch, labels, **kwargs
+        )
 
     def train_step(self) -> StepResult:
         start = time.perf_counter()
         with self.rng.active():  # only the step draws from the training stream
-            return self._train_step(start)
-
-    def _train_step(self, start: float) -> StepResult:
-        b, cfg = self.backend, self.cfg
-        b.model.train()
-        accum = cfg.train.grad_accum_steps
-        losses: dict[str, torch.Tensor] = {}
-        counts_LE: torch.Tensor | None = None
-        dropped_L: torch.Tensor | None = None
-        entropy_L: torch.Tensor | None = None
-        # All of the step's micro-batches first: global-batch balancing may count them before any runs.
-        batches = [self.loader.next_batch() for _ in range(accum)]
-        with global_batch_step(b.raw_model, batches, self._count):
-            for micro, (input_ids, labels) in enumerate(batches):
-                with b.accumulate(sync=micro == accum - 1), b.autocast():
-                    out = self.forward(b.model, input_ids, labels, return_logits=False)
-                    b.backward(faults.poison(out.loss, self.step + 1) / accum)
-                for key in ("loss", "lm_loss", "aux_loss", "hf_aux_loss", "z_loss"):
-                    value = getattr(out, key)
-                    if value is not None:
-                        losses[key] = losses.get(key, 0) + value.detach().float() / accum
-                if out.expert_counts_LE is not None and out.dropped_L is not None:
-                    counts_LE = (
-                        out.expert_counts_LE if counts_LE is None else counts_LE + out.expert_counts_LE
-                    )
-                    dropped_L = out.dropped_L if dropped_L is None else dropped_L + out.dropped_L
-                if out.router_entropy_L is not None:
-                    entropy = out.router_entropy_L / accum
-                    entropy_L = entropy if entropy_L is None else entropy_L + entropy
-        faults.hit("step", self.step + 1)
-        grad_norm, stepped = b.step(cfg.optim.grad_clip)
-        if counts_LE is not None and cfg.model.aux_free_bias:
-            # Every rank applies the same update from the global load, so biases stay identical.
-            b.raw_model.update_expert_bias(b.all_reduce(counts_LE.float(), "sum"))
-        seconds = time.perf_counter() - start
-        return StepResult(losses, counts_LE, dropped_L, grad_norm, stepped, seconds, entropy_L)
+            # All of the step's micro-batches first: global-batch balancing may count them before any runs.
+            batches = [self.loader.next_batch() for _ in range(self.cfg.train.grad_accum_steps)]
+            return train_step(
+                self.backend, self.cfg, batches, self.tokenizer.eos_id, self.step + 1, start, self.data.packed
+            )
 
     def _guard(self, result: StepResult) -> None:
         """Non-finite loss or gradient: the update was skipped; too many in a row stops the run."""

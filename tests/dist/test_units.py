@@ -11,8 +11,8 @@ import torch
 from moe_lm.config import Config, ParallelConfig
 from moe_lm.errors import UserError
 from moe_lm.model import MoETransformer
-from moe_lm.parallel.layout import check_launch, ddp_accelerator
 from moe_lm.parallel.expert_parallel import source_to_expert_order
+from moe_lm.parallel.layout import check_launch, ddp_accelerator
 from moe_lm.parallel.mesh import Mesh, expert_data_parallel_ranks, expert_parallel_ranks, validate_ep
 from tests.conftest import tiny_model_config
 
@@ -42,8 +42,8 @@ def test_bad_ep_size_is_one_line(ep: int, world: int, experts: int, says: str) -
 def test_received_rows_regroup_from_source_order_to_expert_order() -> None:
     # source 0 sends 1 row to local expert 0 and 2 to expert 1; source 1 sends 3 rows to expert 0
     counts_RE = torch.tensor([[1, 2], [3, 0]])
-    assert source_to_expert_order(counts_RE).tolist() == [0, 3, 4, 5, 1, 2]
-    assert source_to_expert_order(torch.zeros(2, 2, dtype=torch.long)).numel() == 0
+    assert source_to_expert_order(counts_RE, 6).tolist() == [0, 3, 4, 5, 1, 2]
+    assert source_to_expert_order(torch.zeros(2, 2, dtype=torch.long), 0).numel() == 0
 
 
 def _cfg(**parallel: object) -> Config:
@@ -119,6 +119,10 @@ def test_deepspeed_marker_is_an_moe_to_the_engine_and_changes_no_weights() -> No
     after = model.state_dict()
     assert list(after) == list(before)
     assert [name for name, t in after.items() if not torch.equal(t, before[name])] == []
+    # torch.equal compares values across dtypes (a lossless float64 upcast is "equal"): dtypes and
+    # trainability are compared on their own
+    assert {n: t.dtype for n, t in after.items()} == {n: t.dtype for n, t in before.items()}
+    assert all(p.requires_grad for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", ["cpu-2proc", "multi-gpu", "deepspeed-zero1", "deepspeed-zero2"])

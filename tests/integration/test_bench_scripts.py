@@ -97,3 +97,20 @@ def test_bench_data_measures_prepare_training_and_loader(tmp_path: Path) -> None
     assert len(rows(out, "**training**")) == 2  # both corpora trained
     loader = table(out, "**loader**")
     assert set(loader) == {"one source", "mixture 3:1 of two"}
+
+
+def test_bench_sft_times_both_steps_at_the_same_tokens(tmp_path: Path) -> None:
+    out = bench("bench_sft.py", "--quick", "--workdir", str(tmp_path))
+    steps = table(out, "## Step cost at the same tokens per step")
+    pre, sft = steps["pretraining (blocks, causal)"], steps["instruction tuning (packed, document mask)"]
+    assert pre[0] == sft[0] == "512"  # 4 rows of 128 tokens each
+    assert pre[1] == "512" and 0 < int(sft[1]) < 512  # only the assistant's tokens are targets
+    assert pre[3] == "1.00x" and number(sft[2]) > 0 and number(sft[4]) > 0
+
+
+def test_bench_plan_times_a_plan_in_a_process_of_its_own() -> None:
+    out = bench("bench_plan.py", "--quick")
+    ((wall, rss, layouts, per_layout),) = rows(out, "## moe-lm plan")
+    assert number(wall) > 0 and number(rss) > 0 and layouts == "1" and number(per_layout) > 0
+    (row,) = rows(out, "| layout |")
+    assert row[0] == "ep1/ddp/mb16x1/noac" and row[1] == "1+2" and row[3] == "True"

@@ -57,9 +57,11 @@ def test_smoke_run_on_cpu_passes_every_check(tmp_path: Path) -> None:
     assert "gpu-check: all checks passed" in proc.stdout
     rows = _rows((tmp_path / "gpu_check.md").read_text())
     train = "train 6 steps, fp32, 0.1M params"
+    plan = "plan of that run (ep1/ddp/mb4x1/noac, cpu)"
     assert list(rows) == [
         "tests/gpu",
         train,
+        plan,
         "resume at 3 vs straight 6",
         "export fp32 -> transformers",
         "bench_train fp32",
@@ -69,6 +71,9 @@ def test_smoke_run_on_cpu_passes_every_check(tmp_path: Path) -> None:
     tokens_per_s, mfu, peak, result, _ = rows[train]
     assert float(tokens_per_s.replace(",", "")) > 0 and mfu.endswith("%") and peak == "-"
     assert result.startswith("val loss ")
+    tokens_per_s, mfu, peak, result, status = rows[plan]  # on a CPU the plan predicts memory only
+    assert (tokens_per_s, mfu, status) == ("-", "-", "ok") and float(peak.replace(",", "")) > 0
+    assert result.startswith("predicted; peak during the ")
     assert rows["resume at 3 vs straight 6"][3] == "bit-exact"
     assert rows["export fp32 -> transformers"][3] == "max abs logit diff 0.0e+00"
     assert float(rows["bench_train fp32"][0].replace(",", "")) > 0

@@ -167,6 +167,12 @@ def test_experts_with_no_rows_get_zero_gradient_and_frozen_weights_work(impl: st
     (gx,) = torch.autograd.grad(out.sum(), [x])
     (want,) = torch.autograd.grad(naive_moe(x, idx, w.detach(), ex, None).sum(), [x])
     assert_close(gx, want, "input gradient through frozen experts")
+    # train.freeze=experts still trains the router: the routing weights' gradient through frozen experts
+    out, _ = LocalDispatcher()(x, idx, w, ex, E, None)
+    gx, gw = torch.autograd.grad(out.sum(), [x, w])
+    want_x, want_w = torch.autograd.grad(naive_moe(x, idx, w, ex, None).sum(), [x, w])
+    assert_close(gx, want_x, "input gradient through frozen experts, router trained")
+    assert_close(gw, want_w, "routing-weight gradient through frozen experts")
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -1,0 +1,138 @@
+"""One optimizer step, as a function of the backend and the step's micro-batches: what `Trainer`
+runs every step, and what a rehearsal (moe_lm/plan) runs on fake tensors to size a job.
+
+One optimizer step = grad_accum_steps micro-batches on every data-parallel rank. The loss of a
+micro-batch is lm + aux_coef * mean_layers(aux) + z_coef * mean_layers(z), divided by the number of
+micro-batches so gradients are means over the global batch. Packed conversations instead weigh
+each micro-batch's LM term by its share of the step's target tokens (lm_weights), so the LM loss is
+the mean over every assistant token of the step, on every process. The step reads nothing from the device
+except through the routing counts' seam (moe_lm/model/split_sizes.py) and the backend's step
+(the gradient norm and whether it was finite).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from moe_lm import faults
+from moe_lm.config import Config
+from moe_lm.data.blocks import batch_document_ids
+from moe_lm.model.balance import global_batch_step
+from moe_lm.parallel.backend import Backend
+
+Batch = Sequence[torch.Tensor]  # (input_ids, labels) on the CPU; moe_lm.data.blocks.Batch for packed rows
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step measured on this process, before any reduction over processes."""
+
+    # loss, lm_loss, aux_loss, hf_aux_loss, z_loss (those the model returned): 0-dim float32
+    # tensors on the device, means over the step's micro-batches.
+    losses: dict[str, torch.Tensor]
+    expert_counts_LE: torch.Tensor | None  # tokens each MoE layer routed to each expert (None: no MoE layer)
+    dropped_L: torch.Tensor | None  # per MoE layer, tokens dropped by the capacity limit
+    grad_norm: float  # global, before clipping
+    stepped: bool  # False: the norm was not finite and the update was skipped
+    seconds: float  # wall-clock time of the step
+    router_entropy_L: torch.Tensor | None = (
+        None  # per MoE layer, mean router entropy (nats) over the micro-batches
+    )
+    target_tokens: torch.Tensor | None = None  # packed conversations: the step's targets, every process
+
+    @property
+    def finite(self) -> bool:
+        loss = self.losses.get("loss")
+        return self.stepped and (loss is None or bool(torch.isfinite(loss)))
+
+
+def forward(
+    cfg: Config, device: torch.device, eos_id: int, model: Any, batch: Batch | torch.Tensor,
+    labels: torch.Tensor | None = None, **kwargs: Any,
+) -> Any:  # fmt: skip
+    """`model` (wrapped for training, raw for evaluation) on a batch from the CPU: the loader's
+    (input_ids, labels) pair (moe_lm.data.blocks.Batch), or input_ids and `labels`."""
+    pair: Batch = batch if labels is None else (batch, labels)  # type: ignore[assignment]
+    docs = batch_document_ids(pair, eos_id, cfg.data.document_mask)
+    if docs is not None:
+        kwargs["document_ids"] = docs.to(device)
+    return model(pair[0].to(device), labels=pair[1].to(device), **kwargs)
+
+
+def count_routes(backend: Backend, cfg: Config, eos_id: int, batch: Batch) -> torch.Tensor:
+    """Expert counts [L, E] of one micro-batch, without autograd or LM head (the counting pass
+    of model.aux_loss_scope global_batch, moe_lm/model/balance.py)."""
+    docs = batch_document_ids(batch, eos_id, cfg.data.document_mask)
+    with backend.autocast():
+        return backend.raw_model.route_counts(
+            batch[0].to(backend.device), document_ids=None if docs is None else docs.to(backend.device)
+        )
+
+
+def lm_weights(backend: Backend, batches: Sequence[Batch]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Packed conversations: per micro-batch, the factor n_m * W / N on its lm_loss (its mean over
+    its n_m targets), N the targets of the whole step (every micro-batch of all W processes, one
+    all-reduce). The step's LM loss and gradient are then the mean over every target token, as
+    one process running the global batch at once computes them; a mean of micro-batch means
+    would weigh a token of a micro-batch with few assistant tokens above the others. Counted
+    from the labels on the CPU: no device sync. -> (factors, N as a 0-dim device tensor)."""
+    b = backend
+    counts = [float((batch[1] != -100).sum()) for batch in batches]
+    total = b.all_reduce(torch.tensor([sum(counts)], device=b.device), "sum")[0]
+    return [c * b.world_size / total.clamp_min(1) for c in counts], total
+
+
+def train_step(
+    backend: Backend, cfg: Config, batches: Sequence[Batch], eos_id: int, step: int,
+    start: float | None = None, packed: bool = False,
+) -> StepResult:  # fmt: skip
+    """Forward and backward over `batches` (the step's micro-batches, all of them), then the
+    backend's step. `step` is the number of the step being run (1 for the first); `packed`: the
+    batches are packed conversations (token-weighted LM loss, see lm_weights)."""
+    start = time.perf_counter() if start is None else start
+    b = backend
+    b.model.train()
+    accum = len(batches)
+    losses: dict[str, torch.Tensor] = {}
+    counts_LE: torch.Tensor | None = None
+    dropped_L: torch.Tensor | None = None
+    entropy_L: torch.Tensor | None = None
+
+    def count(batch: Batch) -> torch.Tensor:
+        return count_routes(b, cfg, eos_id, batch)
+
+    weights, targets = lm_weights(b, batches) if packed else (None, None)
+    with global_batch_step(b.raw_model, batches, count):
+        for micro, batch in enumerate(batches):
+            with b.accumulate(sync=micro == accum - 1), b.autocast():
+                out = forward(cfg, b.device, eos_id, b.model, batch, return_logits=False)
+                weighted: dict[str, torch.Tensor] = {}
+                if weights is not None:  # token-weighted LM term; the router terms stay means
+                    lm = out.lm_loss * weights[micro]
+                    weighted = {"loss": (out.loss - out.lm_loss) / accum + lm, "lm_loss": lm}
+                    b.backward(faults.poison(weighted["loss"], step))
+                else:
+                    b.backward(faults.poison(out.loss, step) / accum)
+            for key in ("loss", "lm_loss", "aux_loss", "hf_aux_loss", "z_loss"):
+                value = getattr(out, key)
+                if value is not None:
+                    value = weighted[key] if key in weighted else value.detach().float() / accum
+                    losses[key] = losses.get(key, 0) + value.detach().float()
+            if out.expert_counts_LE is not None and out.dropped_L is not None:
+                counts_LE = out.expert_counts_LE if counts_LE is None else counts_LE + out.expert_counts_LE
+                dropped_L = out.dropped_L if dropped_L is None else dropped_L + out.dropped_L
+            if out.router_entropy_L is not None:
+                entropy = out.router_entropy_L / accum
+                entropy_L = entropy if entropy_L is None else entropy_L + entropy
+    faults.hit("step", step)
+    grad_norm, stepped = b.step(cfg.optim.grad_clip)
+    if counts_LE is not None and cfg.model.aux_free_bias:
+        # Every rank applies the same update from the global load, so biases stay identical.
+        b.raw_model.update_expert_bias(b.all_reduce(counts_LE.float(), "sum"))
+    seconds = time.perf_counter() - start
+    return StepResult(losses, counts_LE, dropped_L, grad_norm, stepped, seconds, entropy_L, targets)
