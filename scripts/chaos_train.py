@@ -40,6 +40,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from moe_lm.state.resolve import find_latest  # noqa: E402
 from moe_lm.state.weights import load_model_state  # noqa: E402
 
 
@@ -140,8 +141,11 @@ def workers(launcher: int) -> dict[int, int]:
 
 
 def resume_point(run: Path) -> int:
-    pointer = run / "checkpoints" / "latest"
-    return int(pointer.read_text().strip()[5:]) if pointer.is_file() else 0
+    """The step `train.resume=auto` continues from: the newest complete checkpoint, as the trainer
+    finds it (a kill between a checkpoint's rename and `latest` leaves the pointer one behind)."""
+    root = run / "checkpoints"
+    found = find_latest(root, warn=False) if root.is_dir() else None
+    return int(found.name[5:]) if found is not None else 0
 
 
 def killed_round(cmd: list[str], run: Path, steps: int, rng: random.Random, keep: int = 0) -> dict[str, Any]:

@@ -37,6 +37,8 @@ def run(argv: list[str], **env: str) -> subprocess.CompletedProcess[str]:
 
 
 def launch(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    if TWO in args:  # a free port: accelerate warns on stderr when another run holds its default
+        args = ("--main_process_port", str(_free_port()), *args)
     return run([sys.executable, "-m", "moe_lm", "launch", *args], **env)
 
 
