@@ -101,9 +101,10 @@ class Run:
     data: Any
     step: int = 0
     tokens: int = 0
+    chat: Any = None  # a chat encoder for conversation data; a rehearsal evaluates plain blocks
 
-    def forward(self, model: Any, input_ids: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> Any:
-        return forward(self.cfg, self.backend.device, 0, model, input_ids, labels, **kwargs)
+    def forward(self, model: Any, batch: Any, labels: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        return forward(self.cfg, self.backend.device, 0, model, batch, labels, **kwargs)
 
 
 class ValidationData:
