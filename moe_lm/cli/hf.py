@@ -17,7 +17,9 @@ def export_main(argv: list[str]) -> int:
     p = _parser(
         "export", "Export a checkpoint as a transformers MixtralForCausalLM folder (with tokenizer and card)."
     )
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint dir or a run dir (its latest)")
+    p.add_argument(
+        "checkpoint", metavar="RUN_OR_CHECKPOINT", help="a checkpoint dir or a run dir (its latest)"
+    )
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     p.add_argument("--max-shard-size", default="5GB", help="largest weight file, e.g. 5GB or 500MB")

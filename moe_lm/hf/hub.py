@@ -44,7 +44,9 @@ def check_repo_id(repo_id: str, key: str = "--repo-id") -> None:
 def check_export_dir(folder: str | Path) -> Path:
     path = Path(folder)
     if not path.is_dir():
-        raise UserError(f"'{folder}' is not a directory; run `moe-lm export CHECKPOINT --out DIR` first")
+        raise UserError(
+            f"'{folder}' is not a directory; run `moe-lm export RUN_OR_CHECKPOINT --out DIR` first"
+        )
     if not (path / "config.json").is_file():
         raise UserError(
             f"'{folder}' has no config.json, so it is not an exported model; run `moe-lm export` first"
@@ -53,7 +55,7 @@ def check_export_dir(folder: str | Path) -> Path:
 
 
 def resolve_token(token: str | None = None) -> str:
-    """--token, else HF_TOKEN, else the token saved by `hf auth login`."""
+    """The token passed in, else HF_TOKEN, else the token saved by `hf auth login`."""
     from huggingface_hub import get_token
 
     found = token or os.environ.get("HF_TOKEN") or get_token()

@@ -8,6 +8,7 @@ import torch
 
 from moe_lm.model.params import is_expert_param
 
+
 def _sharded(runs: list[dict[str, Any]]) -> bool:
     return len(runs) > 1 and runs[0]["expert_range"] != runs[1]["expert_range"]
 

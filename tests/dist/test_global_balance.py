@@ -73,7 +73,9 @@ def test_per_micro_batch_balancing_differs(
     record("step time, tiny test model: micro batch ep2_accum1 (s)", max(r["step_s"] for r in runs))
 
 
-def test_deepspeed_zero2_ep2_matches(global_reference: dict[str, Any], global_zero2: list[dict[str, Any]]) -> None:
+def test_deepspeed_zero2_ep2_matches(
+    global_reference: dict[str, Any], global_zero2: list[dict[str, Any]]
+) -> None:
     ref, runs = global_reference["whole"], [r["zero2"] for r in global_zero2]
     err = max_err(gather(runs, "weights"), ref["weights"])
     record(f"global batch ZeRO-2 EP=2 accum 2: weights after {GLOBAL_STEPS} steps", err)

@@ -120,7 +120,9 @@ def test_two_process_mfu_is_global_flops_over_every_process_peak(ddp_ep2: Path) 
     # Two processes: FLOPs of both ranks over the peak of both (it was over one rank's peak: > 100%).
     # tokens_per_s divides the per-step token count that the test above pins to the arithmetic.
     cfg = load_config(ddp_ep2 / "config.yaml")
-    per_token = flops_per_token(cfg.model, cfg.data.seq_len, count_params(cfg.model).active_params).train_total
+    per_token = flops_per_token(
+        cfg.model, cfg.data.seq_len, count_params(cfg.model).active_params
+    ).train_total
     for r in train_records(ddp_ep2):
         assert r["mfu"] == pytest.approx(r["tokens_per_s"] * per_token / (2 * PEAK_TFLOPS * 1e12), rel=1e-9)
 
@@ -166,11 +168,16 @@ def test_deepspeed_zero2_ep2_launch_matches_ddp(
         "parallel.backend=deepspeed",
         "parallel.zero_stage=2",
         "parallel.ep_size=2",
-        "train.max_steps=2",
+        "train.max_steps=2",  # = the recipe's optim.warmup_steps: the start-up warning below
         f"train.output_dir={out}",
     )
+    output = proc.stdout + proc.stderr
     for notice in ("Setting accelerator to CPU", "built successfully", "is deprecated"):
-        assert notice not in proc.stdout + proc.stderr, notice  # known-harmless DeepSpeed noise
+        assert notice not in output, notice  # known-harmless DeepSpeed noise
+    # Both processes load the config; only the main one speaks: a warning and the end, once each.
+    warning = "warning: optim.warmup_steps = 2 ≥ train.max_steps = 2: training ends inside the warm-up"
+    assert output.count(warning) == 1, output[-3000:]
+    assert output.count("done: step 2, ") == 1, output[-3000:]
     ds, ddp = train_records(out), train_records(ddp_ep2)[:2]
     assert [r["step"] for r in ds] == [1, 2]
     for a, b in zip(ds, ddp):

@@ -4,9 +4,11 @@ THE RULES (a failure's message shows the command as written and as it ran)
 
 Where. Each markdown file runs in a copy of a scratch directory holding what a reader has after
 `make train`: `configs/` (a copy), `data/tinyshakespeare.txt` (the first CORPUS_CHARS characters of
-the shipped corpus), `scripts/` and `docs/` (links to the repository's), and a `make train` run at
-tiny size (`runs/tiny-shakespeare`, `tokenizers/tiny-shakespeare`, `.cache/moe_lm`). A file's steps
-run in order; the first that fails stops it.
+the shipped corpus), `scripts/` and `docs/` (links to the repository's), `.venv/bin/` (`moe-lm`,
+`python` and `activate`, which run this checkout's code: CODE first on PYTHONPATH) and a `make train`
+run at tiny size (`runs/tiny-shakespeare`, `tokenizers/tiny-shakespeare`, `.cache/moe_lm`). A file's
+steps run in order; the first that fails stops it. Every process a step starts imports moe_lm from
+CODE, the checkout under test, not from wherever the environment installed it.
 
 What runs, and how:
  1. `moe-lm ARGS`, `.venv/bin/moe-lm ARGS`, `python -m moe_lm ARGS`: `moe_lm.cli.main(ARGS)` in this
@@ -29,23 +31,30 @@ What runs, and how:
     `__main__` with those arguments (and rule 2 if the first is a YAML config).
  8. `accelerate launch ... -m moe_lm ARGS`: accelerate's launcher (a free port as in rule 5), ARGS
     by these rules.
- 9. SHELL_TOOLS (`mkdir`, `cp`, ...) and any line with a pipe, `;`, `&&` or a redirection: bash, with
-    the environment's `moe-lm` and `python` first on PATH; no rewriting.
-10. A `yaml` or `python` block whose first line is `# PATH` is written to PATH before the steps after it.
+ 9. SHELL_TOOLS (`mkdir`, `cp`, `source`, ...): bash, with the scratch directory's `.venv/bin` first
+    on PATH. A line with a pipe, `;`, `&&`, `||`, a subshell or a redirection runs in bash the same
+    way, after each of its simple commands is rewritten by rules 1-8 (a moe-lm command, spelt any
+    way, becomes `moe-lm` with its tiny arguments; `make TARGET` becomes its recipe's moe-lm commands
+    in a `{ ...; }` group), so `moe-lm train ... | tee log` trains at tiny size too.
+10. A `yaml` or `python` block whose first line is `# PATH` is written to PATH before the steps after it
+    (what every `yaml` block must be is in tests/docs/yaml_blocks.py).
 Any other program must be marked as not run.
 
-A line ending in `# not run in tests: REASON` is only parsed: `$VARIABLES` read as 0; a moe-lm command
-must pass its own argparse parser (under `moe-lm launch`, accelerate's first), and its config file
-must exist and load with its overrides (so they are real keys); `make` must know the target
-(`make -n`), and the moe-lm commands of its recipe are parsed the same way; a python script must
-exist and, if it uses argparse, accept its arguments; `python -m MODULE` must name an importable
-module, and for `-m pytest` every test path it names must exist in the repository. Other programs (`hf`, `wandb`, ...) only need
-the mark.
+A line ending in `# not run in tests: REASON` is only parsed, each of its simple commands in order
+(through `;`, `&&`, pipes and subshells): a bare `NAME=value` sets $NAME for the commands after it,
+`$PWD` is the scratch directory and any other `$VARIABLE` reads as 0; a moe-lm command must pass its
+own argparse parser (under `moe-lm launch`, accelerate's first), and its config file must exist and
+load with its overrides (so they are real keys); `make` must know the target (`make -n`), and the
+moe-lm commands of its recipe are parsed the same way; a python script must exist and, if it uses
+argparse, accept its arguments; `python -m MODULE` must name an importable module (looked for first
+in the line's PYTHONPATH when that exists here; when it does not, the guide has the reader make it
+and the module is not checked), and for `-m pytest` every test path it names must exist in the
+repository and a `-k EXPR` must select at least one test (`pytest --collect-only`). `cd` and other
+programs (`hf`, `wandb`, `git`, ...) only need the mark.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import math
@@ -59,11 +68,20 @@ import subprocess
 import sys
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
+from tests.docs import parse_only, shell
 from tests.docs.markdown import REPO, Command, FileBlock, steps
+from tests.docs.parse_only import StepFailed
+from tests.docs.recognise import (
+    is_python,
+    make_recipe,
+    moe_lm_argv,
+    needs_shell,
+    recipe_commands,
+    split_env,
+)
 
 CORPUS_CHARS = 150_000
 STEP_SCALE = 200
@@ -86,11 +104,9 @@ TINY_OVERRIDES = (
 ROUTING_TOKENS = 1024
 EVAL_BATCHES = 2
 SHELL_TOOLS = {"cp", "mkdir", "ls", "cat", "echo", "printf", "head", "tail", "touch", "mv", "rm"}
+SHELL_TOOLS |= {"source", "."}  # source .venv/bin/activate
 TEMPLATE_RUN = "moe-lm train configs/tiny-shakespeare.yaml train.overwrite=true"
-
-
-class StepFailed(AssertionError):
-    pass
+CODE = REPO  # the checkout whose moe_lm every documented command runs
 
 
 @dataclass
@@ -129,7 +145,36 @@ def build_template(root: Path) -> None:
     (root / "data" / "tinyshakespeare.txt").write_text(text)
     for name in ("scripts", "docs"):
         (root / name).symlink_to(REPO / name, target_is_directory=True)
+    venv_bin(root)
     Sandbox(root).run(Command("(template: make train)", TEMPLATE_RUN, None))
+
+
+def venv_bin(root: Path) -> Path:
+    """ROOT/.venv/bin as a reader's checkout has it after `make`: `moe-lm` and `python` (this
+    checkout's code whatever the environment installed) and `activate`."""
+    bin_dir = root / ".venv" / "bin"
+    if (bin_dir / "activate").is_file():
+        return bin_dir
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    pythonpath = f'PYTHONPATH={shlex.quote(str(CODE))}"${{PYTHONPATH:+:$PYTHONPATH}}"'
+    for name, args in (("moe-lm", "-m moe_lm "), ("python", ""), ("python3", "")):
+        (bin_dir / name).write_text(
+            f'#!/bin/sh\n{pythonpath} exec {shlex.quote(sys.executable)} {args}"$@"\n'
+        )
+        (bin_dir / name).chmod(0o755)
+    (bin_dir / "activate").write_text(
+        'VIRTUAL_ENV="$(cd "$(dirname "${BASH_SOURCE[0]:-$0}")/.." && pwd)"; export VIRTUAL_ENV\n'
+        'PATH="$VIRTUAL_ENV/bin:$PATH"; export PATH\n'
+    )
+    return bin_dir
+
+
+def child_env(root: Path, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a process a step starts: ROOT/.venv/bin first on PATH, CODE on PYTHONPATH."""
+    merged = {**os.environ, **(env or {})}
+    path = f"{venv_bin(root)}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{merged.get('PATH', '')}"
+    pythonpath = os.pathsep.join(p for p in (str(CODE), merged.get("PYTHONPATH", "")) if p)
+    return {**merged, "PATH": path, "PYTHONPATH": pythonpath}
 
 
 def run_doc(path: Path, template: Path, workdir: Path) -> DocRun:
@@ -137,78 +182,6 @@ def run_doc(path: Path, template: Path, workdir: Path) -> DocRun:
     shutil.copytree(template, root, symlinks=True)
     box = Sandbox(root)
     return DocRun(root, [box.run(step) for step in steps(path)])
-
-
-# ---------------------------------------------------------------------------------------------
-# Recognising commands
-
-
-def _is_python(token: str) -> bool:
-    return re.fullmatch(r"python(3(\.\d+)?)?", token.rsplit("/", 1)[-1]) is not None
-
-
-def moe_lm_argv(tokens: list[str]) -> list[str] | None:
-    """The arguments of a moe-lm command in any of its spellings, else None."""
-    if tokens and tokens[0].rsplit("/", 1)[-1] == "moe-lm":
-        return tokens[1:]
-    if (
-        len(tokens) >= 3
-        and _is_python(tokens[0])
-        and tokens[1] == "-m"
-        and tokens[2] in ("moe_lm", "moe_lm.cli")
-    ):
-        return tokens[3:]
-    return None
-
-
-def needs_shell(text: str) -> bool:
-    """A pipe, `;`, `&&`, a redirection or a command substitution outside quotes."""
-    lexer = shlex.shlex(text, posix=True, punctuation_chars=True)
-    lexer.whitespace_split = True
-    return any(set(tok) <= set("();<>|&") or "`" in tok or "$(" in tok for tok in lexer)
-
-
-def split_env(tokens: list[str]) -> tuple[dict[str, str], list[str]]:
-    env: dict[str, str] = {}
-    while tokens and re.fullmatch(r"[A-Za-z_]\w*=.*", tokens[0]):
-        key, value = tokens[0].split("=", 1)
-        env[key] = value
-        tokens = tokens[1:]
-    return env, tokens
-
-
-def make_recipe(args: list[str]) -> tuple[int, list[str], str]:
-    """(make -n's exit code, the recipe's lines with continuations joined, its output)."""
-    proc = subprocess.run(
-        ["make", "-n", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},  # `nproc` in the recipe reads it
-        timeout=60,
-    )
-    lines, pending = [], ""
-    for line in proc.stdout.splitlines():
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        lines.append(pending + line)
-        pending = ""
-    return proc.returncode, lines, proc.stdout + proc.stderr
-
-
-def recipe_commands(lines: list[str]) -> list[tuple[dict[str, str], list[str]]]:
-    """The moe-lm commands of a make recipe, each with its `VAR=value` prefixes."""
-    found = []
-    for line in lines:
-        try:
-            env, tokens = split_env(shlex.split(line))
-        except ValueError:
-            continue
-        argv = moe_lm_argv(tokens)
-        if argv is not None:
-            found.append((env, argv))
-    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,27 +257,6 @@ def _exit_code(e: SystemExit) -> int:
     return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
 
 
-class _Parsed(Exception):
-    """Raised in place of running a command once its parser has accepted the arguments."""
-
-    def __init__(self, namespace: argparse.Namespace) -> None:
-        self.namespace = namespace
-
-
-@contextlib.contextmanager
-def _parse_only() -> Iterator[None]:
-    original = argparse.ArgumentParser.parse_args
-
-    def parse_args(self: Any, args: Any = None, namespace: Any = None) -> Any:
-        raise _Parsed(original(self, args, namespace))
-
-    argparse.ArgumentParser.parse_args = parse_args  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        argparse.ArgumentParser.parse_args = original  # type: ignore[method-assign]
-
-
 class Sandbox:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -317,7 +269,7 @@ class Sandbox:
         saved_env, saved_argv, saved_path, cwd = dict(os.environ), sys.argv, list(sys.path), os.getcwd()
         out = io.StringIO()
         os.chdir(self.root)
-        os.environ.update(env or {})
+        os.environ.update(child_env(self.root, env))
         if argv is not None:
             sys.argv = argv
         try:
@@ -336,7 +288,7 @@ class Sandbox:
             path.write_text(step.content)
             return Ran(step, ran=f"wrote {step.path}")
         if step.not_run is not None:
-            self.check(step)
+            parse_only.check(self, step)
             return Ran(step, ran="(parsed only)", parsed_only=True)
         ran = self._run(step)
         if ran.code != 0:
@@ -346,38 +298,82 @@ class Sandbox:
             )
         return ran
 
+    def check(self, step: Command) -> None:
+        """A line marked as not run: it must at least parse (see THE RULES)."""
+        parse_only.check(self, step)
+
     def _run(self, step: Command) -> Ran:
         text = step.text
         if needs_shell(text):
-            return self._bash(step)
+            return self._bash(step, self.tiny_line(step))
         env, tokens = split_env(shlex.split(text))
         argv = moe_lm_argv(tokens)
         if argv is not None:
             return self._moe_lm(step, tiny_argv(argv, self.root), env)
         program = tokens[0]
         if program == "make":
-            code, lines, output = make_recipe(tokens[1:])
-            commands = recipe_commands(lines)
-            if code != 0 or not commands:
-                raise StepFailed(
-                    f"{step.where}: `{text}` runs no moe-lm command the docs tests can run "
-                    f"(make -n said: {output.strip()[:500]}); mark it `# not run in tests: REASON`"
-                )
+            commands = self._recipe(step, tokens[1:])
             results = [self._moe_lm(step, tiny_argv(a, self.root), {**env, **e}) for e, a in commands]
             bad = next((r for r in results if r.code != 0), results[-1])
             return Ran(
                 step, " && ".join(r.ran for r in results), bad.code, "".join(r.output for r in results)
             )
-        if _is_python(program):
+        if is_python(program):
             return self._python(step, tokens[1:], env)
         if program == "accelerate" and tokens[1:2] == ["launch"]:
             return self._accelerate(step, tokens, env)
         if program in SHELL_TOOLS:
-            return self._bash(step)
+            return self._bash(step, text)
         raise StepFailed(
             f"{step.where}: the docs tests cannot run `{program}`; run it some other way or mark the line "
             "`# not run in tests: REASON`"
         )
+
+    def _recipe(self, step: Command, args: list[str]) -> list[tuple[dict[str, str], list[str]]]:
+        code, lines, output = make_recipe(args)
+        commands = recipe_commands(lines)
+        if code != 0 or not commands:
+            raise StepFailed(
+                f"{step.where}: `{step.text}` runs no moe-lm command the docs tests can run "
+                f"(make -n said: {output.strip()[:500]}); mark it `# not run in tests: REASON`"
+            )
+        return commands
+
+    def tiny_line(self, step: Command) -> str:
+        """A line for bash with each of its simple commands rewritten by rules 1-8 (rule 9)."""
+        try:
+            items = shell.parse(step.text)
+        except ValueError as e:
+            raise StepFailed(f"{step.where}: `{step.text}`: {e}") from None
+        return shell.render(shell.rewrite(items, lambda simple: self._tiny_simple(step, simple)))
+
+    def _tiny_simple(self, step: Command, simple: shell.Simple) -> shell.Simple:
+        try:
+            env, tokens = split_env(shlex.split(simple.words))
+        except ValueError:
+            return simple
+        if not tokens:
+            return simple
+        prefix = [f"{k}={v}" for k, v in env.items()]
+        argv = moe_lm_argv(tokens)
+        if argv is not None:
+            words = shlex.join([*prefix, "moe-lm", *tiny_argv(argv, self.root)])
+        elif tokens[0] == "make":
+            recipe = self._recipe(step, tokens[1:])
+            each = [
+                shlex.join(
+                    [*(f"{k}={v}" for k, v in {**env, **e}.items()), "moe-lm", *tiny_argv(a, self.root)]
+                )
+                for e, a in recipe
+            ]
+            words = "{ " + " && ".join(each) + "; }"
+        elif is_python(tokens[0]) and tokens[2:3] and tokens[2].endswith((".yaml", ".yml")):
+            words = shlex.join([*prefix, "python", tokens[1], *tiny_config_args(tokens[2:], self.root)])
+        elif tokens[0] == "accelerate" and tokens[1:2] == ["launch"]:
+            words = shlex.join([*prefix, *self._accelerate_argv(tokens)])
+        else:
+            return simple
+        return replace(simple, words=words)
 
     def _moe_lm(self, step: Command, argv: list[str], env: dict[str, str]) -> Ran:
         from moe_lm.cli import main
@@ -418,111 +414,27 @@ class Sandbox:
                 code, _ = 1, out.write(traceback.format_exc())
         return Ran(step, shown, code, out.getvalue())
 
-    def _accelerate(self, step: Command, tokens: list[str], env: dict[str, str]) -> Ran:
+    def _accelerate_argv(self, tokens: list[str]) -> list[str]:
+        """`accelerate launch OPTIONS -m moe_lm ARGS` after rule 8."""
         i = tokens.index("-m")
         argv = tiny_argv(tokens[i + 2 :], self.root)
-        launch = [tokens[1], *launcher_options(tokens[2:i]), *tokens[i : i + 2]]
-        cmd = [str(Path(sys.executable).parent / "accelerate"), *launch, *argv]
+        return ["accelerate", tokens[1], *launcher_options(tokens[2:i]), *tokens[i : i + 2], *argv]
+
+    def _accelerate(self, step: Command, tokens: list[str], env: dict[str, str]) -> Ran:
+        cmd = self._accelerate_argv(tokens)
+        cmd[0] = str(Path(sys.executable).parent / "accelerate")
         proc = subprocess.run(
-            cmd, cwd=self.root, env={**os.environ, **env}, capture_output=True, text=True, timeout=300
+            cmd, cwd=self.root, env=child_env(self.root, env), capture_output=True, text=True, timeout=300
         )
         return Ran(step, shlex.join(cmd), proc.returncode, proc.stdout + proc.stderr)
 
-    def _bash(self, step: Command) -> Ran:
-        path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+    def _bash(self, step: Command, text: str) -> Ran:
         proc = subprocess.run(
-            ["bash", "-c", step.text],
+            ["bash", "-c", text],
             cwd=self.root,
-            env={**os.environ, "PATH": path},
+            env=child_env(self.root),
             capture_output=True,
             text=True,
             timeout=300,
         )
-        return Ran(step, f"bash -c {shlex.quote(step.text)}", proc.returncode, proc.stdout + proc.stderr)
-
-    # ---- parsing only -----------------------------------------------------------------------
-
-    def check(self, step: Command) -> None:
-        """A line marked as not run: it must at least parse (see THE RULES)."""
-        text = re.sub(r"\$\{?[A-Za-z_]\w*\}?", "0", step.text)
-        env, tokens = split_env(shlex.split(text))
-        argv = moe_lm_argv(tokens)
-        try:
-            if argv is not None:
-                self.check_moe_lm(argv)
-            elif tokens[0] == "make":
-                code, lines, output = make_recipe(tokens[1:])
-                if code != 0:
-                    raise StepFailed(f"make -n failed: {output.strip()[:500]}")
-                for _, recipe_argv in recipe_commands(lines):
-                    self.check_moe_lm(recipe_argv)
-            elif _is_python(tokens[0]) and tokens[1:2] == ["-m"]:
-                check_module(tokens[2], tokens[3:])
-            elif _is_python(tokens[0]) and tokens[1:2] != ["-c"]:
-                self.check_script(tokens[1], tokens[2:])
-            elif tokens[0] == "accelerate" and tokens[1:2] == ["launch"]:
-                self.check_moe_lm(tokens[tokens.index("-m") + 2 :])
-        except StepFailed as e:
-            raise StepFailed(f"{step.where}: `{step.text}` (not run) does not parse: {e}") from None
-
-    def check_moe_lm(self, argv: list[str]) -> None:
-        from moe_lm.cli import COMMANDS, main
-        from moe_lm.config import load_config
-        from moe_lm.errors import UserError
-
-        with self._inside() as out:
-            try:
-                if argv and argv[0] == "launch":
-                    from moe_lm.cli.launch import accelerate_args, split_argv
-
-                    options, command = split_argv(argv[1:], set(COMMANDS) - {"launch"})
-                    accelerate_args(options, command)
-                    self.check_moe_lm(command)
-                    return
-                with _parse_only():
-                    code = main(argv)
-                raise StepFailed(
-                    f"`moe-lm {shlex.join(argv)}` ended with {code} before parsing: {out.getvalue()}"
-                )
-            except _Parsed as parsed:
-                ns = parsed.namespace
-            except UserError as e:
-                raise StepFailed(f"`moe-lm {shlex.join(argv)}`: {e}") from None
-            try:  # the config file exists and loads with the overrides: they are real keys
-                if getattr(ns, "config", None):
-                    load_config(ns.config, list(getattr(ns, "overrides", None) or []))
-            except UserError as e:
-                raise StepFailed(f"`moe-lm {shlex.join(argv)}`: {e}") from None
-
-    def check_script(self, script: str, args: list[str]) -> None:
-        path = self.root / script
-        if not path.is_file():
-            raise StepFailed(f"no script {script}")
-        if "argparse" not in path.read_text():
-            return
-        with self._inside(argv=[script, *args]):
-            sys.path.insert(0, str(path.parent))
-            try:
-                with _parse_only():
-                    runpy.run_path(script, run_name="__main__")
-                raise StepFailed(f"{script} ran to the end without parsing its arguments")
-            except _Parsed:
-                pass
-            except SystemExit as e:
-                raise StepFailed(f"{script} {shlex.join(args)}: its parser refused (exit {e.code})") from None
-
-
-def check_module(module: str, args: list[str]) -> None:
-    """`python -m MODULE ARGS` marked as not run: the module imports; pytest's test paths exist."""
-    import importlib.util
-
-    if importlib.util.find_spec(module) is None:
-        raise StepFailed(f"no module {module}")
-    if module == "pytest":
-        for arg in args:
-            if (
-                not arg.startswith("-")
-                and arg.startswith("tests")
-                and not (REPO / arg.split("::")[0]).exists()
-            ):
-                raise StepFailed(f"no test path {arg}")
+        return Ran(step, f"bash -c {shlex.quote(text)}", proc.returncode, proc.stdout + proc.stderr)

@@ -139,6 +139,10 @@ def steps(path: Path) -> list[Command | FileBlock]:
 
 
 LINK = re.compile(r"!?\[(?P<text>[^\]]*)\]\((?P<target>[^)\s]+)(?:\s+\"[^\"]*\")?\)")
+# Reference-style links: `[text][label]`, `[text][]` (the label is the text), and `[label]: target`.
+REF_LINK = re.compile(r"!?\[(?P<text>[^\]]*)\]\[(?P<label>[^\]]*)\]")
+REF_DEF = re.compile(r"^ {0,3}\[(?P<label>[^\]]+)\]:\s*(?:<(?P<angled>[^>]*)>|(?P<target>\S+))")
+HREF = re.compile(r"""<(?:a|img|link|source)\b[^>]*?\b(?:href|src)\s*=\s*(["'])(?P<target>.*?)\1""", re.I)
 HEADING = re.compile(r"^(?P<hashes>#{1,6})\s+(?P<text>.+?)\s*#*\s*$")
 HTML_ANCHOR = re.compile(r"<a\s+(?:name|id)=\"(?P<id>[^\"]+)\"")
 
@@ -156,7 +160,31 @@ def prose_lines(path: Path) -> list[tuple[int, str]]:
 
 
 def links(path: Path) -> list[tuple[int, str]]:
-    return [(n, m.group("target")) for n, line in prose_lines(path) for m in LINK.finditer(line)]
+    """(line, target) of every link: inline, reference definitions, and HTML href / src."""
+    found = []
+    for n, line in prose_lines(path):
+        found += [(n, m.group("target")) for m in LINK.finditer(line)]
+        found += [(n, m.group("target")) for m in HREF.finditer(line)]
+        m = REF_DEF.match(line)
+        if m:
+            found.append((n, m.group("angled") if m.group("angled") is not None else m.group("target")))
+    return found
+
+
+def _label(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def undefined_references(path: Path) -> list[tuple[int, str]]:
+    """(line, label) of each `[text][label]` whose label no `[label]: target` defines."""
+    lines = prose_lines(path)
+    defined = {_label(m.group("label")) for _, line in lines if (m := REF_DEF.match(line))}
+    return [
+        (n, m.group("label") or m.group("text"))
+        for n, line in lines
+        for m in REF_LINK.finditer(line)
+        if _label(m.group("label") or m.group("text")) not in defined
+    ]
 
 
 def github_slug(heading: str) -> str:
@@ -192,4 +220,65 @@ def anchors(path: Path) -> set[str]:
             n = seen.get(slug, 0)
             found.add(slug if n == 0 else f"{slug}-{n}")
             seen[slug] = n + 1
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Inline code and where it stands
+
+
+@dataclass(frozen=True)
+class Span:
+    """An inline code span of the prose: its text, its line, the spans before it in the same
+    paragraph, list item or table row (nearest first), and the headings above it (innermost first)."""
+
+    line: int
+    text: str
+    before: tuple[str, ...]
+    headings: tuple[str, ...]
+
+
+CODE_SPAN = re.compile(r"(?<!`)(?P<ticks>`+)(?!`)(?P<code>.+?)(?<!`)(?P=ticks)(?!`)", re.S)
+NEW_UNIT = re.compile(r"^\s*([-*+]\s|\d+[.)]\s|\|)")
+
+
+def code_spans(path: Path) -> list[Span]:
+    """Every inline code span outside fenced blocks, with its context (a span may cross lines)."""
+    units: list[list[tuple[int, str]]] = []
+    headings: dict[int, str] = {}
+    unit_headings: list[tuple[str, ...]] = []
+    fenced, current = False, None
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if FENCE.match(line) or (fenced and re.match(r"^\s*```\s*$", line)):
+            fenced, current = not fenced, None
+            continue
+        heading = HEADING.match(line)
+        if fenced or not line.strip() or heading or NEW_UNIT.match(line) or current is None:
+            current = None
+        if fenced or not line.strip():
+            continue
+        if heading:
+            level = len(heading.group("hashes"))
+            headings = {k: v for k, v in headings.items() if k < level}
+        stack = tuple(headings[k] for k in sorted(headings, reverse=True))
+        if current is None:
+            current = []
+            units.append(current)
+            unit_headings.append(stack)
+        current.append((n, line))
+        if heading:
+            headings[level] = heading.group("text")
+            current = None
+    found = []
+    for unit, stack in zip(units, unit_headings, strict=True):
+        text = "\n".join(line for _, line in unit)
+        starts = [0]
+        for _, line in unit:
+            starts.append(starts[-1] + len(line) + 1)
+        seen: list[str] = []
+        for m in CODE_SPAN.finditer(text):
+            row = max(i for i, s in enumerate(starts) if s <= m.start())
+            code = " ".join(m.group("code").split())
+            found.append(Span(unit[row][0], code, tuple(reversed(seen)), stack))
+            seen.append(code)
     return found

@@ -79,3 +79,21 @@ def test_every_command_is_shown_in_a_guide_or_the_readme() -> None:
                 if argv:
                     shown.add(argv[0])
     assert set(COMMANDS) - shown == set()
+
+
+def test_a_command_given_a_run_folder_in_the_docs_says_so_in_its_table_row() -> None:
+    # `moe-lm export runs/my-model` in the README's tutorial against a row saying `export CHECKPOINT`:
+    # a reader of the table would not know that a run folder (its newest checkpoint) is taken.
+    wrong = []
+    for doc in doc_files():
+        for step in steps(doc):
+            if not isinstance(step, Command):
+                continue
+            argv = moe_lm_argv(split_env(shlex.split(step.text))[1]) or []
+            if len(argv) < 2 or argv[0] not in USAGE or argv[0] == "launch":
+                continue
+            first = argv[1]
+            placeholder = USAGE[argv[0]][0].split()[0]
+            if re.fullmatch(r"runs/[^/]+/?", first) and "RUN" not in placeholder:
+                wrong.append(f"{step.where}: `moe-lm {argv[0]} {first}` but the table says {placeholder}")
+    assert wrong == []

@@ -1,5 +1,6 @@
-"""Every relative link and #anchor in README.md and docs/*.md resolves, by GitHub's anchor rules; the
-README never points outside the repository; every guide can be reached from the README."""
+"""Every relative link and #anchor in README.md and docs/*.md resolves, by GitHub's anchor rules
+(inline links, reference-style links and their definitions, HTML href and src); the README never
+points outside the repository; every guide can be reached from the README."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.docs.markdown import REPO, anchors, doc_files, github_slug, links, rel
+from tests.docs.markdown import REPO, anchors, doc_files, github_slug, links, rel, undefined_references
 
 
 def _resolve(doc: Path, target: str) -> tuple[Path, str]:
@@ -15,18 +16,39 @@ def _resolve(doc: Path, target: str) -> tuple[Path, str]:
     return ((doc.parent / path).resolve() if path else doc), anchor
 
 
-@pytest.mark.parametrize("doc", doc_files(), ids=rel)
-def test_relative_links_and_anchors_resolve(doc: Path) -> None:
-    broken = []
+def broken_links(doc: Path, root: Path = REPO) -> list[str]:
+    broken = [f"{rel(doc)}:{line}: [{label}] is not defined" for line, label in undefined_references(doc)]
     for line, target in links(doc):
         if "://" in target or target.startswith("mailto:"):
             continue
         path, anchor = _resolve(doc, target)
-        if not path.exists() or REPO not in (path, *path.parents):
+        if not path.exists() or root not in (path, *path.parents):
             broken.append(f"{rel(doc)}:{line}: {target} (no such file in the repository)")
         elif anchor and (path.suffix != ".md" or anchor not in anchors(path)):
             broken.append(f"{rel(doc)}:{line}: {target} (no heading '#{anchor}' in {rel(path)})")
+    return broken
+
+
+@pytest.mark.parametrize("doc", doc_files(), ids=rel)
+def test_relative_links_and_anchors_resolve(doc: Path) -> None:
+    broken = broken_links(doc)
     assert not broken, "\n".join(broken)
+
+
+def test_reference_links_and_html_links_are_checked_too(tmp_path: Path) -> None:
+    (tmp_path / "other.md").write_text("# Other\n\n## Kept heading\n")
+    doc = tmp_path / "guide.md"
+    doc.write_text(
+        "# Guide\n\nSee [the other guide][other], [kept][] and [gone][nowhere].\n"
+        '<a href="other.md#no-such-heading">x</a> <img src="missing.png">\n\n'
+        "[other]: other.md#renamed-heading\n[Kept]: <other.md#kept-heading>\n"
+    )
+    assert broken_links(doc, tmp_path) == [
+        "guide.md:3: [nowhere] is not defined",
+        "guide.md:4: other.md#no-such-heading (no heading '#no-such-heading' in other.md)",
+        "guide.md:4: missing.png (no such file in the repository)",
+        "guide.md:6: other.md#renamed-heading (no heading '#renamed-heading' in other.md)",
+    ]
 
 
 def test_the_readme_points_only_inside_the_repository() -> None:

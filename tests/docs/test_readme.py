@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.docs import shell
 from tests.docs.commands import DocRun, scaled
 from tests.docs.markdown import REPO, Command, steps
 
@@ -97,3 +98,19 @@ def test_push_dry_run_lists_the_export_and_sends_nothing(readme: DocRun) -> None
     listed = {line.split()[0] for line in out.splitlines() if line.startswith("  ")}
     assert {"README.md", "config.json", "model.safetensors", "tokenizer.json"} <= listed
     assert out.rstrip().endswith("nothing was sent")
+
+
+def test_bare_moe_lm_and_python_come_after_activating_the_venv() -> None:
+    # A fresh clone after `make train` has moe-lm and its python only in .venv/bin: the README's
+    # commands spell them `.venv/bin/...` until it has the reader run `source .venv/bin/activate`.
+    activated, bare = False, []
+    for step in steps(README):
+        if not isinstance(step, Command):
+            continue
+        for simple in shell.simple_commands(shell.parse(step.text)):
+            words = simple.words.split()
+            if words[:2] in (["source", ".venv/bin/activate"], [".", ".venv/bin/activate"]):
+                activated = True
+            elif words and words[0] in ("moe-lm", "python", "python3") and not activated:
+                bare.append(f"{step.where}: {words[0]}")
+    assert bare == []

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.docs import commands
 from tests.docs.commands import (
     ROUTING_TOKENS,
     TINY_OVERRIDES,
@@ -148,3 +149,94 @@ def test_a_failing_or_unknown_command_stops_the_file_with_its_place(box: Sandbox
         box.run(Command("guide.md:8", "hf download some/repo", None))
     with pytest.raises(StepFailed, match="runs no moe-lm command"):
         box.run(Command("guide.md:9", "make lint", None))
+
+
+def test_a_compound_line_is_rewritten_command_by_command(box: Sandbox) -> None:
+    line = box.tiny_line(
+        Command(
+            "guide.md:1",
+            "mkdir -p logs && .venv/bin/moe-lm train configs/tiny-shakespeare.yaml train.max_steps=1200 "
+            "2>&1 | tee logs/train.txt; (cd runs && python -m moe_lm routing x --out o > /dev/null)",
+            None,
+        )
+    )
+    tiny = " ".join(TINY_OVERRIDES)
+    assert line == (
+        f"mkdir -p logs && moe-lm train configs/tiny-shakespeare.yaml {tiny} train.max_steps=1200 "
+        "train.max_steps=6 train.eval_every=1 train.sample_every=0 checkpoint.every=2 optim.warmup_steps=1 "
+        "logging.log_every=1 2>&1 | tee logs/train.txt; "
+        f"(cd runs && moe-lm routing x --out o --max-tokens {ROUTING_TOKENS} > /dev/null)"
+    )
+
+
+def test_make_in_a_compound_line_becomes_its_recipe_at_tiny_size(box: Sandbox) -> None:
+    line = box.tiny_line(Command("guide.md:1", 'make train ARGS="train.max_steps=200" > log.txt', None))
+    assert line.startswith("{ MALLOC_MMAP_THRESHOLD_=1073741824 ")
+    assert (
+        " moe-lm launch --config_file configs/accelerate/cpu-1proc.yaml --num_cpu_threads_per_process 1 "
+        in line
+    )
+    assert " train configs/tiny-shakespeare.yaml train.micro_batch_size=2 " in line
+    assert line.endswith(
+        " train.max_steps=200 train.max_steps=1 train.eval_every=1 train.sample_every=0 checkpoint.every=2 "
+        "optim.warmup_steps=1 logging.log_every=1; } > log.txt"
+    )
+    with pytest.raises(StepFailed, match="runs no moe-lm command"):
+        box.tiny_line(Command("guide.md:2", "make lint | tail -1", None))
+
+
+def test_moe_lm_and_python_in_bash_are_the_checkout_under_test(
+    box: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A checkout whose moe_lm only reports how it was called: the commands bash runs must reach it,
+    # not the moe_lm the environment installed.
+    checkout = tmp_path / "checkout"
+    (checkout / "moe_lm").mkdir(parents=True)
+    (checkout / "moe_lm" / "__init__.py").write_text("")
+    (checkout / "moe_lm" / "__main__.py").write_text("import sys\nprint('checkout moe_lm:', *sys.argv[1:])\n")
+    monkeypatch.setattr(commands, "CODE", checkout, raising=False)
+    ran = box.run(Command("guide.md:1", "moe-lm routing runs/x --out o | cat", None))
+    assert ran.output == f"checkout moe_lm: routing runs/x --out o --max-tokens {ROUTING_TOKENS}\n"
+    ran = box.run(Command("guide.md:2", "python -c 'import moe_lm; print(moe_lm.__file__)' | cat", None))
+    assert ran.output == f"{checkout / 'moe_lm' / '__init__.py'}\n"
+    box.run(Command("guide.md:3", "source .venv/bin/activate", None))
+    ran = box.run(Command("guide.md:4", "source .venv/bin/activate && command -v moe-lm python", None))
+    assert ran.output.split() == [str(box.root / ".venv/bin/moe-lm"), str(box.root / ".venv/bin/python")]
+
+
+MUTANT = "REPO=$PWD; (cd /tmp/mutant && OMP_NUM_THREADS=1 $REPO/.venv/bin/python -m pytest -q {})"
+
+
+@pytest.mark.parametrize(
+    ("line", "fragment"),
+    [
+        (MUTANT.format("tests/unit/test_moe_impl.py -k no_such_test_name"), "selects no test"),
+        (
+            MUTANT.format("tests/unit/no_such_file.py -k frozen_weights"),
+            "no test path tests/unit/no_such_file.py",
+        ),
+        (
+            "REPO=$PWD; (cd /tmp/x && $REPO/.venv/bin/moe-lm train configs/tiny-shakespeare.yaml model.num_expert=4)",
+            "did you mean 'model.num_experts'",
+        ),
+        ("mkdir -p x && python scripts/bench_train.py --no-such-flag | tail -1", "refused"),
+        ("PYTHONPATH=/tmp python -m no_such_module_anywhere", "no module no_such_module_anywhere"),
+    ],
+)
+def test_each_command_of_a_compound_line_that_is_only_parsed_must_parse(
+    box: Sandbox, line: str, fragment: str
+) -> None:
+    (box.root / "scripts").symlink_to(REPO / "scripts", target_is_directory=True)
+    with pytest.raises(StepFailed) as e:
+        box.check(Command("guide.md:1", line, "must fail, on a mutated copy"))
+    assert fragment in str(e.value)
+
+
+def test_the_documented_mutation_lines_parse(box: Sandbox) -> None:
+    # docs/design.md's: the same -k as there, so pytest collects once per session.
+    for line in (
+        MUTANT.format("tests/unit/test_moe_impl.py -k frozen_weights"),
+        "REPO=$PWD; (cd /tmp/mutant && OMP_NUM_THREADS=1 PYTHONPATH=/tmp/mutmut-lib $REPO/.venv/bin/python "
+        "-m mutmut run --max-children 1)",
+    ):
+        box.check(Command("guide.md:1", line, "on a mutated copy"))

@@ -35,8 +35,12 @@ IMPLS = ["grouped_mm", "loop"]
 # mean magnitude 6e-3 passed scaled by 0.6; here one scaled by 0.97 fails.
 EXPERTS_REL_TOL = 2e-2
 # |val_loss of `evaluate` in bf16 autocast − the same weights and batches in fp32, computed here| after
-# 6 bf16 steps, seeds 0-7: 4.8e-6 to 1.7e-4, on a loss of 5.6 (each batch's loss rounded to bf16: 1.6e-3).
+# 6 bf16 steps, seeds 0-7: 4.8e-6 to 1.7e-4, on a loss of 5.6. bf16's own resolution there is far
+# coarser: its numbers in [4, 8) are 2**-5 apart, so a loss rounded to bf16 on the way (in the loss or
+# the mean over the batches) would be off by up to half that, BF16_HALF_ULP_AT_LOSS = 1.56e-2, 31x this
+# tolerance; the loss is summed in fp32 from the bf16 logits, and only their error shows.
 EVAL_ABS_TOL = 5e-4
+BF16_HALF_ULP_AT_LOSS = 2.0**-6
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -160,6 +164,13 @@ def trainer_bf16_eval_error(tmp_path: Path | str, seed: int = 0) -> float:
     finally:
         trainer.log.close()
         trainer.backend.shutdown()
+
+
+def test_the_eval_tolerance_is_far_below_a_bf16_rounded_loss() -> None:
+    loss = torch.tensor(5.6, dtype=torch.bfloat16)
+    above = torch.nextafter(loss, torch.tensor(math.inf, dtype=torch.bfloat16))
+    assert (above.double() - loss.double()).item() / 2 == BF16_HALF_ULP_AT_LOSS == 1.5625e-2
+    assert EVAL_ABS_TOL * 30 < BF16_HALF_ULP_AT_LOSS
 
 
 @pytest.fixture

@@ -79,6 +79,23 @@ def test_smoke_run_on_cpu_passes_every_check(tmp_path: Path) -> None:
     assert float(rows["bench_train fp32"][0].replace(",", "")) > 0
     assert rows["bench_train fp32"][3].endswith("x transformers eager")
     assert all(row[-1] == "ok" for row in rows.values())
+    # docs/launching.md shows this table: the same checks, each cell as the script writes it (figures aside)
+    shown = _rows(_smoke_table_in_the_docs())
+    assert {k: list(map(_shape, v)) for k, v in shown.items()} == {
+        k: list(map(_shape, v)) for k, v in rows.items()
+    }
+
+
+def _smoke_table_in_the_docs() -> str:
+    text = (REPO / "docs" / "launching.md").read_text()
+    tables = re.findall(r"^```\n(\| check .*?)^```", text, re.M | re.S)
+    assert len(tables) == 1, "docs/launching.md shows one gpu_check table"
+    return tables[0]
+
+
+def _shape(cell: str) -> str:
+    """A cell with its figures replaced: `val loss 5.955 -> 5.945` is `val loss N -> N`."""
+    return re.sub(r"\d[\d,]*(\.\d+)?(e[+-]\d+)?", "N", cell)
 
 
 def test_cuda_without_a_gpu_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
