@@ -104,7 +104,12 @@ class Waits:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return cls(0, 1, timeout_s)
         run = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-        store = dist.PrefixStore(f"moe_lm/{run}/", dist.distributed_c10d._get_default_store())
+        base = dist.distributed_c10d._get_default_store()
+        # A process group may host several runs one after another (tests, notebooks): each join gets
+        # keys of its own, or the second run's barriers would find the first run's counts complete
+        # and pass at once. Every process joins in the same order, so its own n-th join is everyone's.
+        generation = base.add(f"moe_lm/{run}/joins/{dist.get_rank()}", 1)
+        store = dist.PrefixStore(f"moe_lm/{run}/{generation}/", base)
         return cls(dist.get_rank(), dist.get_world_size(), timeout_s, store, dead_after_s)
 
     # ---- where this process is ----------------------------------------------------------------

@@ -79,3 +79,12 @@ def test_a_timed_out_collective_says_where_the_other_process_is(ranks: list[dict
         r"process 1 is at 'callback Evaluate after step 5' \(for \d+ s\)",
         waiter["message"],
     ), waiter["message"]
+
+
+def test_a_second_run_in_the_same_process_group_does_not_pass_its_first_barrier_early(
+    ranks: list[dict[str, Any]],
+) -> None:
+    """Runs joined the same keys: the second run's first checkpoint barrier found the first run's
+    count complete, so process 1 wrote into a temp dir process 0 had not made yet."""
+    waiter = ranks[0]["second_run"]
+    assert waiter["error"] is None and waiter["seconds"] >= 0.8, waiter

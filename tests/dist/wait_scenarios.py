@@ -30,7 +30,8 @@ def many(rank: int, args: dict[str, Any]) -> dict[str, Any]:
     # the group's own timeout stays long: scenarios are separated by barriers on it
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     results = {}
-    for name in ("late_peer", "failed_peer", "silent_peer", "progressing_peer", "timed_out_collective"):
+    names = ("late_peer", "failed_peer", "silent_peer", "progressing_peer", "timed_out_collective", "second_run")
+    for name in names:
         results[name] = globals()[name](rank, args)
         while _OPEN:
             _OPEN.pop().close()
@@ -115,3 +116,17 @@ def timed_out_collective(rank: int, args: dict[str, Any]) -> dict[str, Any]:
         explained = waits.explain(e)
         return {"raw": str(e), "type": type(explained).__name__, "message": str(explained)}
     return {"type": None}
+
+
+def second_run(rank: int, args: dict[str, Any]) -> dict[str, Any]:
+    """Two runs, one after the other, in the same process group (as tests and notebooks do): the
+    second run's barrier waits for the late process, though the first run's same barrier completed."""
+    first = Waits.join(60.0)
+    first.barrier("writing checkpoint step-2")
+    first.close()
+    dist.barrier()
+    second = Waits.join(60.0)
+    _OPEN.append(second)
+    if rank == 1:
+        time.sleep(1.0)
+    return _outcome(lambda: second.barrier("writing checkpoint step-2"))
