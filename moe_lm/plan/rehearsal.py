@@ -25,10 +25,12 @@ What stands in, and why (each is printed with the plan):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections import Counter
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -252,6 +254,19 @@ def _affine(a: Any, b: Any, units: float) -> Any:
     return a + (b - a) * (units - 1)
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Fake tensors exist only on the thread whose mode made them, so the CPU experts' side-by-side
+    slices (model/expert_threads.py, one per torch thread) cannot run in a rehearsal: one slice.
+    The plan of a CPU run with several threads leaves out each extra slice's output buffer."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def rehearse(
     cfg: Config, world_size: int, gpu: GPU, routing: AssumedRouting, full_depth: bool = False
 ) -> Rehearsal:
@@ -272,7 +287,7 @@ def rehearse(
     )
     layers = (cfg.model.num_layers,) if full_depth else depths(cfg.model)
     mode = RehearsalMode(gpu.peak_flops, gpu.hbm, dtype != torch.float32, gpu_attention=on_gpu)
-    with fake_world(world_size, 0), mode:
+    with fake_world(world_size, 0), mode, _one_thread():
         found = [
             _measure(
                 run_cfg.replace(model=dataclasses.replace(run_cfg.model, num_layers=n)), mode, routing, deepspeed, gpu.device_type

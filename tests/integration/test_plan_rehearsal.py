@@ -5,6 +5,7 @@ sampling and the checkpoint read-out (moe_lm/plan/rehearsal.py)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from moe_lm.config import load_config
 from moe_lm.model.params import count_params, flops_per_token
@@ -134,3 +135,19 @@ def test_ep_token_rows_travel_in_bf16_under_autocast() -> None:
     # checkpointing's recomputation
     per_layer = 4 * exchange + 2 * exchange + 2 * counts
     assert r.traffic["all_to_all"] == len(cfg.model.moe_layer_indices) * per_layer
+
+
+def test_a_cpu_rehearsal_runs_with_several_torch_threads_and_leaves_their_number() -> None:
+    """The CPU experts run slices on worker threads when torch has several; fake tensors exist only
+    on the rehearsal's thread (CI's pytest has 2 threads: every CPU plan failed there)."""
+    from moe_lm.plan.gpus import GIB, cpu_target
+
+    cfg = load_config(REPO / "configs" / "tiny-shakespeare.yaml")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        r = rehearse(cfg, 1, cpu_target(24 * GIB), AssumedRouting(cfg.model.num_experts))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert r.experts_impl == "loop" and r.memory["activations"] > 0
