@@ -19,8 +19,10 @@ What runs, and how:
     STEP_SCALE, rounded up, and appended: the 800 steps of tiny-shakespeare.yaml are 4, evaluation
     every 200 steps is every step, and `train.max_steps=1200` on a line is 6.
  3. `checkpoints/step-N` in any argument is `checkpoints/step-M`, M = N / STEP_SCALE rounded up.
- 4. `routing` reads ROUTING_TOKENS tokens per data set unless the line sets `--max-tokens`, and
-    `eval` EVAL_BATCHES batches per validation set unless it sets `--max-batches`.
+ 4. `routing` reads ROUTING_TOKENS tokens per data set unless the line sets `--max-tokens`,
+    `eval` EVAL_BATCHES batches per validation set unless it sets `--max-batches`, and `plan`
+    rehearses the config's own layout (`--layouts config`) unless the line sets `--layouts` (the
+    variants are the same rehearsal again; their list is tested in tests/unit/test_plan_parts.py).
  5. `moe-lm launch`: `--num_cpu_threads_per_process` is 1, `--main_process_port` a free port unless
     the line sets one (so concurrent test runs do not collide), and the command it launches follows
     these rules; its workers are processes of their own, as for a user.
@@ -246,6 +248,8 @@ def tiny_argv(argv: list[str], root: Path) -> list[str]:
         return ["routing", *rest, "--max-tokens", str(ROUTING_TOKENS)]
     if name == "eval" and "--max-batches" not in rest:
         return ["eval", *rest, "--max-batches", str(EVAL_BATCHES)]
+    if name == "plan" and not any(a == "--layouts" or a.startswith("--layouts=") for a in rest):
+        return ["plan", *rest, "--layouts", "config"]
     return [name, *rest]
 
 
