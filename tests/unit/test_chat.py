@@ -140,6 +140,11 @@ def test_template_refusal_is_one_line_naming_the_record(tok_dir):
         ),
         ({"messages": [{"role": "user"}]}, "message 0 is not {role: text, content: text}"),
         ({"messages": []}, "'messages' must be a non-empty list"),
+        # a field of the wrong type is refused, never skipped (a dropped system prompt trained silently)
+        ({"prompt": "a", "response": "b", "system": 5}, "'system' must be text, not int"),
+        ({"prompt": "a", "response": 5}, "'response' must be text, not int"),
+        ({"prompt": ["a"], "response": "b"}, "'prompt' must be text, not list"),
+        ({"prompt": "a"}, "has 'prompt' but no 'response'"),
     ],
 )
 def test_bad_records_are_refused_in_one_line(record, words):
