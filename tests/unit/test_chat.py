@@ -14,6 +14,7 @@ from moe_lm.data.chat_template import (
     DEFAULT_CHAT_TEMPLATE,
     TEMPLATE_FILE,
     ChatTemplateError,
+    has_generation_tags,
     load_chat_template,
     write_chat_template,
 )
@@ -115,6 +116,19 @@ def test_template_without_generation_tags_marks_each_reply_and_its_eos(tok_dir, 
     # first reply is the eos token, as transformers encodes it, and decodes to nothing)
     assert [tok.decode(r) for r in runs] == [replies[0].replace("</s>", ""), replies[1]]
     assert [r[-1] for r in runs] == [tok.eos_id, tok.eos_id]
+
+
+def test_without_generation_tags_the_separator_after_a_replys_eos_is_no_target(tok_dir, hf_tok):
+    """moe_lm's default template without its {% generation %} tags: a newline follows each reply's
+    </s>. Found turn by turn, the marked tokens are those transformers marks with the tags: the reply
+    and its </s>, not the template's newline after it."""
+    untagged = DEFAULT_CHAT_TEMPLATE.replace("{%- generation -%}", "").replace("{%- endgeneration -%}", "")
+    assert not has_generation_tags(untagged)
+    messages = CONVERSATIONS[0]
+    ids, mask = _encode(tok_dir, untagged, messages)
+    hf = hf_tok.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+    assert ids == hf["input_ids"]
+    assert mask == hf["assistant_masks"]
 
 
 def test_template_refusal_is_one_line_naming_the_record(tok_dir):
