@@ -229,8 +229,18 @@ class MoETransformer(nn.Module):
             out.logits = F.linear(x_BTH, head)
         if labels is not None:
             if out.logits is not None:
-                out.lm_loss = F.cross_entropy(
-                    out.logits.float().view(b * t, -1), labels.reshape(-1), ignore_index=-100
+                # the mean over the targets, 0 when there are none (as the chunked loss): a packed
+                # micro-batch without assistant tokens weighs 0 in its step (train/step.py
+                # lm_weights), and 0 * cross_entropy's NaN of an empty mean would be NaN
+                targets = (labels != -100).sum().clamp_min(1)
+                out.lm_loss = (
+                    F.cross_entropy(
+                        out.logits.float().view(b * t, -1),
+                        labels.reshape(-1),
+                        ignore_index=-100,
+                        reduction="sum",
+                    )
+                    / targets
                 )
             assert out.lm_loss is not None
             out.loss = out.lm_loss

@@ -236,3 +236,30 @@ def test_a_packed_row_computes_each_example_as_if_alone(chat_setup):
                 cols = (docs == d).nonzero().flatten()
                 alone = model(batch[0][r : r + 1, cols]).logits[0]
                 assert torch.allclose(logits[r, cols], alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["chunked", "autocast", "no-grad"])
+def test_a_micro_batch_without_targets_has_lm_loss_0_not_nan(path):
+    """A packed micro-batch with no assistant token weighs 0 in its step (train/step.py lm_weights),
+    and 0 * NaN is NaN: its lm_loss must be 0 on every path the loss is computed by: the chunked
+    loss (fp32 training), cross_entropy under autocast (bf16 on GPU) and without grad (evaluation)."""
+    from moe_lm.config import ModelConfig
+    from moe_lm.model import MoETransformer
+
+    torch.manual_seed(0)
+    model = MoETransformer(
+        ModelConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=32, num_layers=1, num_heads=2,
+            num_kv_heads=1, max_seq_len=16, num_experts=2, top_k=1,
+        )
+    )  # fmt: skip
+    ids = torch.randint(3, 64, (2, 16))
+    labels = torch.full_like(ids, -100)
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=path == "autocast")
+    with autocast, torch.set_grad_enabled(path != "no-grad"):
+        out = model(ids, labels=labels, return_logits=False)
+    assert out.lm_loss is not None and float(out.lm_loss) == 0.0
+    assert torch.isfinite(out.loss)
+    if path != "no-grad":
+        (out.lm_loss * 0.0).backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
