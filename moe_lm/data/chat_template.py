@@ -13,7 +13,8 @@ spans come from the template's `{% generation %}...{% endgeneration %}` blocks w
 transformers' `return_assistant_tokens_mask` does); a template without them (Mixtral's own) is
 rendered once per assistant turn instead: the turn is what rendering up to and including it adds to
 rendering everything before it with the generation prompt, up to and including its last
-end-of-sequence token when it has one (a separator the template writes after it is no target).
+end-of-sequence token when only whitespace follows it (a separator the template writes after it is
+no target).
 """
 
 from __future__ import annotations
@@ -233,11 +234,11 @@ def _spans_by_prefix(
         start = 0
         while start < min(len(before), len(through)) and before[start] == through[start]:
             start += 1
-        # The turn ends with its end-of-sequence token; what the template writes after it (a newline
-        # before the next turn) is the template's, not the assistant's, and is no target.
+        # The turn ends with its end-of-sequence token; whitespace the template writes after it (a
+        # newline before the next turn) is the template's, not the assistant's, and is no target.
         end = len(through)
         eos = variables.get("eos_token")
-        if eos and eos in through[start:]:
+        if eos and eos in through[start:] and not through[through.rindex(eos) + len(eos) :].strip():
             end = through.rindex(eos) + len(eos)
         if start < end:
             spans.append((start, end))

@@ -131,6 +131,19 @@ def test_without_generation_tags_the_separator_after_a_replys_eos_is_no_target(t
     assert mask == hf["assistant_masks"]
 
 
+def test_without_generation_tags_a_literal_eos_inside_a_reply_does_not_end_its_turn(tok_dir):
+    """A template whose turns end with text of its own, not </s>: a reply holding a literal "</s>"
+    is marked whole, up to and including the template's end of turn."""
+    template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + ' <end>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    messages = [{"role": "user", "content": "Who?"}, {"role": "assistant", "content": "A </s> B"}]
+    ids, mask = _encode(tok_dir, template, messages)
+    tok = Tokenizer.load(tok_dir)
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == tok.decode(tok.encode("A ")) + " B <end>\n"
+
+
 def test_template_refusal_is_one_line_naming_the_record(tok_dir):
     encoder = ChatEncoder(Tokenizer.load(tok_dir), MIXTRAL_TEMPLATE, "the chat template of 'tok'")
     with pytest.raises(
