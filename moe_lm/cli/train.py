@@ -146,6 +146,12 @@ def eval_main(argv: list[str]) -> int:
         nargs="+",
         help="text/JSON/parquet files to evaluate on (default: the run's validation sets)",
     )
+    parser.add_argument(
+        "--kind",
+        choices=["chat", "text"],
+        help="with --data: conversations (the loss over the run's data.train_on tokens) or text (every "
+        "token); default: chat when the run trained on conversations only",
+    )
     parser.add_argument("--sets", nargs="+", metavar="NAME", help="only these of the run's validation sets")
     parser.add_argument("--max-batches", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
@@ -158,7 +164,10 @@ def eval_main(argv: list[str]) -> int:
     from moe_lm.errors import UserError
 
     cfg, model, tokenizer = _load(args.checkpoint, args.device)
-    data = open_data(cfg, tokenizer, plan=eval_plan(cfg, args.data) if args.data else None, train=False)
+    if args.kind is not None and not args.data:
+        raise UserError("--kind says how to read --data FILE...; the run's own sets are read as trained")
+    plan = eval_plan(cfg, args.data, args.kind) if args.data else None
+    data = open_data(cfg, tokenizer, plan=plan, train=False)
     sets = data.val
     if args.sets:
         unknown = [n for n in args.sets if n not in sets]

@@ -279,6 +279,22 @@ def test_mixture_with_pretraining_text(make_chat, root, corpus, chat_files):
     assert {"val/chat/loss", "val/text/loss"} <= last_eval.keys()
 
 
+def test_eval_reads_data_files_as_conversations_with_kind_chat_in_a_mixture(root, chat_files, capsys):
+    """`moe-lm eval --data` in a run of chat and text sources: files are text by default, and
+    conversations with --kind chat, evaluated as the run's chat source is."""
+    run = root / "mixture"
+    if not run.is_dir():
+        pytest.skip("needs the run of test_mixture_with_pretraining_text")
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", str(chat_files[1]), "--kind", "chat"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.endswith("(over assistant tokens)")
+    expected = records(run, "eval")[-1]["val/chat/loss"]
+    assert float(line.split()[1]) == pytest.approx(expected, abs=1e-4)
+    assert main(["eval", str(run), "--data", str(chat_files[1])]) == 2  # read as text: they are not
+    assert "has no field 'text'" in _one_line(capsys)
+
+
 def test_imported_mixtral_keeps_its_own_template(exported, make_chat, root, tokenizer_dir):
     mixtral = root / "mixtral"
     mixtral.mkdir()
