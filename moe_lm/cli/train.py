@@ -157,11 +157,11 @@ def eval_main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    from moe_lm.data.blocks import batch_document_ids
     from moe_lm.data.corpus import open_data
     from moe_lm.data.loader import eval_batches
     from moe_lm.data.sources import eval_plan
     from moe_lm.errors import UserError
+    from moe_lm.train.step import forward
 
     cfg, model, tokenizer = _load(args.checkpoint, args.device)
     if args.kind is not None and not args.data:
@@ -187,13 +187,9 @@ def eval_main(argv: list[str]) -> int:
             for batch in eval_batches(
                 blocks, args.batch_size or cfg.train.micro_batch_size, max_batches=args.max_batches
             ):
-                input_ids, labels = batch
-                docs = batch_document_ids(batch, tokenizer.eos_id, cfg.data.document_mask)
-                out = model(
-                    input_ids.to(args.device),
-                    labels=labels.to(args.device),
-                    document_ids=None if docs is None else docs.to(args.device),
-                )
+                labels = batch[1]
+                # as training's evaluation computes it: documents, and padding kept out of routing
+                out = forward(cfg, torch.device(args.device), tokenizer.eos_id, model, batch)
                 assert out.lm_loss is not None
                 tokens = int((labels != -100).sum())  # the mean is over these, as in training's eval
                 if tokens:

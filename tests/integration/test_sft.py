@@ -148,6 +148,8 @@ def test_step_loss_is_the_mean_over_its_assistant_tokens_whatever_the_micro_batc
     assert a["target_tokens"] == b["target_tokens"]
     assert a["lm_loss"] == pytest.approx(b["lm_loss"], abs=1e-6)
     assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)  # the gradient too, not just the value
+    # the z-loss is a mean over the routed tokens (padding is not routed) of the step, as one pass
+    assert a["z_loss"] == pytest.approx(b["z_loss"], rel=1e-6)
 
 
 def test_killed_run_resumes_exactly(make_chat, sft_run, root):
