@@ -152,6 +152,14 @@ def eval_main(argv: list[str]) -> int:
         help="with --data: conversations (the loss over the run's data.train_on tokens) or text (every "
         "token); default: chat when the run trained on conversations only",
     )
+    parser.add_argument(
+        "--format",
+        choices=["auto", "text", "json", "parquet"],
+        help="with --data: how to read the files (default: the run's data.format)",
+    )
+    parser.add_argument(
+        "--text-field", help="with --data: the JSON/parquet field holding the text (default: the run's)"
+    )
     parser.add_argument("--sets", nargs="+", metavar="NAME", help="only these of the run's validation sets")
     parser.add_argument("--max-batches", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
@@ -164,9 +172,14 @@ def eval_main(argv: list[str]) -> int:
     from moe_lm.train.step import forward
 
     cfg, model, tokenizer = _load(args.checkpoint, args.device)
-    if args.kind is not None and not args.data:
-        raise UserError("--kind says how to read --data FILE...; the run's own sets are read as trained")
-    plan = eval_plan(cfg, args.data, args.kind) if args.data else None
+    given = [
+        f
+        for f, v in (("--kind", args.kind), ("--format", args.format), ("--text-field", args.text_field))
+        if v
+    ]
+    if given and not args.data:
+        raise UserError(f"{given[0]} says how to read --data FILE...; the run's own sets are read as trained")
+    plan = eval_plan(cfg, args.data, args.kind, args.format, args.text_field) if args.data else None
     data = open_data(cfg, tokenizer, plan=plan, train=False)
     sets = data.val
     if args.sets:

@@ -121,10 +121,17 @@ def data_plan(cfg: Config) -> DataPlan:
     return DataPlan(train, holdout, val)
 
 
-def eval_plan(cfg: Config, files: list[str], kind: str | None = None) -> DataPlan:
-    """`moe-lm eval --data FILE... [--kind chat|text]`: one validation set named "data" from these
-    files: conversations when `kind` is chat, or by default when the run trained on conversations
-    only (every training source chat); read with the settings of the run's first source of that kind."""
+def eval_plan(
+    cfg: Config,
+    files: list[str],
+    kind: str | None = None,
+    fmt: str | None = None,
+    text_field: str | None = None,
+) -> DataPlan:
+    """`moe-lm eval --data FILE... [--kind chat|text] [--format F] [--text-field NAME]`: one
+    validation set named "data" from these files: conversations when `kind` is chat, or by default
+    when the run trained on conversations only (every training source chat); read with the settings
+    of the run's first source of that kind unless `fmt` / `text_field` are given."""
     plan = data_plan(cfg)
     if kind is None:
         kind = "chat" if all(s.chat for s in plan.train) else "text"
@@ -135,8 +142,8 @@ def eval_plan(cfg: Config, files: list[str], kind: str | None = None) -> DataPla
         "--data",
         tuple(files),
         None,
-        d.format,
-        like.text_field if like is not None else d.text_field,
+        fmt or d.format,
+        text_field or (like.text_field if like is not None else d.text_field),
         chat=kind == "chat",
         messages_field=like.messages_field if like is not None else d.messages_field,
     )

@@ -294,7 +294,14 @@ def test_eval_reads_data_files_as_conversations_with_kind_chat_in_a_mixture(root
     expected = records(run, "eval")[-1]["val/chat/loss"]
     assert float(line.split()[1]) == pytest.approx(expected, abs=1e-4)
     assert main(["eval", str(run), "--data", str(chat_files[1])]) == 2  # read as text: they are not
-    assert "has no field 'text'" in _one_line(capsys)
+    assert "has no field 'text'" in (line := _one_line(capsys)) and "set --text-field" in line
+    # the flag the line names exists: records of text in another field
+    bodies = write_jsonl(
+        root / "bodies.jsonl", [{"body": m["content"]} for r in conversations(40, 2) for m in messages_of(r)]
+    )
+    assert main(["eval", str(run), "--data", str(bodies), "--text-field", "body"]) == 0
+    assert main(["eval", str(run), "--text-field", "response"]) == 2
+    assert "--text-field says how to read --data FILE" in _one_line(capsys)
 
 
 def test_imported_mixtral_keeps_its_own_template(exported, make_chat, root, tokenizer_dir):
