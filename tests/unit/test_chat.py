@@ -87,6 +87,20 @@ def test_default_template_ids_and_masks_equal_transformers(tok_dir, hf_tok, inde
     assert marked[-1] == tok.eos_id
 
 
+def test_private_use_characters_in_messages_are_kept_and_forge_no_span(tok_dir, hf_tok):
+    """moe_lm brackets the template's generation blocks with private-use characters while rendering;
+    a message holding such characters keeps them (the ids equal transformers') and marks nothing."""
+    pua = "".join(chr(c) for c in range(0xE000, 0xE020))
+    messages = [
+        {"role": "user", "content": f"a{pua}b"},
+        {"role": "assistant", "content": f"c{pua[::-1]}d"},
+    ]
+    ids, mask = _encode(tok_dir, DEFAULT_CHAT_TEMPLATE, messages)
+    hf = hf_tok.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+    assert ids == hf["input_ids"]
+    assert mask == hf["assistant_masks"]
+
+
 def test_generation_prompt_equals_transformers(tok_dir, hf_tok):
     encoder = ChatEncoder(Tokenizer.load(tok_dir), DEFAULT_CHAT_TEMPLATE)
     messages = CONVERSATIONS[0][:2]
