@@ -77,7 +77,10 @@ USAGE: dict[str, tuple[str, str]] = {
         "CONFIG [key.sub=value ...] --gpus N [--gpus-per-node N] [--gpu KIND] [--layouts auto|LIST] [--imbalance F] [--json]",
         "docs/plan.md",
     ),
-    "eval": ("RUN_OR_CHECKPOINT [--sets NAME...] [--data FILE...]", "docs/data.md"),
+    "eval": (
+        "RUN_OR_CHECKPOINT [--sets NAME...] [--data FILE... [--kind chat|text] [--text-field NAME]]",
+        "docs/data.md",
+    ),
     "generate": (
         "RUN_OR_CHECKPOINT --prompt TEXT [--chat [--system TEXT]] [--max-new-tokens N] [--temperature T] [--top-k K]",
         "docs/launching.md",

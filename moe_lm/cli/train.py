@@ -146,19 +146,41 @@ def eval_main(argv: list[str]) -> int:
         nargs="+",
         help="text/JSON/parquet files to evaluate on (default: the run's validation sets)",
     )
+    parser.add_argument(
+        "--kind",
+        choices=["chat", "text"],
+        help="with --data: conversations (the loss over the run's data.train_on tokens) or text (every "
+        "token); default: chat when the run trained on conversations only",
+    )
+    parser.add_argument(
+        "--format",
+        choices=["auto", "text", "json", "parquet"],
+        help="with --data: how to read the files (default: the run's data.format)",
+    )
+    parser.add_argument(
+        "--text-field", help="with --data: the JSON/parquet field holding the text (default: the run's)"
+    )
     parser.add_argument("--sets", nargs="+", metavar="NAME", help="only these of the run's validation sets")
     parser.add_argument("--max-batches", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    from moe_lm.data.blocks import batch_document_ids
     from moe_lm.data.corpus import open_data
     from moe_lm.data.loader import eval_batches
     from moe_lm.data.sources import eval_plan
     from moe_lm.errors import UserError
+    from moe_lm.train.step import forward
 
     cfg, model, tokenizer = _load(args.checkpoint, args.device)
-    data = open_data(cfg, tokenizer, plan=eval_plan(cfg, args.data) if args.data else None, train=False)
+    given = [
+        f
+        for f, v in (("--kind", args.kind), ("--format", args.format), ("--text-field", args.text_field))
+        if v
+    ]
+    if given and not args.data:
+        raise UserError(f"{given[0]} says how to read --data FILE...; the run's own sets are read as trained")
+    plan = eval_plan(cfg, args.data, args.kind, args.format, args.text_field) if args.data else None
+    data = open_data(cfg, tokenizer, plan=plan, train=False)
     sets = data.val
     if args.sets:
         unknown = [n for n in args.sets if n not in sets]
@@ -178,13 +200,9 @@ def eval_main(argv: list[str]) -> int:
             for batch in eval_batches(
                 blocks, args.batch_size or cfg.train.micro_batch_size, max_batches=args.max_batches
             ):
-                input_ids, labels = batch
-                docs = batch_document_ids(batch, tokenizer.eos_id, cfg.data.document_mask)
-                out = model(
-                    input_ids.to(args.device),
-                    labels=labels.to(args.device),
-                    document_ids=None if docs is None else docs.to(args.device),
-                )
+                labels = batch[1]
+                # as training's evaluation computes it: documents, and padding kept out of routing
+                out = forward(cfg, torch.device(args.device), tokenizer.eos_id, model, batch)
                 assert out.lm_loss is not None
                 tokens = int((labels != -100).sum())  # the mean is over these, as in training's eval
                 if tokens:

@@ -165,13 +165,15 @@ def as_blocks(blocks: Any) -> Blocks:
 # Rows of packed examples (moe_lm/data/packing.py) carry more than ids in their int64 values, so they
 # travel through the loader, its mixtures and its resume state exactly as plain blocks do:
 #   bits 0-31 the token id, bit 32 "a target" (in the loss), bits 33-61 the example's ordinal in the
-#   row (padding is one more), bit 62 set on every value of such a row.
-# `split_inputs` turns them into labels (-100 off target and across examples) and document ids. A
-# reader that forgot to would feed ids ≥ 2^62 to the embedding and fail at once, never silently.
+#   row (padding: PAD_DOC), bit 62 set on every value of such a row.
+# `split_inputs` turns them into labels (-100 off target and across examples), document ids and the
+# real (not padding) tokens. A reader that forgot to would feed ids ≥ 2^62 to the embedding and fail
+# at once, never silently.
 _ID_BITS = 32
 _TARGET = 1 << 32
 _DOC_SHIFT = 33
 _DOC_MASK = (1 << 29) - 1
+PAD_DOC = _DOC_MASK  # the document id of a row's padding (no row holds that many examples)
 PACKED_ROW = 1 << 62
 
 
@@ -189,10 +191,13 @@ class Batch(tuple):  # noqa: SLOT001 - a pair with two attributes
     """(input_ids [B, T], labels [B, T]) int64, unpacked like the plain pair it was before packed rows.
 
     `document_ids` [B, T]: each token's example in its row, when some row holds packed examples (rows
-    of plain blocks are one document: 0), else None. `packed_B`: which rows hold packed examples."""
+    of plain blocks are one document: 0), else None. `packed_B`: which rows hold packed examples.
+    `real_BT`: 1 at every token but the packed rows' padding, when there is padding, else None
+    (the model's attention_mask: padding is routed to no expert and counts in no router statistic)."""
 
     document_ids: torch.Tensor | None
     packed_B: torch.Tensor | None
+    real_BT: torch.Tensor | None
 
     def __new__(
         cls,
@@ -200,9 +205,10 @@ class Batch(tuple):  # noqa: SLOT001 - a pair with two attributes
         labels: torch.Tensor,
         document_ids: torch.Tensor | None = None,
         packed_B: torch.Tensor | None = None,
+        real_BT: torch.Tensor | None = None,
     ) -> Batch:
         batch = super().__new__(cls, (input_ids, labels))
-        batch.document_ids, batch.packed_B = document_ids, packed_B
+        batch.document_ids, batch.packed_B, batch.real_BT = document_ids, packed_B, real_BT
         return batch
 
 
@@ -218,7 +224,10 @@ def split_inputs(x_BL: np.ndarray | torch.Tensor) -> Batch:
     docs_BL = torch.where(packed_B[:, None], (x_BL >> _DOC_SHIFT) & _DOC_MASK, 0)
     keep_BT = target_BL[:, 1:] & (docs_BL[:, 1:] == docs_BL[:, :-1])
     labels = torch.where(keep_BT, ids_BL[:, 1:], -100)
-    return Batch(ids_BL[:, :-1].contiguous(), labels.contiguous(), docs_BL[:, :-1].contiguous(), packed_B)
+    pad_BT = packed_B[:, None] & (docs_BL[:, :-1] == PAD_DOC)
+    real_BT = (~pad_BT).long() if bool(pad_BT.any()) else None
+    docs_BT = docs_BL[:, :-1].contiguous()
+    return Batch(ids_BL[:, :-1].contiguous(), labels.contiguous(), docs_BT, packed_B, real_BT)
 
 
 def batch_document_ids(batch: Any, eos_id: int, document_mask: bool) -> torch.Tensor | None:
@@ -241,6 +250,7 @@ def document_ids(input_ids_BT: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 __all__ = [
     "PACKED_ROW",
+    "PAD_DOC",
     "ArrayBlocks",
     "Batch",
     "Blocks",

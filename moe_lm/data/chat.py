@@ -71,6 +71,10 @@ def no_roles(where: str, field: str, fields: Any) -> UserError:
     )
 
 
+def _other(key: str) -> str:
+    return PAIR_FIELDS[1 - PAIR_FIELDS.index(key)]
+
+
 def parse_messages(record: Any, field: str, where: str) -> list[dict[str, Any]]:
     """The checked message list of one record (see the module docstring)."""
     if not isinstance(record, dict):
@@ -79,10 +83,17 @@ def parse_messages(record: Any, field: str, where: str) -> list[dict[str, Any]]:
         messages = record[field]
         if not isinstance(messages, list) or not messages:
             raise UserError(f"{where}: '{field}' must be a non-empty list of {{role, content}} messages")
-    elif all(isinstance(record.get(k), str) for k in PAIR_FIELDS):
+    elif any(record.get(k) is not None for k in PAIR_FIELDS):
+        # a field of the wrong type is refused, not skipped: a dropped system prompt or reply would
+        # train on another conversation than the one in the file
+        for key in (*PAIR_FIELDS, "system"):
+            if key in PAIR_FIELDS and record.get(key) is None:
+                raise UserError(f"{where}: has '{_other(key)}' but no '{key}'; give both (text)")
+            if record.get(key) is not None and not isinstance(record[key], str):
+                raise UserError(f"{where}: '{key}' must be text, not {type(record[key]).__name__}")
         messages = [{"role": "user", "content": record["prompt"]}]
         messages.append({"role": "assistant", "content": record["response"]})
-        if isinstance(record.get("system"), str):
+        if record.get("system") is not None:
             messages.insert(0, {"role": "system", "content": record["system"]})
     else:
         raise no_roles(where, field, record)

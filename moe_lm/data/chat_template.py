@@ -12,7 +12,9 @@ HTML, the special tokens as variables, and message keys whose value is None drop
 spans come from the template's `{% generation %}...{% endgeneration %}` blocks when it has them (as
 transformers' `return_assistant_tokens_mask` does); a template without them (Mixtral's own) is
 rendered once per assistant turn instead: the turn is what rendering up to and including it adds to
-rendering everything before it with the generation prompt.
+rendering everything before it with the generation prompt, up to and including its last
+end-of-sequence token when only whitespace follows it (a separator the template writes after it is
+no target).
 """
 
 from __future__ import annotations
@@ -49,9 +51,11 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- endif -%}\n"
 )
 
-# Private-use characters that bracket each {% generation %} block's output while rendering; removed
-# (and found) afterwards. Stripped from every input string first, so no message can forge one.
-_OPEN, _CLOSE = "\ue010", "\ue011"
+# Two private-use characters bracket each {% generation %} block's output while rendering, and are
+# removed (and found) afterwards: for each rendering, the first two that occur nowhere in its input
+# (messages, template, special tokens), so no message can forge one and none is changed.
+_MARKER_VARIABLES = ("moe_lm_span_open", "moe_lm_span_close")
+_PRIVATE_USE = range(0xE000, 0xF900)
 _HAS_GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
@@ -103,11 +107,12 @@ def _generation_extension() -> type:
         def parse(self, parser: Any) -> Any:
             lineno = next(parser.stream).lineno
             body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            call = self.call_method("_mark")
+            markers: list[Any] = [jinja2.nodes.Name(name, "load") for name in _MARKER_VARIABLES]
+            call = self.call_method("_mark", markers)
             return jinja2.nodes.CallBlock(call, [], [], body).set_lineno(lineno)
 
-        def _mark(self, caller: Any) -> str:
-            return f"{_OPEN}{caller()}{_CLOSE}"
+        def _mark(self, open_: str, close: str, caller: Any) -> str:
+            return f"{open_}{caller()}{close}"
 
     return GenerationTag
 
@@ -149,10 +154,29 @@ def has_generation_tags(template: str) -> bool:
     return bool(_HAS_GENERATION.search(template))
 
 
-def _clean(value: Any) -> Any:
-    """Input for the template: no span markers in any string, no None-valued message keys."""
+def _characters(value: Any, into: set[str]) -> set[str]:
+    """Every character of every string in `value` (and its keys), added to `into`."""
     if isinstance(value, str):
-        return value.replace(_OPEN, "").replace(_CLOSE, "")
+        into.update(value)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _characters(k, into)
+            _characters(v, into)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            _characters(v, into)
+    return into
+
+
+def _markers(*inputs: Any) -> tuple[str, str]:
+    """Two private-use characters found in none of `inputs`."""
+    used = _characters(list(inputs), set())
+    free = (chr(c) for c in _PRIVATE_USE if chr(c) not in used)
+    return next(free), next(free)
+
+
+def _clean(value: Any) -> Any:
+    """Input for the template: no None-valued message keys."""
     if isinstance(value, dict):
         return {k: _clean(v) for k, v in value.items() if v is not None}
     if isinstance(value, list | tuple):
@@ -162,35 +186,38 @@ def _clean(value: Any) -> Any:
 
 def _render_marked(
     template: str, messages: list[dict[str, Any]], add_generation_prompt: bool, variables: dict[str, str]
-) -> str:
+) -> tuple[str, tuple[str, str]]:
+    """(the rendering with each generation block bracketed, the two bracketing characters)."""
     import jinja2
 
+    markers = _markers(template, messages, variables)
     try:
-        return str(
-            compile_template(template).render(
-                messages=_clean(messages),
-                add_generation_prompt=add_generation_prompt,
-                tools=None,
-                documents=None,
-                **variables,
-            )
+        marked = compile_template(template).render(
+            messages=_clean(messages),
+            add_generation_prompt=add_generation_prompt,
+            tools=None,
+            documents=None,
+            **variables,
+            **dict(zip(_MARKER_VARIABLES, markers)),
         )
+        return str(marked), markers
     except jinja2.TemplateError as e:
         raise ChatTemplateError(str(e) or type(e).__name__) from None
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise ChatTemplateError(f"{type(e).__name__}: {e}") from None
 
 
-def _unmark(marked: str) -> tuple[str, list[tuple[int, int]]]:
+def _unmark(rendered: tuple[str, tuple[str, str]]) -> tuple[str, list[tuple[int, int]]]:
     """Remove the span markers: (text, [(start, end) character offsets of each marked block])."""
-    parts = re.split(f"([{_OPEN}{_CLOSE}])", marked)
+    marked, (opening, closing) = rendered
+    parts = re.split(f"([{opening}{closing}])", marked)
     text: list[str] = []
     spans: list[tuple[int, int]] = []
     pos, start = 0, None
     for part in parts:
-        if part == _OPEN:
+        if part == opening:
             start = pos
-        elif part == _CLOSE:
+        elif part == closing:
             if start is not None and pos > start:
                 spans.append((start, pos))
             start = None
@@ -232,8 +259,14 @@ def _spans_by_prefix(
         start = 0
         while start < min(len(before), len(through)) and before[start] == through[start]:
             start += 1
-        if start < len(through):
-            spans.append((start, len(through)))
+        # The turn ends with its end-of-sequence token; whitespace the template writes after it (a
+        # newline before the next turn) is the template's, not the assistant's, and is no target.
+        end = len(through)
+        eos = variables.get("eos_token")
+        if eos and eos in through[start:] and not through[through.rindex(eos) + len(eos) :].strip():
+            end = through.rindex(eos) + len(eos)
+        if start < end:
+            spans.append((start, end))
     return spans
 
 

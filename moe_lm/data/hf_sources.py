@@ -140,6 +140,17 @@ def dataset_pieces(spec: DatasetSpec) -> list[DatasetPiece]:
     ]
 
 
+def _as_rows(value: Any) -> Any:
+    """A messages list as `datasets` gives it: a `Sequence` of {role, content} features comes as one
+    dict of equal-length lists ({"role": [...], "content": [...]}), a list of structs as a list of
+    dicts. The first becomes the second; anything else is left for parse_messages to judge."""
+    if isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values()):
+        sizes = {len(v) for v in value.values()}
+        if len(sizes) == 1:
+            return [dict(zip(value, turn)) for turn in zip(*value.values())]
+    return value
+
+
 def read_rows(piece: DatasetPiece) -> Iterator[tuple[list[Any], bool, int]]:
     """Batches of (documents, True, bytes of text) of rows [start, end); a chat source's documents
     are Conversations (moe_lm/data/chat.py)."""
@@ -151,7 +162,7 @@ def read_rows(piece: DatasetPiece) -> Iterator[tuple[list[Any], bool, int]]:
             columns = chat.columns(list(rows))
             n = len(rows[columns[0]]) if columns else 0
             what = _what(piece.spec)
-            records = [{c: rows[c][i] for c in columns} for i in range(n)]
+            records = [{c: _as_rows(rows[c][i]) for c in columns} for i in range(n)]
             found = [
                 chat.conversation(r, f"{piece.spec.key}: row {a + i} of {what}")
                 for i, r in enumerate(records)

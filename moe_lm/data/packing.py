@@ -5,7 +5,9 @@ instead: every example (one conversation as the chat template renders it) goes w
 rows are filled best-fit, longest examples first (most rows end up nearly full), and the rest of a
 row is padding. Each example is its own document in the row: it attends only to itself and its
 positions restart at 0 (`Batch.document_ids`), so it is computed exactly as if it were alone, and
-no label crosses from one example into the next. Padding is a document of its own and no target.
+no label crosses from one example into the next. Padding is a document of its own and no target,
+and the model routes it to no expert (Batch.real_BT): router losses and expert loads are the real
+tokens' alone.
 
 An example longer than a row (seq_len + 1 tokens: seq_len inputs and the target after the last one)
 is cut to the row (`data.too_long: truncate`) or left out (`drop`); a cut example whose assistant
@@ -28,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from moe_lm.data.blocks import TokenStream, encode_packed
+from moe_lm.data.blocks import PAD_DOC, TokenStream, encode_packed
 from moe_lm.errors import UserError
 
 
@@ -172,7 +174,7 @@ class PackedBlocks:
                 targets[pos : pos + n] = 1
             docs[pos : pos + n] = ordinal
             pos += n
-        docs[pos:] = len(examples)  # padding: a document of its own, never a target
+        docs[pos:] = PAD_DOC  # padding: a document of its own, never a target, routed to no expert
         return encode_packed(ids, targets, docs)
 
     def read(self, idx: np.ndarray) -> np.ndarray:

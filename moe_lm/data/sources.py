@@ -121,19 +121,31 @@ def data_plan(cfg: Config) -> DataPlan:
     return DataPlan(train, holdout, val)
 
 
-def eval_plan(cfg: Config, files: list[str]) -> DataPlan:
-    """`moe-lm eval --data FILE...`: one validation set named "data" from these files (conversations
-    when the run's data.kind is chat)."""
+def eval_plan(
+    cfg: Config,
+    files: list[str],
+    kind: str | None = None,
+    fmt: str | None = None,
+    text_field: str | None = None,
+) -> DataPlan:
+    """`moe-lm eval --data FILE... [--kind chat|text] [--format F] [--text-field NAME]`: one
+    validation set named "data" from these files: conversations when `kind` is chat, or by default
+    when the run trained on conversations only (every training source chat); read with the settings
+    of the run's first source of that kind unless `fmt` / `text_field` are given."""
+    plan = data_plan(cfg)
+    if kind is None:
+        kind = "chat" if all(s.chat for s in plan.train) else "text"
+    like = next((s for s in plan.train if s.chat == (kind == "chat")), None)
     d = cfg.data
     spec = SourceSpec(
         "data",
         "--data",
         tuple(files),
         None,
-        d.format,
-        d.text_field,
-        chat=d.kind == "chat",
-        messages_field=d.messages_field,
+        fmt or d.format,
+        text_field or (like.text_field if like is not None else d.text_field),
+        chat=kind == "chat",
+        messages_field=like.messages_field if like is not None else d.messages_field,
     )
     return DataPlan((), {}, {"data": spec})
 

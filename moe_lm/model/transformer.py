@@ -139,8 +139,10 @@ class MoETransformer(nn.Module):
         past_len = cache[0][0].shape[2] if cache else 0
         mask: torch.Tensor | None
         if document_ids is not None:
-            if cache or attention_mask is not None:
-                raise ValueError("document_ids cannot be combined with a KV cache or an attention_mask")
+            if cache:
+                raise ValueError("document_ids cannot be combined with a KV cache")
+            # the documents decide attention; an attention_mask only marks padding (a document of
+            # its own in packed rows) to keep it out of routing
             doc_pos, mask = self._document_mask(document_ids)
             position_ids = doc_pos if position_ids is None else position_ids
         else:
@@ -191,7 +193,8 @@ class MoETransformer(nn.Module):
         loss in chunks without ever holding the [tokens, vocab] logits; `logits` is then None.
         document_ids [B, T] (packed documents, e.g. moe_lm.data.blocks.document_ids): a token attends
         only to earlier tokens of its own document, and positions restart at 0 in each document, so
-        every document is computed as if it were alone.
+        every document is computed as if it were alone. With document_ids, attention_mask (0 at
+        padding) only keeps the padding out of routing.
         """
         b, t = input_ids.shape
         rope, mask, real_BT = self._attention_inputs(
@@ -229,8 +232,18 @@ class MoETransformer(nn.Module):
             out.logits = F.linear(x_BTH, head)
         if labels is not None:
             if out.logits is not None:
-                out.lm_loss = F.cross_entropy(
-                    out.logits.float().view(b * t, -1), labels.reshape(-1), ignore_index=-100
+                # the mean over the targets, 0 when there are none (as the chunked loss): a packed
+                # micro-batch without assistant tokens weighs 0 in its step (train/step.py
+                # lm_weights), and 0 * cross_entropy's NaN of an empty mean would be NaN
+                targets = (labels != -100).sum().clamp_min(1)
+                out.lm_loss = (
+                    F.cross_entropy(
+                        out.logits.float().view(b * t, -1),
+                        labels.reshape(-1),
+                        ignore_index=-100,
+                        reduction="sum",
+                    )
+                    / targets
                 )
             assert out.lm_loss is not None
             out.loss = out.lm_loss

@@ -4,10 +4,12 @@ runs every step, and what a rehearsal (moe_lm/plan) runs on fake tensors to size
 One optimizer step = grad_accum_steps micro-batches on every data-parallel rank. The loss of a
 micro-batch is lm + aux_coef * mean_layers(aux) + z_coef * mean_layers(z), divided by the number of
 micro-batches so gradients are means over the global batch. Packed conversations instead weigh
-each micro-batch's LM term by its share of the step's target tokens (lm_weights), so the LM loss is
-the mean over every assistant token of the step, on every process. The step reads nothing from the device
-except through the routing counts' seam (moe_lm/model/split_sizes.py) and the backend's step
-(the gradient norm and whether it was finite).
+each micro-batch's LM term by its share of the step's target tokens and its router terms by its
+share of the step's routed (not padding) tokens (lm_weights), so the LM loss is the mean over every
+assistant token of the step, on every process, and the router terms the mean over its real tokens.
+The step reads nothing from the device except through the routing counts' seam
+(moe_lm/model/split_sizes.py), the backend's step (the gradient norm and whether it was finite)
+and, for packed rows with padding, the selection of the real tokens to route (moe_lm/model/moe.py).
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ def forward(
     docs = batch_document_ids(pair, eos_id, cfg.data.document_mask)
     if docs is not None:
         kwargs["document_ids"] = docs.to(device)
+    real = getattr(pair, "real_BT", None)  # packed rows' padding: routed to no expert
+    if real is not None:
+        kwargs["attention_mask"] = real.to(device)
     return model(pair[0].to(device), labels=pair[1].to(device), **kwargs)
 
 
@@ -68,23 +73,37 @@ def count_routes(backend: Backend, cfg: Config, eos_id: int, batch: Batch) -> to
     """Expert counts [L, E] of one micro-batch, without autograd or LM head (the counting pass
     of model.aux_loss_scope global_batch, moe_lm/model/balance.py)."""
     docs = batch_document_ids(batch, eos_id, cfg.data.document_mask)
+    real = getattr(batch, "real_BT", None)
     with backend.autocast():
         return backend.raw_model.route_counts(
-            batch[0].to(backend.device), document_ids=None if docs is None else docs.to(backend.device)
+            batch[0].to(backend.device),
+            attention_mask=None if real is None else real.to(backend.device),
+            document_ids=None if docs is None else docs.to(backend.device),
         )
 
 
-def lm_weights(backend: Backend, batches: Sequence[Batch]) -> tuple[list[torch.Tensor], torch.Tensor]:
+def lm_weights(
+    backend: Backend, batches: Sequence[Batch]
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """Packed conversations: per micro-batch, the factor n_m * W / N on its lm_loss (its mean over
-    its n_m targets), N the targets of the whole step (every micro-batch of all W processes, one
-    all-reduce). The step's LM loss and gradient are then the mean over every target token, as
-    one process running the global batch at once computes them; a mean of micro-batch means
-    would weigh a token of a micro-batch with few assistant tokens above the others. Counted
-    from the labels on the CPU: no device sync. -> (factors, N as a 0-dim device tensor)."""
+    its n_m targets), N the targets of the whole step (every micro-batch of all W processes), and
+    the factor r_m * W / R on its router terms (means over its r_m routed tokens: padding is not
+    routed), R the routed tokens of the step; one all-reduce for both. The step's losses and
+    gradients are then means over every target token and every routed token, as one process
+    running the global batch at once computes them; a mean of micro-batch means would weigh a
+    token of a micro-batch with few assistant tokens (or much padding) above the others. Counted
+    on the CPU: no device sync. -> (LM factors, router factors, N as a 0-dim device tensor)."""
     b = backend
-    counts = [float((batch[1] != -100).sum()) for batch in batches]
-    total = b.all_reduce(torch.tensor([sum(counts)], device=b.device), "sum")[0]
-    return [c * b.world_size / total.clamp_min(1) for c in counts], total
+    targets = [float((batch[1] != -100).sum()) for batch in batches]
+    routed = [float(_routed_tokens(batch)) for batch in batches]
+    totals = b.all_reduce(torch.tensor([sum(targets), sum(routed)], device=b.device), "sum")
+    lm = [c * b.world_size / totals[0].clamp_min(1) for c in targets]
+    return lm, [r * b.world_size / totals[1].clamp_min(1) for r in routed], totals[0]
+
+
+def _routed_tokens(batch: Batch) -> int:
+    real = getattr(batch, "real_BT", None)
+    return int(batch[0].numel()) if real is None else int(real.sum())
 
 
 def train_step(
@@ -106,28 +125,29 @@ def train_step(
     def count(batch: Batch) -> torch.Tensor:
         return count_routes(b, cfg, eos_id, batch)
 
-    weights, targets = lm_weights(b, batches) if packed else (None, None)
+    weights, router_weights, targets = lm_weights(b, batches) if packed else (None, None, None)
     with global_batch_step(b.raw_model, batches, count):
         for micro, batch in enumerate(batches):
             with b.accumulate(sync=micro == accum - 1), b.autocast():
                 out = forward(cfg, b.device, eos_id, b.model, batch, return_logits=False)
                 weighted: dict[str, torch.Tensor] = {}
-                if weights is not None:  # token-weighted LM term; the router terms stay means
-                    lm = out.lm_loss * weights[micro]
-                    weighted = {"loss": (out.loss - out.lm_loss) / accum + lm, "lm_loss": lm}
+                share: Any = 1 / accum  # of the router terms: this micro-batch's routed tokens
+                if weights is not None and router_weights is not None:  # token-weighted terms
+                    lm, share = out.lm_loss * weights[micro], router_weights[micro]
+                    weighted = {"loss": (out.loss - out.lm_loss) * share + lm, "lm_loss": lm}
                     b.backward(faults.poison(weighted["loss"], step))
                 else:
                     b.backward(faults.poison(out.loss, step) / accum)
             for key in ("loss", "lm_loss", "aux_loss", "hf_aux_loss", "z_loss"):
                 value = getattr(out, key)
                 if value is not None:
-                    value = weighted[key] if key in weighted else value.detach().float() / accum
+                    value = weighted[key] if key in weighted else value.detach().float() * share
                     losses[key] = losses.get(key, 0) + value.detach().float()
             if out.expert_counts_LE is not None and out.dropped_L is not None:
                 counts_LE = out.expert_counts_LE if counts_LE is None else counts_LE + out.expert_counts_LE
                 dropped_L = out.dropped_L if dropped_L is None else dropped_L + out.dropped_L
             if out.router_entropy_L is not None:
-                entropy = out.router_entropy_L / accum
+                entropy = out.router_entropy_L * share
                 entropy_L = entropy if entropy_L is None else entropy_L + entropy
     faults.hit("step", step)
     grad_norm, stepped = b.step(cfg.optim.grad_clip)

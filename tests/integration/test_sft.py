@@ -148,6 +148,8 @@ def test_step_loss_is_the_mean_over_its_assistant_tokens_whatever_the_micro_batc
     assert a["target_tokens"] == b["target_tokens"]
     assert a["lm_loss"] == pytest.approx(b["lm_loss"], abs=1e-6)
     assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)  # the gradient too, not just the value
+    # the z-loss is a mean over the routed tokens (padding is not routed) of the step, as one pass
+    assert a["z_loss"] == pytest.approx(b["z_loss"], rel=1e-6)
 
 
 def test_killed_run_resumes_exactly(make_chat, sft_run, root):
@@ -277,6 +279,29 @@ def test_mixture_with_pretraining_text(make_chat, root, corpus, chat_files):
     assert all(r["loss_on"] == "assistant" for r in recs)
     last_eval = records(root / "mixture", "eval")[-1]
     assert {"val/chat/loss", "val/text/loss"} <= last_eval.keys()
+
+
+def test_eval_reads_data_files_as_conversations_with_kind_chat_in_a_mixture(root, chat_files, capsys):
+    """`moe-lm eval --data` in a run of chat and text sources: files are text by default, and
+    conversations with --kind chat, evaluated as the run's chat source is."""
+    run = root / "mixture"
+    if not run.is_dir():
+        pytest.skip("needs the run of test_mixture_with_pretraining_text")
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", str(chat_files[1]), "--kind", "chat"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.endswith("(over assistant tokens)")
+    expected = records(run, "eval")[-1]["val/chat/loss"]
+    assert float(line.split()[1]) == pytest.approx(expected, abs=1e-4)
+    assert main(["eval", str(run), "--data", str(chat_files[1])]) == 2  # read as text: they are not
+    assert "has no field 'text'" in (line := _one_line(capsys)) and "set --text-field" in line
+    # the flag the line names exists: records of text in another field
+    bodies = write_jsonl(
+        root / "bodies.jsonl", [{"body": m["content"]} for r in conversations(40, 2) for m in messages_of(r)]
+    )
+    assert main(["eval", str(run), "--data", str(bodies), "--text-field", "body"]) == 0
+    assert main(["eval", str(run), "--text-field", "response"]) == 2
+    assert "--text-field says how to read --data FILE" in _one_line(capsys)
 
 
 def test_imported_mixtral_keeps_its_own_template(exported, make_chat, root, tokenizer_dir):

@@ -14,6 +14,7 @@ from moe_lm.data.chat_template import (
     DEFAULT_CHAT_TEMPLATE,
     TEMPLATE_FILE,
     ChatTemplateError,
+    has_generation_tags,
     load_chat_template,
     write_chat_template,
 )
@@ -86,6 +87,20 @@ def test_default_template_ids_and_masks_equal_transformers(tok_dir, hf_tok, inde
     assert marked[-1] == tok.eos_id
 
 
+def test_private_use_characters_in_messages_are_kept_and_forge_no_span(tok_dir, hf_tok):
+    """moe_lm brackets the template's generation blocks with private-use characters while rendering;
+    a message holding such characters keeps them (the ids equal transformers') and marks nothing."""
+    pua = "".join(chr(c) for c in range(0xE000, 0xE020))
+    messages = [
+        {"role": "user", "content": f"a{pua}b"},
+        {"role": "assistant", "content": f"c{pua[::-1]}d"},
+    ]
+    ids, mask = _encode(tok_dir, DEFAULT_CHAT_TEMPLATE, messages)
+    hf = hf_tok.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+    assert ids == hf["input_ids"]
+    assert mask == hf["assistant_masks"]
+
+
 def test_generation_prompt_equals_transformers(tok_dir, hf_tok):
     encoder = ChatEncoder(Tokenizer.load(tok_dir), DEFAULT_CHAT_TEMPLATE)
     messages = CONVERSATIONS[0][:2]
@@ -117,6 +132,32 @@ def test_template_without_generation_tags_marks_each_reply_and_its_eos(tok_dir, 
     assert [r[-1] for r in runs] == [tok.eos_id, tok.eos_id]
 
 
+def test_without_generation_tags_the_separator_after_a_replys_eos_is_no_target(tok_dir, hf_tok):
+    """moe_lm's default template without its {% generation %} tags: a newline follows each reply's
+    </s>. Found turn by turn, the marked tokens are those transformers marks with the tags: the reply
+    and its </s>, not the template's newline after it."""
+    untagged = DEFAULT_CHAT_TEMPLATE.replace("{%- generation -%}", "").replace("{%- endgeneration -%}", "")
+    assert not has_generation_tags(untagged)
+    messages = CONVERSATIONS[0]
+    ids, mask = _encode(tok_dir, untagged, messages)
+    hf = hf_tok.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+    assert ids == hf["input_ids"]
+    assert mask == hf["assistant_masks"]
+
+
+def test_without_generation_tags_a_literal_eos_inside_a_reply_does_not_end_its_turn(tok_dir):
+    """A template whose turns end with text of its own, not </s>: a reply holding a literal "</s>"
+    is marked whole, up to and including the template's end of turn."""
+    template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + ' <end>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    messages = [{"role": "user", "content": "Who?"}, {"role": "assistant", "content": "A </s> B"}]
+    ids, mask = _encode(tok_dir, template, messages)
+    tok = Tokenizer.load(tok_dir)
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == tok.decode(tok.encode("A ")) + " B <end>\n"
+
+
 def test_template_refusal_is_one_line_naming_the_record(tok_dir):
     encoder = ChatEncoder(Tokenizer.load(tok_dir), MIXTRAL_TEMPLATE, "the chat template of 'tok'")
     with pytest.raises(
@@ -140,6 +181,11 @@ def test_template_refusal_is_one_line_naming_the_record(tok_dir):
         ),
         ({"messages": [{"role": "user"}]}, "message 0 is not {role: text, content: text}"),
         ({"messages": []}, "'messages' must be a non-empty list"),
+        # a field of the wrong type is refused, never skipped (a dropped system prompt trained silently)
+        ({"prompt": "a", "response": "b", "system": 5}, "'system' must be text, not int"),
+        ({"prompt": "a", "response": 5}, "'response' must be text, not int"),
+        ({"prompt": ["a"], "response": "b"}, "'prompt' must be text, not list"),
+        ({"prompt": "a"}, "has 'prompt' but no 'response'"),
     ],
 )
 def test_bad_records_are_refused_in_one_line(record, words):

@@ -131,3 +131,26 @@ def test_a_tokenizer_trained_on_chat_data_learns_from_the_messages(tmp_path):
     assert list(texts) == [m["content"] for r in records for m in messages_of(r) if m["content"]]
     tok = Tokenizer.load(ensure_tokenizer(cfg))
     assert tok.vocab_size == 384 and (tmp_path / "tok" / "chat_template.jinja").is_file()
+
+
+def test_a_dataset_with_messages_as_a_sequence_feature_gives_the_same_conversations(tok, tmp_path):
+    """`Sequence({role, content})` (how many Hub datasets declare messages) comes out of `datasets`
+    as one dict of lists per row, not a list of dicts: the same conversations all the same."""
+    import datasets
+
+    features = datasets.Features(
+        {
+            "messages": datasets.Sequence(
+                {"role": datasets.Value("string"), "content": datasets.Value("string")}
+            )
+        }
+    )
+    columns = [
+        {"role": [m["role"] for m in messages_of(r)], "content": [m["content"] for m in messages_of(r)]}
+        for r in RECORDS
+    ]
+    datasets.Dataset.from_dict({"messages": columns}, features=features).save_to_disk(str(tmp_path / "ds"))
+    encoder = ChatEncoder(Tokenizer.load(tok), DEFAULT_CHAT_TEMPLATE)
+    expected = sorted(encoder.encode(Conversation(messages_of(r), ""))[0].tolist() for r in RECORDS)
+    sources = {"chat": {"kind": "chat", "dataset": str(tmp_path / "ds")}}
+    assert _examples({"sources": sources}, tok, tmp_path) == expected

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from moe_lm.config import config_from_dict
-from moe_lm.data.blocks import encode_packed, split_inputs
+from moe_lm.data.blocks import PAD_DOC, encode_packed, split_inputs
 from moe_lm.data.chat import ChatEncoder, Conversation
 from moe_lm.data.chat_template import DEFAULT_CHAT_TEMPLATE
 from moe_lm.data.corpus import open_data
@@ -188,6 +188,13 @@ def test_rows_hold_every_example_whole_with_its_labels_or_cut_and_counted(chat_s
     assert truncated >= 3 and (no_target == 1) == (train_on == "assistant")
     assert r.padding == len(blocks) * row - sum(len(e[0]) for e in expected)
     assert len(blocks) < len(expected)  # rows hold several examples
+    # the padding is marked as such (routed to no expert): every input token but the padding is real
+    batch = split_inputs(blocks.read(np.arange(len(blocks))))
+    assert batch.real_BT is not None
+    filled = [
+        int(blocks.lengths[blocks.items[a:b]].sum()) for a, b in zip(blocks.offsets, blocks.offsets[1:])
+    ]
+    assert batch.real_BT.sum(dim=1).tolist() == [min(n, SEQ) for n in filled]
 
 
 def test_drop_leaves_out_long_examples_and_counts_them(chat_setup):
@@ -236,3 +243,65 @@ def test_a_packed_row_computes_each_example_as_if_alone(chat_setup):
                 cols = (docs == d).nonzero().flatten()
                 alone = model(batch[0][r : r + 1, cols]).logits[0]
                 assert torch.allclose(logits[r, cols], alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["chunked", "autocast", "no-grad"])
+def test_a_micro_batch_without_targets_has_lm_loss_0_not_nan(path):
+    """A packed micro-batch with no assistant token weighs 0 in its step (train/step.py lm_weights),
+    and 0 * NaN is NaN: its lm_loss must be 0 on every path the loss is computed by: the chunked
+    loss (fp32 training), cross_entropy under autocast (bf16 on GPU) and without grad (evaluation)."""
+    from moe_lm.config import ModelConfig
+    from moe_lm.model import MoETransformer
+
+    torch.manual_seed(0)
+    model = MoETransformer(
+        ModelConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=32, num_layers=1, num_heads=2,
+            num_kv_heads=1, max_seq_len=16, num_experts=2, top_k=1,
+        )
+    )  # fmt: skip
+    ids = torch.randint(3, 64, (2, 16))
+    labels = torch.full_like(ids, -100)
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=path == "autocast")
+    with autocast, torch.set_grad_enabled(path != "no-grad"):
+        out = model(ids, labels=labels, return_logits=False)
+    assert out.lm_loss is not None and float(out.lm_loss) == 0.0
+    assert torch.isfinite(out.loss)
+    if path != "no-grad":
+        (out.lm_loss * 0.0).backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_padding_of_a_packed_row_is_routed_to_no_expert():
+    """The expert loads and router losses of a packed row are its examples' alone: padding (eos
+    tokens after the last example) takes no expert, as transformers' masked balancing loss has it."""
+    from types import SimpleNamespace
+
+    from moe_lm.config import ModelConfig
+    from moe_lm.model import MoETransformer
+    from moe_lm.train.step import forward
+
+    torch.manual_seed(0)
+    model = MoETransformer(
+        ModelConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=32, num_layers=2, num_heads=2,
+            num_kv_heads=1, max_seq_len=32, num_experts=4, top_k=2,
+        )
+    ).eval()  # fmt: skip
+    examples = [torch.randint(3, 64, (10,)), torch.randint(3, 64, (7,))]
+    row_len = 24
+    ids = np.full(row_len, 2)
+    ids[:17] = torch.cat(examples).numpy()
+    docs = np.array([0] * 10 + [1] * 7 + [0] * 7)
+    docs[17:] = PAD_DOC
+    batch = split_inputs(encode_packed(ids[None], np.ones((1, row_len), np.uint8), docs[None]))
+    assert batch.real_BT is not None and int(batch.real_BT.sum()) == 17
+    cfg = SimpleNamespace(data=SimpleNamespace(document_mask=False))
+    with torch.no_grad():
+        packed = forward(cfg, torch.device("cpu"), 2, model, batch)
+        alone = [model(e[None]) for e in examples]
+        counted = model.route_counts(batch[0], attention_mask=batch.real_BT, document_ids=batch.document_ids)
+    expected = sum(out.expert_counts_LE for out in alone)
+    assert packed.expert_counts_LE.tolist() == expected.tolist()
+    assert counted.tolist() == expected.tolist()  # global-batch balancing's counting pass too
+    assert int(packed.expert_counts_LE.sum()) == 17 * 2 * 2  # real tokens x top_k x MoE layers
