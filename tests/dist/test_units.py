@@ -153,4 +153,8 @@ def test_parallel_timeout_is_every_process_groups_timeout(monkeypatch: pytest.Mo
     set_group_timeout(600.0)
     assert c10d._get_default_timeout("gloo") == timedelta(seconds=600)  # what init and new_group fall back to
     assert init_kwargs(45.0, "gloo").to_kwargs() == {"backend": "gloo", "timeout": timedelta(seconds=45)}
-    assert (resolve_timeout(None, "cpu"), resolve_timeout(None, "cuda"), resolve_timeout(7, "cpu")) == (1800, 600, 7)
+    assert (resolve_timeout(None, "cpu"), resolve_timeout(None, "cuda"), resolve_timeout(7, "cpu")) == (
+        1800,
+        600,
+        7,
+    )

@@ -47,7 +47,9 @@ def test_a_failure_announced_by_the_other_process_ends_the_wait_at_once(ranks: l
     assert waiter["seconds"] < TIMEOUT_S  # the failure came at 0.3 s
 
 
-def test_a_process_that_stops_beating_is_taken_for_dead_before_the_timeout(ranks: list[dict[str, Any]]) -> None:
+def test_a_process_that_stops_beating_is_taken_for_dead_before_the_timeout(
+    ranks: list[dict[str, Any]],
+) -> None:
     waiter = ranks[0]["silent_peer"]
     assert waiter["error"] == "PeerFailed"
     assert re.fullmatch(
@@ -58,7 +60,9 @@ def test_a_process_that_stops_beating_is_taken_for_dead_before_the_timeout(ranks
     assert waiter["seconds"] < 10.0  # the timeout is 60 s
 
 
-def test_the_token_store_barrier_waits_while_the_preparer_progresses_and_not_longer(ranks: list[dict[str, Any]]) -> None:
+def test_the_token_store_barrier_waits_while_the_preparer_progresses_and_not_longer(
+    ranks: list[dict[str, Any]],
+) -> None:
     waiter = ranks[1]["progressing_peer"]
     first, second = waiter["first"], waiter["second"]
     assert first["error"] is None and first["seconds"] > 2 * TIMEOUT_S  # past the timeout: progress went on

@@ -30,7 +30,14 @@ def many(rank: int, args: dict[str, Any]) -> dict[str, Any]:
     # the group's own timeout stays long: scenarios are separated by barriers on it
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     results = {}
-    names = ("late_peer", "failed_peer", "silent_peer", "progressing_peer", "timed_out_collective", "second_run")
+    names = (
+        "late_peer",
+        "failed_peer",
+        "silent_peer",
+        "progressing_peer",
+        "timed_out_collective",
+        "second_run",
+    )
     for name in names:
         results[name] = globals()[name](rank, args)
         while _OPEN:
