@@ -228,10 +228,13 @@ class Trainer:
                         callback.post_step(self, result)
                 if self._stopping(stop):
                     break
-        summary: dict[str, Any] = {"step": self.step, "tokens": self.tokens, "finished": self.done()}
-        for callback in self.callbacks:
-            with layout.phase(f"callback {type(callback).__name__} at the end"):
-                callback.post_train(self, summary)
+            # Still inside: a second stop signal while the last checkpoint is written (a scheduler
+            # that signals the process and its group, `moe-lm launch` passing one on) must not
+            # interrupt the save the first one asked for.
+            summary: dict[str, Any] = {"step": self.step, "tokens": self.tokens, "finished": self.done()}
+            for callback in self.callbacks:
+                with layout.phase(f"callback {type(callback).__name__} at the end"):
+                    callback.post_train(self, summary)
         self.log.close()
         return summary
 
