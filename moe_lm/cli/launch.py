@@ -202,7 +202,7 @@ def passing_on_stop_signals() -> Iterator[list[int]]:
     # passing it on would make it two (harmless to the trainer, not to a KeyboardInterrupt handler).
     try:
         in_foreground = os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
-    except OSError:  # no terminal
+    except (OSError, ValueError, AttributeError):  # no terminal (or no stdin at all)
         in_foreground = False
 
     import psutil  # accelerate's dependency; imported now, so a signal is passed on at once
