@@ -12,6 +12,7 @@ Exit codes of every `moe-lm` command (`moe-lm launch` returns the failing proces
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -85,6 +86,18 @@ def write_report(kind: str, line: str, exit_code: int, *, consequence: bool, tra
     except OSError:  # the launcher is gone (its directory with it): say it here instead
         return False
     return True
+
+
+def write_exit(code: int) -> None:
+    """Under `moe-lm launch`: this process ends by itself with `code` (rankN.exit). A launcher stopped
+    by SIGTERM or Ctrl-C passes the signal on and then tells a process that stopped cleanly (it saved
+    a checkpoint) from one that was killed, which leaves nothing."""
+    error_dir = os.environ.get(ERROR_DIR_ENV)
+    if not error_dir:
+        return
+    rank = int(os.environ.get("RANK", "0"))
+    with contextlib.suppress(OSError):  # the launcher is gone: no one asks
+        Path(error_dir, f"rank{rank}.exit").write_text(f"{code}\n")
 
 
 def report(e: UserError | RunError) -> int:

@@ -15,6 +15,12 @@ if TYPE_CHECKING:
     from moe_lm.config import Config, SourceConfig
 
 
+# The longest parallel.timeout: torch.distributed keeps deadlines in int64 nanoseconds, so a timeout
+# past ~9e9 s wraps round and fires at once (1e10: "timed out after 10000000000000ms" while joining),
+# and Python's timedelta overflows at ~8.6e13 s (a crash). 1e8 leaves a wide margin below both.
+MAX_TIMEOUT_S = 1e8
+
+
 def _positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
     if value is None:
         return
@@ -89,6 +95,11 @@ def validate(cfg: Config) -> None:
     if p.backend == "ddp" and p.zero_stage:
         raise ConfigError("parallel.zero_stage needs parallel.backend: deepspeed")
     _positive("parallel.timeout", p.timeout)
+    if p.timeout is not None and p.timeout > MAX_TIMEOUT_S:
+        raise ConfigError(
+            f"parallel.timeout = {p.timeout:g} s is more than torch.distributed can wait: at most "
+            f"{MAX_TIMEOUT_S:.0f} s (about 3 years); lower it, or remove it for the default"
+        )
     _positive("data.seq_len", d.seq_len)
     _positive("data.num_proc", d.num_proc)
     _validate_sources(cfg)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 
-from moe_lm.errors import ERROR_DIR_ENV, RunError, UserError, report, write_report
+from moe_lm.errors import ERROR_DIR_ENV, RunError, UserError, report, write_exit, write_report
 
 # subcommand -> (module, function taking argv and returning an exit code, one-line summary)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -164,6 +165,15 @@ def run() -> None:
         # stdout is pointed at /dev/null so the interpreter's own final flush cannot fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 128 + 13  # what a process killed by SIGPIPE reports
+    except KeyboardInterrupt:
+        # Ctrl-C outside the training loop (inside it, the trainer saves a checkpoint and returns 0):
+        # nothing half-done is ever used (stores and checkpoints are written whole), so one line.
+        code = 128 + signal.SIGINT
+        line = (
+            "error: interrupted (SIGINT); what was complete is kept: run the same command again to continue"
+        )
+        if not write_report("run", line, code, consequence=False):
+            print(line, file=sys.stderr)
     except Exception as e:
         if not os.environ.get(ERROR_DIR_ENV):
             raise
@@ -176,4 +186,5 @@ def run() -> None:
         if not write_report("crash", line, 1, consequence=False, traceback=traceback.format_exc()):
             raise
         code = 1
+    write_exit(code)
     sys.exit(code)

@@ -23,6 +23,7 @@ keeps the contract of every other `moe-lm` command:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,6 +179,87 @@ def show(failed: list[Failure]) -> int:
     return cause.exit_code
 
 
+class LaunchStopped(Exception):
+    """A stop signal reached the launcher before any process had started: nothing to pass it to."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def passing_on_stop_signals() -> Iterator[list[int]]:
+    """While accelerate runs the processes: SIGTERM, SIGINT and SIGHUP to this process are passed on
+    to its children, and this process waits for them (a training run saves a checkpoint at its next
+    step boundary and exits 0). Yields the signals received.
+
+    accelerate's single-process launcher does not catch them: this process died at once (exit 143,
+    no line) and left its worker training with no one to report it. torchrun installs its own
+    handlers once it starts its workers (it passes the signal on, waits, then raises
+    SignalException: see `stopped`). A signal before any child exists stops the launch."""
+    received: list[int] = []
+    # Ctrl-C in a terminal reaches the whole foreground group, the single-process worker included:
+    # passing it on would make it two (harmless to the trainer, not to a KeyboardInterrupt handler).
+    try:
+        in_foreground = os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except (OSError, ValueError, AttributeError):  # no terminal (or no stdin at all)
+        in_foreground = False
+
+    import psutil  # accelerate's dependency; imported now, so a signal is passed on at once
+
+    def handle(signum: int, frame: Any) -> None:
+        children = psutil.Process().children()
+        if not children:
+            raise LaunchStopped(signum)
+        # Once per signal: the trainer restores the default handlers when it ends, so a late second
+        # SIGTERM would kill a process that has just saved its checkpoint.
+        already = signum in received
+        received.append(signum)
+        if already or (signum == signal.SIGINT and in_foreground):
+            return
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                child.send_signal(signum)
+
+    previous = {s: signal.signal(s, handle) for s in _STOP_SIGNALS}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def stopped(signum: int, error_dir: Path, processes: int) -> int:
+    """The launcher was stopped by `signum` and has passed it on: say how the processes ended, in one
+    line. 0 when every one ended by itself with 0 (a training run saved a checkpoint first); the
+    cause's code when one failed; 128 + signum when some were killed before they could stop."""
+    failed = failures(error_dir, {})
+    if failed:
+        return show(failed)
+    name = _signal_name(signum)
+    clean = sum(1 for p in error_dir.glob("rank*.exit") if p.read_text().strip() == "0")
+    if clean >= processes:
+        print(
+            f"moe-lm launch: stopped by {name}; every process ended cleanly (a training run saves a "
+            "checkpoint at the step it stops: continue with train.resume=auto)",
+            file=sys.stderr,
+        )
+        return 0
+    print(
+        f"error: moe-lm launch was stopped by {name}; {processes - clean} of {processes} process(es) "
+        "ended without stopping cleanly (stopped before training began, or killed after the grace "
+        "period); the newest complete checkpoint is intact: continue with train.resume=auto",
+        file=sys.stderr,
+    )
+    return 128 + signum
+
+
+def _local_processes(args: Any) -> int:
+    """How many processes this launcher starts (accelerate's num_processes counts every machine's)."""
+    total = int(getattr(args, "num_processes", None) or 1)
+    return max(1, total // int(getattr(args, "num_machines", None) or 1))
+
+
 def launch_main(argv: list[str]) -> int:
     from moe_lm.cli import COMMANDS
 
@@ -188,24 +271,42 @@ def launch_main(argv: list[str]) -> int:
     preflight(command)
     # torchrun's agent logs every worker's exit and closing signal; the workers and this command say
     # what matters. Exceptions it raises still reach us.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # What they say is logged by each module's own logger, whose level torch sets: quiet them all.
+    import torch.distributed.elastic.agent.server.api  # noqa: F401  (creates the agent's loggers)
+    import torch.distributed.elastic.multiprocessing.api  # noqa: F401
+
+    for name in ["torch.distributed.elastic", *logging.root.manager.loggerDict]:
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     # accelerate's --quiet turns a failed single process into a bare exit 1 (no exit status to
     # report); this command prints the one line itself in every case.
     args.quiet = False
     configure_deepspeed()  # accelerate's DeepSpeed launcher imports it; the workers inherit the settings
     from accelerate.commands.launch import launch_command
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     error_dir = Path(tempfile.mkdtemp(prefix="moe-lm-launch-"))
     os.environ[ERROR_DIR_ENV] = str(error_dir)  # the workers inherit it
     try:
-        launch_command(args)
+        with passing_on_stop_signals() as received:
+            launch_command(args)
+        if received:  # the single-process launcher, after passing a signal on
+            return stopped(received[0], error_dir, 1)
         return 0
     except subprocess.CalledProcessError as e:  # the single-process launcher
         return show(failures(error_dir, {0: (e.returncode, time.time())}))
     except ChildFailedError as e:  # torchrun's: several processes, DeepSpeed
         exits = {rank: (int(f.exitcode), float(f.timestamp)) for rank, f in e.failures.items()}
         return show(failures(error_dir, exits))
+    except SignalException as e:  # torchrun's, stopped: it passed the signal on and waited
+        return stopped(int(e.sigval), error_dir, _local_processes(args))
+    except LaunchStopped as e:
+        print(
+            f"error: moe-lm launch was stopped by {_signal_name(e.signum)} before any process started",
+            file=sys.stderr,
+        )
+        return 128 + e.signum
     except ValueError as e:  # accelerate's own checks of its options, before any worker starts
         raise UserError(f"moe-lm launch: {str(e).splitlines()[0]}") from None
     finally:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moe_lm.config import Config, load_config
-from moe_lm.errors import ArgumentParser, RunError, UserError, report
+from moe_lm.errors import ArgumentParser, RunError, UserError, report, write_exit
 from moe_lm.validation import config_warnings
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ def train_main(argv: list[str]) -> int:
             layout.waits.announce_failure(e)
             raise
         code = report(explained)
+    write_exit(code)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -228,16 +228,27 @@ class Trainer:
                         callback.post_step(self, result)
                 if self._stopping(stop):
                     break
-        summary: dict[str, Any] = {"step": self.step, "tokens": self.tokens, "finished": self.done()}
-        for callback in self.callbacks:
-            with layout.phase(f"callback {type(callback).__name__} at the end"):
-                callback.post_train(self, summary)
+            # Still inside: a second stop signal while the last checkpoint is written (a scheduler
+            # that signals the process and its group, `moe-lm launch` passing one on) must not
+            # interrupt the save the first one asked for.
+            summary: dict[str, Any] = {"step": self.step, "tokens": self.tokens, "finished": self.done()}
+            for callback in self.callbacks:
+                with layout.phase(f"callback {type(callback).__name__} at the end"):
+                    callback.post_train(self, summary)
         self.log.close()
         return summary
 
     def _stopping(self, stop: StopRequested) -> bool:
         """A stop signal, or `train.stop_at_step`: end here (the Checkpoint callback then saves this step)."""
-        if stop.requested:
+        requested = stop.requested
+        if self.backend.layout.world_size > 1:
+            # Every process stops at the same step. A signal that reaches them on either side of a
+            # step boundary (or one of them only) made one save its checkpoint while the others
+            # trained on: each waited on the other until parallel.timeout, and nothing was saved.
+            # One number per step; `result.finite` already waits for the step on the host.
+            flag = torch.tensor([1.0 if requested else 0.0])
+            requested = bool(self.backend.all_reduce(flag, "sum")[0] > 0)
+        if requested:
             self.log.message(f"stop requested: saving a checkpoint at step {self.step} and exiting")
             return True
         return bool(self.cfg.train.stop_at_step and self.step >= self.cfg.train.stop_at_step)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from moe_lm.config import Config
@@ -149,3 +152,26 @@ def test_extra_metrics_and_a_new_sink(make_config) -> None:
     assert all(r["stepped"] is True for r in lines if r["kind"] == "train")
     assert [r["double_val"] for r in lines if r["kind"] == "eval"] == [0, 2, 4]
     assert sink.records == lines  # the new sink saw every record metrics.jsonl got
+
+
+class SignalsTwice(Callback):
+    """Ctrl-C during step 2, and again at the end, before the checkpoint is written (as a scheduler
+    that signals a process and its group, or `moe-lm launch` passing a signal on, delivers it)."""
+
+    def post_step(self, trainer: Trainer, result: StepResult) -> None:
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def post_train(self, trainer: Trainer, summary: dict[str, Any]) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_second_stop_signal_does_not_interrupt_the_checkpoint_the_first_asked_for(make_config) -> None:
+    """Was: the trainer restored the default handlers before the final callbacks, so the second
+    signal raised KeyboardInterrupt in them and the stop's checkpoint was never written."""
+    cfg = make_config(train={"max_steps": 6}, checkpoint={"every": 0})
+    try:
+        fit(cfg, [SignalsTwice(), *default_callbacks(cfg)])
+    except KeyboardInterrupt:  # pytest would end the whole session on it
+        pytest.fail("the second SIGINT interrupted the final callbacks")
+    assert checkpoints(cfg) == ["step-2"]

@@ -125,3 +125,26 @@ def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err  # as if killed by SIGPIPE, like any Unix tool
     assert err == ""
+
+
+def test_ctrl_c_outside_training_is_one_line_and_exit_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C in `moe-lm data prepare` (or any command outside the training loop). Was: a
+    KeyboardInterrupt traceback through the tokenising pool's wait."""
+    import moe_lm.cli as cli
+
+    def interrupted(argv: list[str] | None = None) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv("MOE_LM_ERROR_DIR", raising=False)
+    monkeypatch.setattr(cli, "main", interrupted)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            cli.run()
+    except KeyboardInterrupt:  # pytest would end the whole session on it
+        pytest.fail("run() let KeyboardInterrupt through (a traceback)")
+    assert exited.value.code == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "error: interrupted (SIGINT); what was complete is kept: run the same command again to continue"
+    ]

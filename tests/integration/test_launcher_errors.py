@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -263,3 +264,90 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    ("accelerate_config", "sig"),
+    [(ONE, signal.SIGTERM), (TWO, signal.SIGTERM), (TWO, signal.SIGINT)],
+    ids=["1proc-SIGTERM", "2proc-SIGTERM", "2proc-SIGINT"],
+)
+def test_a_stop_signal_to_the_launcher_alone_saves_a_checkpoint_and_exits_0(
+    config, accelerate_config: str, sig: signal.Signals
+) -> None:
+    """The signal reaches `moe-lm launch` only (`kill PID`, docker stop, a scheduler signalling its
+    main process). Was: with one process, the launcher died at once (exit 143, no line) and left
+    its worker training; with two, torchrun's SignalException traceback and exit 1."""
+    path, run_dir = config(train={"max_steps": 8}, checkpoint={"every": 0})
+    args = ["--config_file", accelerate_config]
+    if accelerate_config == TWO:
+        args += ["--main_process_port", str(_free_port())]
+    outer = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    env = {**outer, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MOE_LM_FAULT": "pause:3"}
+    argv = [sys.executable, "-m", "moe_lm", "launch", *args, "train", str(path)]
+    # its own session, as a job under a scheduler: the signal goes to the launcher's pid only
+    proc = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # every process pauses in step 3 until the signal
+            if line.startswith("fault: paused at step 3"):
+                break
+        time.sleep(0.5)  # the other process reaches its pause too
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert err.splitlines()[-1].startswith(
+        f"moe-lm launch: stopped by {sig.name}; every process ended cleanly"
+    )
+    assert "done: step 3" in out
+    assert (run_dir / "checkpoints" / "step-3" / "trainer_state.json").is_file()
+
+
+def test_a_stop_signal_that_reaches_one_process_only_stops_them_all_at_the_same_step(config) -> None:
+    """The far end of a signal that reaches the processes on either side of a step boundary. Was:
+    process 1 saved its checkpoint while process 0 trained on; each waited on the other until
+    parallel.timeout (exit 3, nothing saved since step 2)."""
+    import psutil
+
+    path, run_dir = config(train={"max_steps": 8}, checkpoint={"every": 2})
+    argv = [sys.executable, "-m", "moe_lm", "launch", "--config_file", TWO]
+    argv += ["--main_process_port", str(_free_port()), "train", str(path), "parallel.timeout=60"]
+    outer = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    env = {**outer, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MOE_LM_FAULT": "pause:3@1"}
+    proc = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # process 1 pauses in step 3 until the signal
+            if line.startswith("fault: paused at step 3"):
+                break
+        rank1 = [p for p in psutil.Process(proc.pid).children() if p.environ().get("RANK") == "1"]
+        assert len(rank1) == 1
+        rank1[0].send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-3000:]
+    assert time.monotonic() - start < 30  # not at parallel.timeout
+    assert "done: step 3" in out
+    assert (run_dir / "checkpoints" / "step-3" / "trainer_state.json").is_file()

@@ -171,6 +171,17 @@ def test_impossible_combinations(overrides: list[str], expected: str) -> None:
     assert expected in _error({}, overrides)
 
 
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf", "1e30", "1e10", "abc"])
+def test_parallel_timeout_outside_what_torch_can_wait_is_one_line(value: str) -> None:
+    """1e30 overflowed timedelta in every process (a traceback, exit 1) and 1e10 wrapped torch's
+    nanosecond deadlines: joining the process group "timed out" at once (exit 3)."""
+    assert _error({}, [f"parallel.timeout={value}"]).startswith("parallel.timeout")
+
+
+def test_parallel_timeout_up_to_its_limit_is_accepted() -> None:
+    assert config_from_dict({}, ["parallel.timeout=1e8"]).parallel.timeout == 1e8
+
+
 def test_possible_neighbours_of_impossible_combinations() -> None:
     # The boundaries are exact: these are allowed.
     cfg = config_from_dict(
