@@ -7,6 +7,7 @@ one 400 Gb/s (H100/H200) or 200 Gb/s (A100) InfiniBand port per GPU. `--gpu cust
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -79,8 +80,8 @@ def parse_gpu(spec: str) -> GPU:
             value = float(raw)
         except ValueError:
             raise UserError(f"--gpu: {key}={raw!r} is not a number (e.g. {_CUSTOM_HELP})") from None
-        if value <= 0:
-            raise UserError(f"--gpu: {key} must be positive, got {raw}")
+        if not math.isfinite(value) or value <= 0:  # nan or inf: a plan of NaN seconds, or a traceback
+            raise UserError(f"--gpu: {key} must be a positive finite number, got {raw}")
         field_name, unit = _CUSTOM[key]
         values: dict[str, Any] = {field_name: int(value * unit) if field_name == "memory" else value * unit}
         gpu = replace(gpu, **values)

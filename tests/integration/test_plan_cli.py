@@ -80,6 +80,14 @@ def test_plan_json_is_one_object_on_stdout() -> None:
             "error: layout ep8/zero2/mb1x8/ac: ep_size 8 must divide both the 8 experts and the 4 GPUs",
         ),
         (["--imbalance", "0.5"], "error: --imbalance 0.5 is outside [1, 8]"),
+        (
+            ["--gpu", "custom:memory_gib=inf"],
+            "error: --gpu: memory_gib must be a positive finite number, got inf",
+        ),
+        (
+            ["--gpu", "custom:tflops=nan"],
+            "error: --gpu: tflops must be a positive finite number, got nan",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
