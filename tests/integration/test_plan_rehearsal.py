@@ -76,6 +76,22 @@ def test_ddp_all_reduce_and_zero_partitions_are_exact_arithmetic() -> None:
 
 
 @pytest.mark.slow
+def test_zero2_memory_is_the_partitioned_state_and_two_full_reduce_buckets() -> None:
+    z, cfg = _rehearse("gpu-check", 64, "ep8/zero2")
+    parts = count_params(cfg.model).components
+    dense, experts_here = sum(n for k, n in parts.items() if k != "experts"), parts["experts"] // 8
+    partition = dense / 64 + experts_here / 8  # as DeepSpeed partitions moe_lm's groups (to a ceil each)
+    # bf16 weights (the engine's dtype), and the model's buffers (64 B)
+    assert 0 <= z.memory["parameters"] - 2 * (dense + experts_here) <= 1024
+    # fp32 master weights and AdamW's two moments of the partition
+    assert abs(z.memory["optimizer"] - 12 * partition) <= 12 * 4
+    # the fp32 averaged gradients of the partition, and no whole bf16 gradient: DeepSpeed's two
+    # (overlap_comm) bf16 reduce buckets of reduce_bucket_size = 5e8 elements instead, allocated at
+    # that size even for this 0.1B-parameter model (stage_1_and_2.py, setup_buckets)
+    assert abs(z.memory["gradients"] - (4 * partition + 2 * 2 * 500_000_000)) <= 4 * 4
+
+
+@pytest.mark.slow
 def test_depth_extrapolation_equals_a_full_depth_rehearsal() -> None:
     short, _ = _rehearse("gpu-check", 8, "ep8/ddp/ac", imbalance=4.0)
     full, _ = _rehearse("gpu-check", 8, "ep8/ddp/ac", imbalance=4.0, full_depth=True)
