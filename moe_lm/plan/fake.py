@@ -121,9 +121,11 @@ class RehearsalMode(TorchDispatchMode):
         memory_bandwidth: float,
         half_precision_attention: bool,
         gpu_attention: bool = True,
+        fp32_flops: float | None = None,
     ) -> None:
         super().__init__()
         self.peak_flops, self.memory_bandwidth = peak_flops, memory_bandwidth
+        self.fp32_flops = peak_flops if fp32_flops is None else fp32_flops  # ops with fp32 output
         self.half_attention = half_precision_attention
         self.gpu_attention = gpu_attention  # False: a plan of a CPU run keeps the CPU's own choice
         self.counts: Counts | None = None  # counting off
@@ -188,7 +190,17 @@ class RehearsalMode(TorchDispatchMode):
         flops = _op_flops(func, args, kwargs, out)
         counts.flops += flops
         moved = _nbytes(args) + _nbytes(kwargs) + _nbytes(out)
-        counts.roofline_seconds += max(flops / self.peak_flops, moved / self.memory_bandwidth)
+        # a GEMM in fp32 (no mixed precision, or an op autocast leaves in fp32) runs at the fp32 rate
+        peak = self.fp32_flops if _floating_dtype(out) == torch.float32 else self.peak_flops
+        counts.roofline_seconds += max(flops / peak, moved / self.memory_bandwidth)
+
+
+def _floating_dtype(out: Any) -> torch.dtype | None:
+    """The dtype of an op's first floating-point output."""
+    for t in out if isinstance(out, (tuple, list)) else (out,):
+        if isinstance(t, torch.Tensor) and t.dtype.is_floating_point:
+            return t.dtype
+    return None
 
 
 @contextmanager

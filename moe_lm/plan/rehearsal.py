@@ -286,7 +286,9 @@ def rehearse(
         parallel=dataclasses.replace(cfg.parallel, backend="ddp", zero_stage=0),
     )
     layers = (cfg.model.num_layers,) if full_depth else depths(cfg.model)
-    mode = RehearsalMode(gpu.peak_flops, gpu.hbm, dtype != torch.float32, gpu_attention=on_gpu)
+    mode = RehearsalMode(
+        gpu.peak_flops, gpu.hbm, dtype != torch.float32, gpu_attention=on_gpu, fp32_flops=gpu.fp32_flops
+    )
     with fake_world(world_size, 0), mode, _one_thread():
         found = [
             _measure(

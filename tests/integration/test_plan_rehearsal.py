@@ -139,6 +139,22 @@ def test_imbalance_loads_the_hot_rank() -> None:
     assert hot.flops > balanced.flops
 
 
+def test_fp32_gemms_are_timed_at_the_gpus_fp32_rate() -> None:
+    # moe_lm leaves TF32 off: an fp32 GEMM on an H100 runs at 67 TFLOP/s, not the 989 of bf16
+    # (a run without mixed precision; mixtral-8x7b's plan in fp32 was 39 s a step, under the 54 s
+    # its 3.6 PFLOP take at 67 TFLOP/s)
+    from moe_lm.plan.fake import RehearsalMode
+
+    mode = RehearsalMode(H100.peak_flops, 1e30, True, fp32_flops=H100.fp32_flops)  # no memory bound
+    flops = 2 * 256**3
+    for dtype, rate in ((torch.float32, H100.fp32_flops), (torch.bfloat16, H100.peak_flops)):
+        a = torch.ones(256, 256, dtype=dtype)
+        with mode, mode.counting() as counts:
+            torch.mm(a, a)
+        assert counts.flops == flops
+        assert counts.roofline_seconds == pytest.approx(flops / rate), dtype
+
+
 @pytest.mark.slow
 def test_ep_token_rows_travel_in_bf16_under_autocast() -> None:
     # Regression: under DDP's bf16 autocast the layer's input is fp32 and its rows were sent in fp32
