@@ -76,6 +76,9 @@ def _sdpa_flops(q: torch.Tensor, k: torch.Tensor, backward: bool) -> int:
     return 2 * forward if backward else forward
 
 
+_OUT_OF_PLACE = {aten.addmm_: aten.addmm, aten.baddbmm_: aten.baddbmm}
+
+
 def _op_flops(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> int:
     packet = func.overloadpacket
     if packet is aten._grouped_mm:
@@ -85,7 +88,8 @@ def _op_flops(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
         if name.endswith("_backward"):
             return _sdpa_flops(args[1], args[2], True)
         return _sdpa_flops(args[0], args[1], False)
-    formula = flop_registry.get(packet)
+    # torch's registry has no in-place GEMMs; the CPU loop experts accumulate weight gradients with addmm_
+    formula = flop_registry.get(_OUT_OF_PLACE.get(packet, packet))
     return 0 if formula is None else int(formula(*args, **kwargs, out_val=out))
 
 
