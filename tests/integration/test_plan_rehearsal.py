@@ -76,6 +76,28 @@ def test_ddp_all_reduce_and_zero_partitions_are_exact_arithmetic() -> None:
 
 
 @pytest.mark.slow
+def test_depth_extrapolation_equals_a_full_depth_rehearsal() -> None:
+    short, _ = _rehearse("gpu-check", 8, "ep8/ddp/ac", imbalance=4.0)
+    full, _ = _rehearse("gpu-check", 8, "ep8/ddp/ac", imbalance=4.0, full_depth=True)
+    assert short.depths == (1, 2) and full.depths == (8,)
+    for name in (
+        "flops",
+        "traffic",
+        "all_to_all_received",
+        "checkpoint_bytes",
+        "host_bytes_at_save",
+        "seam_reads",
+    ):
+        assert getattr(short, name) == getattr(full, name), name
+    # Memory to the byte but for a few small tensors alive at the peak (24 bytes of 3.8 GB seen)
+    for phase, peak in full.phase_peaks.items():
+        assert abs(short.phase_peaks[phase] - peak) <= 64, phase
+    for category, size in full.memory.items():
+        assert abs(short.memory[category] - size) <= 64, category
+    assert short.roofline_seconds == pytest.approx(full.roofline_seconds, rel=1e-6)
+
+
+@pytest.mark.slow
 def test_zero2_memory_is_the_partitioned_state_and_two_full_reduce_buckets() -> None:
     z, cfg = _rehearse("gpu-check", 64, "ep8/zero2")
     parts = count_params(cfg.model).components
@@ -102,28 +124,6 @@ def test_zero1_keeps_the_bf16_gradients_and_one_full_reduce_bucket() -> None:
     # holds at the peak (none of them at this config's peak, in the backward)
     arithmetic = 4 * partition + 2 * 500_000_000
     assert 0 <= z.memory["gradients"] - arithmetic <= 2 * (dense + experts_here) + 1024
-
-
-@pytest.mark.slow
-def test_depth_extrapolation_equals_a_full_depth_rehearsal() -> None:
-    short, _ = _rehearse("gpu-check", 8, "ep8/ddp/ac", imbalance=4.0)
-    full, _ = _rehearse("gpu-check", 8, "ep8/ddp/ac", imbalance=4.0, full_depth=True)
-    assert short.depths == (1, 2) and full.depths == (8,)
-    for name in (
-        "flops",
-        "traffic",
-        "all_to_all_received",
-        "checkpoint_bytes",
-        "host_bytes_at_save",
-        "seam_reads",
-    ):
-        assert getattr(short, name) == getattr(full, name), name
-    # Memory to the byte but for a few small tensors alive at the peak (24 bytes of 3.8 GB seen)
-    for phase, peak in full.phase_peaks.items():
-        assert abs(short.phase_peaks[phase] - peak) <= 64, phase
-    for category, size in full.memory.items():
-        assert abs(short.memory[category] - size) <= 64, category
-    assert short.roofline_seconds == pytest.approx(full.roofline_seconds, rel=1e-6)
 
 
 @pytest.mark.slow
