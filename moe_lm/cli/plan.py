@@ -26,7 +26,7 @@ def _parser() -> ArgumentParser:
         "--gpu",
         default="h100-80gb",
         help="h100-80gb (default), h200-141gb, a100-80gb, a100-40gb, or "
-        "custom:memory_gib=80,tflops=989,hbm_tbps=3.35,nvlink_gbps=450,network_gbps=50",
+        "custom:memory_gib=80,tflops=989,fp32_tflops=67,hbm_tbps=3.35,nvlink_gbps=450,network_gbps=50",
     )
     p.add_argument(
         "--layouts",

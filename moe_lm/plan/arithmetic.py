@@ -9,9 +9,10 @@
   (dense groups over the world, expert groups over the expert-data-parallel group, as
   `deepspeed_param_groups` splits them): per rank ceil(n / dp) elements of fp32 master weights and
   two fp32 AdamW moments (the "optimizer" row) and of fp32 averaged gradients. ZeRO-1 keeps every
-  bf16 gradient until the step (measured in the rehearsal); ZeRO-2 frees each one into a
-  reduce bucket as it is ready, so the bf16 gradients are replaced by the buckets: two (overlap_comm
-  on GPUs) of reduce_bucket_size = 5e8 elements, DeepSpeed's default. Traffic: the bf16 gradients
+  bf16 gradient until the step (measured in the rehearsal) and one reduce bucket; ZeRO-2 frees each
+  gradient into a reduce bucket as it is ready, so the bf16 gradients are replaced by the buckets:
+  two (overlap_comm on GPUs). A bucket is reduce_bucket_size = 5e8 bf16 elements, DeepSpeed's
+  default, whatever the model's size. Traffic: the bf16 gradients
   reduce-scattered and the updated bf16 partitions all-gathered.
 - The checkpoint: bytes of what `Backend.model_state` / `optimizer_state` return, as the writer
   stores them (fp32), for the files this rank writes.
@@ -96,8 +97,12 @@ def data_parallel_extras(cfg: Config, world_size: int) -> Extras:
     if p.zero_stage >= 2:
         out.overlapped["reduce_scatter"] += 2 * total  # overlap_comm: buckets reduced during the backward
     out.traffic["all_gather"] += 2 * mine
-    if p.zero_stage >= 2:
-        out.memory["gradients"] += 2 * 2 * min(REDUCE_BUCKET_ELEMENTS, total)
+    if p.zero_stage >= 1:
+        # DeepSpeed's setup_buckets allocates each bf16 reduce bucket at reduce_bucket_size elements,
+        # however few parameters the model has: one under ZeRO-1 (contiguous_gradients, its default,
+        # hooks the backward there too), two under ZeRO-2 (overlap_comm, on for GPUs)
+        buckets = 2 if p.zero_stage >= 2 else 1
+        out.memory["gradients"] += buckets * 2 * REDUCE_BUCKET_ELEMENTS
     out.notes.append(
         f"DeepSpeed ZeRO-{p.zero_stage}: fp32 master weights, AdamW moments, gradient partitions "
         f"({mine:,} of {total:,} parameters on this rank){', reduce buckets' if p.zero_stage >= 2 else ''} "

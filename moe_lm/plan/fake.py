@@ -76,6 +76,9 @@ def _sdpa_flops(q: torch.Tensor, k: torch.Tensor, backward: bool) -> int:
     return 2 * forward if backward else forward
 
 
+_OUT_OF_PLACE = {aten.addmm_: aten.addmm, aten.baddbmm_: aten.baddbmm}
+
+
 def _op_flops(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> int:
     packet = func.overloadpacket
     if packet is aten._grouped_mm:
@@ -85,7 +88,8 @@ def _op_flops(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
         if name.endswith("_backward"):
             return _sdpa_flops(args[1], args[2], True)
         return _sdpa_flops(args[0], args[1], False)
-    formula = flop_registry.get(packet)
+    # torch's registry has no in-place GEMMs; the CPU loop experts accumulate weight gradients with addmm_
+    formula = flop_registry.get(_OUT_OF_PLACE.get(packet, packet))
     return 0 if formula is None else int(formula(*args, **kwargs, out_val=out))
 
 
@@ -121,9 +125,11 @@ class RehearsalMode(TorchDispatchMode):
         memory_bandwidth: float,
         half_precision_attention: bool,
         gpu_attention: bool = True,
+        fp32_flops: float | None = None,
     ) -> None:
         super().__init__()
         self.peak_flops, self.memory_bandwidth = peak_flops, memory_bandwidth
+        self.fp32_flops = peak_flops if fp32_flops is None else fp32_flops  # ops with fp32 output
         self.half_attention = half_precision_attention
         self.gpu_attention = gpu_attention  # False: a plan of a CPU run keeps the CPU's own choice
         self.counts: Counts | None = None  # counting off
@@ -188,7 +194,17 @@ class RehearsalMode(TorchDispatchMode):
         flops = _op_flops(func, args, kwargs, out)
         counts.flops += flops
         moved = _nbytes(args) + _nbytes(kwargs) + _nbytes(out)
-        counts.roofline_seconds += max(flops / self.peak_flops, moved / self.memory_bandwidth)
+        # a GEMM in fp32 (no mixed precision, or an op autocast leaves in fp32) runs at the fp32 rate
+        peak = self.fp32_flops if _floating_dtype(out) == torch.float32 else self.peak_flops
+        counts.roofline_seconds += max(flops / peak, moved / self.memory_bandwidth)
+
+
+def _floating_dtype(out: Any) -> torch.dtype | None:
+    """The dtype of an op's first floating-point output."""
+    for t in out if isinstance(out, (tuple, list)) else (out,):
+        if isinstance(t, torch.Tensor) and t.dtype.is_floating_point:
+            return t.dtype
+    return None
 
 
 @contextmanager

@@ -29,14 +29,15 @@ import contextlib
 import dataclasses
 import functools
 from collections import Counter
-from dataclasses import dataclass, field
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from moe_lm.config import Config, ModelConfig
+from moe_lm.errors import UserError
 from moe_lm.model.experts import Experts
 from moe_lm.model.params import build_meta_model
 from moe_lm.model.split_sizes import assumed_splits
@@ -276,6 +277,13 @@ def rehearse(
     precision = resolve_precision(cfg.train.mixed_precision, gpu.device_type)
     dtype = DTYPES[precision]
     deepspeed = cfg.parallel.backend == "deepspeed"
+    if cfg.model.experts_impl == "grouped_mm" and dtype != torch.bfloat16:
+        # the run itself would stop at its first MoE layer (torch._grouped_mm takes bf16 only)
+        raise UserError(
+            f"model.experts_impl=grouped_mm needs bf16, but train.mixed_precision={cfg.train.mixed_precision} "
+            f"runs in {str(dtype).removeprefix('torch.')} on {gpu.device_type}; set model.experts_impl=auto (or loop) or "
+            "train.mixed_precision=bf16"
+        )
     accum = cfg.train.grad_accum_steps
     micro_batches = min(accum, REHEARSED_MICRO_BATCHES)
     # DeepSpeed's engine runs the model in its own dtype with our step; its update is arithmetic.
@@ -286,7 +294,9 @@ def rehearse(
         parallel=dataclasses.replace(cfg.parallel, backend="ddp", zero_stage=0),
     )
     layers = (cfg.model.num_layers,) if full_depth else depths(cfg.model)
-    mode = RehearsalMode(gpu.peak_flops, gpu.hbm, dtype != torch.float32, gpu_attention=on_gpu)
+    mode = RehearsalMode(
+        gpu.peak_flops, gpu.hbm, dtype != torch.float32, gpu_attention=on_gpu, fp32_flops=gpu.fp32_flops
+    )
     with fake_world(world_size, 0), mode, _one_thread():
         found = [
             _measure(

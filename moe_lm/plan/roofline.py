@@ -24,7 +24,7 @@ from moe_lm.plan.gpus import GPU
 from moe_lm.plan.rehearsal import Rehearsal
 
 ASSUMPTIONS = [
-    "compute: per op max(FLOPs / peak, bytes / HBM bandwidth), one kernel per op (eager, no fusion)",
+    "compute: per op max(FLOPs / peak (fp32 peak for fp32 ops), bytes / HBM bandwidth), one kernel per op (eager, no fusion)",
     "EP all-to-all: on the critical path, max(sent, received) x (ep-1)/ep over NVLink inside a node",
     "gradient reduction: ring collectives; DDP's and ZeRO-2's overlap the backward, the rest is exposed",
     "left out: launch gaps, CPU overhead, collective latency, stragglers, data loading, eval/checkpoint pauses",

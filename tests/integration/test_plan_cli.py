@@ -80,6 +80,14 @@ def test_plan_json_is_one_object_on_stdout() -> None:
             "error: layout ep8/zero2/mb1x8/ac: ep_size 8 must divide both the 8 experts and the 4 GPUs",
         ),
         (["--imbalance", "0.5"], "error: --imbalance 0.5 is outside [1, 8]"),
+        (
+            ["--gpu", "custom:memory_gib=inf"],
+            "error: --gpu: memory_gib must be a positive finite number, got inf",
+        ),
+        (
+            ["--gpu", "custom:tflops=nan"],
+            "error: --gpu: tflops must be a positive finite number, got nan",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
@@ -89,6 +97,17 @@ def test_bad_input_is_one_line_and_exit_2(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(says) and err.count("\n") == 1
+
+
+def test_a_grouped_gemm_config_without_bf16_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    # torch._grouped_mm takes bf16 only: the rehearsal (and the run) stopped in a RuntimeError traceback
+    overrides = ["model.experts_impl=grouped_mm", 'train.mixed_precision="no"']
+    assert main(["plan", TINY, *overrides, "--gpus", "1", "--layouts", "config"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(
+        "error: model.experts_impl=grouped_mm needs bf16, but train.mixed_precision=no runs in"
+    )
 
 
 def test_a_config_that_fits_no_layout_says_what_comes_closest(capsys: pytest.CaptureFixture[str]) -> None:
