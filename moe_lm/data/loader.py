@@ -269,6 +269,11 @@ class ResumableLoader:
         """Each source the checkpoint also had must hold the same data (size and content)."""
         changes: list[str] = []
         self.changed_sources = set()
+        if not any(s.name in saved for s in self.sources):  # nothing in common: every source starts over
+            changes.append(
+                f"the checkpoint's sources are {sorted(saved)}, this run's {[s.name for s in self.sources]}"
+            )
+            self.changed_sources = {s.name for s in self.sources}
         for s in self.sources:
             old = saved.get(s.name)
             if old is None:

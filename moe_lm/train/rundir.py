@@ -24,6 +24,7 @@ from moe_lm.config import Config, load_config
 from moe_lm.errors import UserError
 from moe_lm.state import checkpoint as ckpt
 from moe_lm.state.resolve import resolve_resume, step_dirs
+from moe_lm.state.run_state import load_trainer_state
 from moe_lm.train.optim import lr_lambda
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")
@@ -64,8 +65,8 @@ def prepare_run_dir(cfg: Config, is_main: bool) -> Path | None:
 
 def check_steps(old: Config, cfg: Config, resume: Path, is_main: bool) -> None:
     """What resuming the checkpoint at step N means under this config's train.max_steps / max_tokens."""
-    state = json.loads((resume / "trainer_state.json").read_text())
-    step, tokens = int(state["step"]), int(state.get("tokens", 0))
+    state = load_trainer_state(resume)
+    step, tokens = state["step"], state["tokens"]
     t = cfg.train
     if step > t.max_steps:
         raise UserError(
@@ -109,7 +110,7 @@ def commit_run_dir(cfg: Config, resume: Path | None, is_main: bool) -> None:
         print(f"removed {leftover.name} in {root}: an unfinished checkpoint write or delete", file=sys.stderr)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     if resume is not None:
-        step = json.loads((resume / "trainer_state.json").read_text())["step"]
+        step = load_trainer_state(resume)["step"]
         trim_metrics(run_dir / "metrics.jsonl", step)
         if resume.parent.resolve() == root.resolve():
             # A crash between the rename and the pointer update, or a damaged newest checkpoint,
