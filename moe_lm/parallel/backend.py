@@ -68,6 +68,7 @@ class Backend(ABC):
         self.model = parts.model
         self.raw_model = parts.raw_model
         self.optimizer = parts.optimizer
+        self.torch_optimizer = parts.torch_optimizer
         self.scheduler = parts.scheduler
         self.ep_stats = parts.ep_stats
         self._steps_since_metrics = 0
@@ -181,7 +182,7 @@ class Backend(ABC):
             return
         named, last_epoch = load_optimizer_state(directory, self.expert_range)
         params = dict(self.raw_model.named_parameters())
-        check_optimizer_state(directory, named, params, optimizer_state_keys(self.optimizer))
+        check_optimizer_state(directory, named, params, optimizer_state_keys(self.torch_optimizer))
         self.load_optimizer_state(named)
         self._restore_schedule(last_epoch)
 

@@ -14,6 +14,7 @@ and safetensors holds tensors and string metadata only. Checkpoints written befo
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -185,7 +186,13 @@ def optimizer_state_keys(optimizer: torch.optim.Optimizer) -> set[str] | None:
     AdamW), found by stepping a copy of it on one scalar; None when that cannot be done."""
     try:
         probe = torch.nn.Parameter(torch.zeros(1))
-        defaults = {k: v for k, v in optimizer.defaults.items() if k not in ("fused", "capturable")}
+        accepted = inspect.signature(
+            type(optimizer)
+        ).parameters  # defaults may hold more (AdamW's decoupled_weight_decay)
+        # fused and capturable would ask for the optimizer's device for the scalar probe
+        defaults = {
+            k: v for k, v in optimizer.defaults.items() if k in accepted and k not in ("fused", "capturable")
+        }
         copy = type(optimizer)([probe], **defaults)
         probe.grad = torch.zeros(1)
         copy.step()
