@@ -142,11 +142,12 @@ def save_checkpoint(
         size = checkpoint_bytes(root, count_params(cfg.model).total_params)
         raise_for_failure(backend, error, final.name, root, size)
 
-    def own_files() -> None:
+    def make_dir() -> None:
         if backend.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        backend.barrier()
+
+    def own_files() -> None:
         backend.save_state(tmp)
         save_rng(tmp, backend.rank, backend.world_size, rng)
         faults.hit("ckpt_files", step, tmp)
@@ -164,6 +165,10 @@ def save_checkpoint(
             os.replace(tmp, final)
             _fsync_dir(root)
 
+    # A phase of its own: every rank learns whether the directory exists (the phase's all-reduce is
+    # the barrier) before writing into it, and a main process that cannot make it (read-only, a file
+    # in the way) stops every rank with its line instead of leaving them at a barrier.
+    phase(make_dir)
     phase(own_files)
     phase(seal)
     if backend.is_main:
