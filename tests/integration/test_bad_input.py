@@ -178,6 +178,17 @@ def first_moment(tensors: dict[str, torch.Tensor]) -> str:
 DAMAGED = "resume from another step (train.resume=PATH/step-N)"
 
 
+def read_only_output_dir(c: Ctx) -> tuple[list[str], Path]:
+    """A read-only directory, as a user (not root, whom permissions do not stop) meets it."""
+    import os
+
+    ro = c.tmp / "read-only"
+    ro.mkdir()
+    real = os.access
+    c.monkeypatch.setattr(os, "access", lambda p, mode, **kw: str(p) != str(ro) and real(p, mode, **kw))
+    return train(c, f"train.output_dir={ro / 'run'}")[0], ro
+
+
 def hub_push(c: Ctx) -> tuple[list[str], Path]:
     return ["push", str(no_token(c)), "--repo-id", "a/b"], c.tmp / "export"
 
@@ -344,6 +355,16 @@ ROWS: list[tuple[str, Callable[[Ctx], tuple[list[str], Path]], list[str]]] = [
         "trainer-state-no-step",
         lambda c: damage(c, edit_json("trainer_state.json", lambda t: t.pop("step"))),
         ["trainer_state.json is damaged: step is None, not a count", DAMAGED],
+    ),
+    (
+        "output-dir-under-a-file",
+        lambda c: train(c, f"train.output_dir={write(c.tmp / 'afile', b'x')}/run"),
+        ["train.output_dir", "afile/run cannot be made:", "afile is a file; choose another train.output_dir"],
+    ),
+    (
+        "output-dir-read-only",
+        read_only_output_dir,
+        ["read-only/run is not writable", "permission denied or a read-only filesystem", "make it writable"],
     ),
     (
         "data-missing",
