@@ -265,7 +265,11 @@ ROWS: list[tuple[str, Callable[[Ctx], tuple[list[str], Path]], list[str]]] = [
     (
         "data-position-other-source",
         lambda c: damage(c, edit_json("data_position.json", lambda p: p["sources"][0].update(name="web"))),
-        ["the checkpoint's sources are ['web'], this run's ['corpus']", "train.accept_changed_data=true"],
+        [
+            "source 'web' holds the same tokens as this run's 'corpus'",
+            "name it 'web' again",
+            "train.accept_changed_data=true",
+        ],
     ),
     (
         "optimizer-state-wrong-shape",
