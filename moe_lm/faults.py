@@ -15,6 +15,7 @@ lookup. Points and what they do at their site:
   ckpt_done:N     SIGKILL right after checkpoint N is complete and pruning is done
   prune:N         SIGKILL in the middle of keep-last-N pruning after checkpoint N
   enospc:N        raise OSError(ENOSPC) while writing checkpoint N (a full disk)
+  enospc_latest:N raise OSError(ENOSPC) writing `latest` after checkpoint N is complete
   enospc_metrics:N  raise OSError(ENOSPC) writing step N's line of metrics.jsonl
   enospc_shard:N  raise OSError(ENOSPC) writing the N-th token-store shard this process writes
   metrics:N       SIGKILL halfway through writing step N's metrics line
@@ -46,6 +47,7 @@ POINTS: dict[str, tuple[str, str]] = {
     "ckpt_done": ("ckpt_done", "kill"),
     "prune": ("prune", "kill"),
     "enospc": ("ckpt_files", "enospc"),
+    "enospc_latest": ("ckpt_latest", "enospc"),
     "enospc_metrics": ("metrics_write", "enospc"),
     "enospc_shard": ("shard_write", "enospc"),
     "metrics": ("metrics", "tear"),

@@ -98,12 +98,41 @@ def human_bytes(n: int) -> str:
     return f"{n:,} bytes" if unit == "bytes" else f"{size:.1f} {unit} ({n:,} bytes)"
 
 
-def disk_full(what: str, path: str | Path, needed: int, qualifier: str = "") -> DiskFullError:
+def _existing(path: str | Path) -> Path:
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _why_full(path: str | Path, needed: int, free: int, cause: BaseException | None) -> str:
+    """What the free bytes alone would hide: a quota, no inodes left, or room that is there now."""
+    if (isinstance(cause, OSError) and cause.errno == errno.EDQUOT) or "quota" in str(cause or "").lower():
+        return "; the disk quota is exhausted, so the free space is not this user's to use: free space under the quota"
+    try:
+        st = os.statvfs(_existing(path))
+        if st.f_files and st.f_favail == 0:
+            return f"; but no inodes are left (the filesystem holds {st.f_files:,} files): delete files, not just bytes"
+    except OSError:
+        pass
+    if free >= needed:
+        return (
+            "; there is room now, so the disk filled while writing (another writer) or the rest is reserved"
+        )
+    return ""
+
+
+def disk_full(
+    what: str, path: str | Path, needed: int, qualifier: str = "", cause: BaseException | None = None
+) -> DiskFullError:
     """`what` (e.g. "checkpoint step-20") could not be written to `path`: the one-line error.
-    `qualifier` says how exact `needed` is ("about", "at least")."""
+    `qualifier` says how exact `needed` is ("about", "at least"); `cause` (the OSError) tells a
+    quota from a full disk."""
     needs = f"{qualifier} {human_bytes(needed)}".strip()
+    free = free_bytes(path)
     return DiskFullError(
-        f"disk full: cannot write {what} to {path}: it needs {needs} and {human_bytes(free_bytes(path))} are free"
+        f"disk full: cannot write {what} to {path}: it needs {needs} and {human_bytes(free)} are free"
+        + _why_full(path, needed, free, cause)
     )
 
 

@@ -94,6 +94,8 @@ class ResumableLoader:
         self._offsets = [0] * len(sources)
         self._before_epoch = 0  # one source: samples drawn in the epochs before this one
         self.changed_sources: set[str] = set()  # whose data changed under the checkpoint (accepted)
+        self._accept_changed_data = False  # the resume's train.accept_changed_data
+        self._notes: list[str] = []  # what restoring the position has to say
         if self.single:
             n = len(sources[0].blocks)
             self.per_rank = n // dp_size
@@ -239,6 +241,7 @@ class ResumableLoader:
             state = from_rank_states(state if isinstance(state, list) else [state])
         saved = {s["name"]: s for s in state["sources"]}
         notes = self._check_data(saved, accept_changed_data)
+        self._accept_changed_data = accept_changed_data
         self.seed = int(state["seed"])
         if self.mixture is not None:
             self.mixture.reseed(self.seed)
@@ -250,8 +253,10 @@ class ResumableLoader:
                 f"the global batch changed from {saved_batch} to {self.global_batch} samples (train.micro_batch_size "
                 f"× processes); the sample stream continues exactly where the checkpoint stopped"
             )
+        self._notes = []
         if self.single:
             self._restore_epochs(state, saved)
+            notes += self._notes
         else:
             notes += self._restore_mixture(state, saved)
         for s in self.sources:
@@ -265,10 +270,35 @@ class ResumableLoader:
                 s.blocks.load_state_dict(old["stream"])
         return notes
 
+    def _renamed_source(self, saved: dict[str, dict[str, Any]]) -> str | None:
+        """The checkpoint's one source when this run's one source is it under another name (its data
+        files moved, or named in data.sources now): the same blocks, token for token."""
+        if not self.single or len(saved) != 1 or self.sources[0].name in saved:
+            return None
+        [(name, old)] = saved.items()
+        now = self.sources[0].identity()
+        same = bool(old.get("fingerprint")) and old["fingerprint"] == now["fingerprint"]
+        if same and not old.get("streaming") and old.get("num_blocks") == now["num_blocks"]:
+            return name
+        return None
+
     def _check_data(self, saved: dict[str, dict[str, Any]], accept: bool) -> list[str]:
         """Each source the checkpoint also had must hold the same data (size and content)."""
         changes: list[str] = []
         self.changed_sources = set()
+        if not any(s.name in saved for s in self.sources):  # nothing in common: every source starts over
+            renamed = self._renamed_source(saved)
+            if renamed:  # the order of a source's blocks is drawn from its name: same name, same order
+                changes.append(
+                    f"source '{renamed}' holds the same tokens as this run's '{self.sources[0].name}', but the "
+                    f"order of its blocks follows its name: name it '{renamed}' again (data.sources.{renamed}) to "
+                    "continue exactly"
+                )
+            else:
+                changes.append(
+                    f"the checkpoint's sources are {sorted(saved)}, this run's {[s.name for s in self.sources]}"
+                )
+            self.changed_sources = {s.name for s in self.sources}
         for s in self.sources:
             old = saved.get(s.name)
             if old is None:
@@ -302,10 +332,25 @@ class ResumableLoader:
         if len(saved) == 1 and name in saved and not saved[name].get("streaming"):
             epoch, samples = int(state["epoch"]), int(state["epoch_samples"])
             before = int(state["samples"]) - samples
-        else:  # it was a mixture: continue this source at the samples it had served
-            per_epoch = self._batches_per_epoch * self.global_batch
-            epoch, samples = divmod(int((saved.get(name) or {}).get("consumed") or 0), per_epoch)
-            before = epoch * per_epoch
+        else:  # it was a mixture: continue at the source's ordinal, whose epochs are all its blocks
+            served = int((saved.get(name) or {}).get("consumed") or 0)
+            epoch, samples = divmod(served, len(self.blocks))
+            before = served - samples
+            inside = samples % self.global_batch
+            if inside and not self._accept_changed_data:
+                raise UserError(
+                    f"the checkpoint was a mixture, and source '{name}' stood {samples} samples into its epoch "
+                    f"{epoch}, which is not a whole number of global batches of {self.global_batch}: as one source "
+                    "the run cannot continue exactly; resume with the mixture, or set "
+                    "train.accept_changed_data=true to continue from the next whole batch"
+                )
+            if inside:
+                skipped = self.global_batch - inside
+                self._notes.append(
+                    f"train.accept_changed_data: as one source the run skips {skipped} sample(s) of epoch {epoch} "
+                    "to start on a whole batch"
+                )
+                samples += skipped
         if samples % self.global_batch:
             saved_batch = int(state["global_batch"])
             raise batch_error(
@@ -327,6 +372,14 @@ class ResumableLoader:
             was = Mixture([w for _, w in old], self.seed, [n for n, _ in old]).consumed(samples)
             for s, count in zip(state["sources"], was):
                 s["consumed"] = count
+        was_single = len(state["sources"]) == 1 and not state["sources"][0].get("streaming")
+        if was_single and state["sources"][0]["name"] in saved:
+            # One source counted epochs of whole global batches; a mixture's ordinal counts epochs of
+            # all the source's blocks: the same place is epoch·blocks + the samples into the epoch.
+            only = saved[state["sources"][0]["name"]]
+            blocks = only.get("num_blocks")
+            if blocks:
+                only["consumed"] = int(state["epoch"]) * int(blocks) + int(state["epoch_samples"])
         now = self.mixture.consumed(samples)
         self._offsets = [
             int((saved.get(s.name) or {}).get("consumed") or 0) - c for s, c in zip(self.sources, now)

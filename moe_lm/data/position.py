@@ -69,6 +69,61 @@ def from_rank_states(states: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _source_problem(i: int, s: Any) -> str | None:
+    if not isinstance(s, dict):
+        return f"sources[{i}] is not an object"
+    name = s.get("name")
+    if not isinstance(name, str) or not name:
+        return f"sources[{i}].name is {name!r}, not a source name"
+    weight = s.get("weight")
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight < float("inf"):
+        return f"source '{name}' has weight {weight!r}, not a positive number"
+    if not isinstance(s.get("streaming"), bool):
+        return f"source '{name}' has streaming {s.get('streaming')!r}, not true or false"
+    for key in ("num_blocks", "consumed"):
+        if s.get(key) is not None and not _count(s[key]):
+            return f"source '{name}' has {key} {s[key]!r}, not a count"
+    if s.get("fingerprint") is not None and not isinstance(s["fingerprint"], str):
+        return f"source '{name}' has fingerprint {s['fingerprint']!r}, not a string"
+    stream = s.get("stream")
+    if stream is not None and not (isinstance(stream, dict) and _count(stream.get("next_ordinal"))):
+        return f"source '{name}' has a stream position without a next_ordinal count"
+    return None
+
+
+def position_problem(position: Any) -> str | None:
+    """What is wrong with a saved data position (a file anyone may have edited), or None: a bad one
+    must stop the resume, not restart the data or draw from the wrong place."""
+    if not isinstance(position, dict):
+        return f"it holds a {type(position).__name__}, not an object"
+    if position.get("format") != FORMAT:
+        return f"its format is {position.get('format')!r}, not {FORMAT!r}"
+    for key in ("seed", "epoch", "epoch_samples", "samples"):
+        if not _count(position.get(key)):
+            return f"{key} is {position.get(key)!r}, not a count"
+    if not _count(position.get("global_batch")) or position["global_batch"] == 0:
+        return f"global_batch is {position.get('global_batch')!r}, not a positive count"
+    if position.get("order") not in ("feistel", "legacy-randperm"):
+        return f"order is {position.get('order')!r}, not feistel or legacy-randperm"
+    if position["epoch_samples"] > position["samples"]:
+        return f"epoch_samples ({position['epoch_samples']}) exceeds samples ({position['samples']})"
+    sources = position.get("sources")
+    if not isinstance(sources, list) or not sources:
+        return "sources is not a list of sources"
+    for i, s in enumerate(sources):
+        problem = _source_problem(i, s)
+        if problem:
+            return problem
+    names = [s["name"] for s in sources]
+    if len(set(names)) != len(names):
+        return f"sources name a source twice ({names})"
+    return None
+
+
 def _divisors(n: int) -> list[int]:
     small = [d for d in range(1, int(n**0.5) + 1) if n % d == 0]
     return sorted({*small, *(n // d for d in small)})
@@ -112,4 +167,4 @@ def changed_data_error(changes: list[str]) -> UserError:
     )
 
 
-__all__ = ["FORMAT", "batch_error", "changed_data_error", "from_rank_states"]
+__all__ = ["FORMAT", "batch_error", "changed_data_error", "from_rank_states", "position_problem"]

@@ -185,7 +185,7 @@ def write_shard(job: ShardJob, tokenizer: Any, dtype: np.dtype, progress: Any = 
                 out.abort()
         if is_disk_full(e):  # the shard's temporaries are gone; finished shards stay
             needed = ids_out.bytes + docs_out.bytes + ids_out.pending + (mask_out.bytes if mask_out else 0)
-            raise disk_full(f"token store shard {job.name}", shard_dir, needed, "at least") from None
+            raise disk_full(f"token store shard {job.name}", shard_dir, needed, "at least", e) from None
         raise
     _written += 1
     faults.hit("shard", _written)
@@ -206,7 +206,7 @@ def write_shard(job: ShardJob, tokenizer: Any, dtype: np.dtype, progress: Any = 
     except OSError as e:
         tmp.unlink(missing_ok=True)
         if is_disk_full(e):
-            raise disk_full(f"token store shard {job.name}", shard_dir, len(text)) from None
+            raise disk_full(f"token store shard {job.name}", shard_dir, len(text), cause=e) from None
         raise
     tmp.rename(manifest_path)  # last: the shard is complete from this moment
     return manifest

@@ -35,8 +35,14 @@ from moe_lm.model import MoETransformer
 from moe_lm.model.params import is_expert_param
 from moe_lm.parallel.expert_parallel import EPStats
 from moe_lm.parallel.layout import Layout
-from moe_lm.state.optimizer import NamedState, load_optimizer_state, save_optimizer_state
-from moe_lm.state.weights import load_model_state, save_weights
+from moe_lm.state.optimizer import (
+    NamedState,
+    check_optimizer_state,
+    load_optimizer_state,
+    optimizer_state_keys,
+    save_optimizer_state,
+)
+from moe_lm.state.weights import check_loaded, load_model_state, save_weights
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,7 @@ class Backend(ABC):
         self.model = parts.model
         self.raw_model = parts.raw_model
         self.optimizer = parts.optimizer
+        self.torch_optimizer = parts.torch_optimizer
         self.scheduler = parts.scheduler
         self.ep_stats = parts.ep_stats
         self._steps_since_metrics = 0
@@ -168,10 +175,14 @@ class Backend(ABC):
 
     def load_state(self, directory: Path, weights_only: bool = False) -> None:
         """Load what this rank holds from a checkpoint written at any EP size, by either backend."""
-        self.load_model_state(load_model_state(directory, self.expert_range))
+        weights = load_model_state(directory, self.expert_range)
+        check_loaded(directory, weights, self.raw_model.state_dict())
+        self.load_model_state(weights)
         if weights_only:
             return
         named, last_epoch = load_optimizer_state(directory, self.expert_range)
+        params = dict(self.raw_model.named_parameters())
+        check_optimizer_state(directory, named, params, optimizer_state_keys(self.torch_optimizer))
         self.load_optimizer_state(named)
         self._restore_schedule(last_epoch)
 

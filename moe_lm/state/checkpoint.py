@@ -30,12 +30,13 @@ import torch
 from moe_lm import faults
 from moe_lm.config import Config, load_config
 from moe_lm.errors import UserError
+from moe_lm.fsutil import free_bytes, human_bytes, is_disk_full
 from moe_lm.model.params import count_params
 from moe_lm.state.manifest import MANIFEST, write_manifest
 from moe_lm.state.resolve import step_dirs
 from moe_lm.state.run_state import RunState, load_run_state, save_data_position, save_rng
 from moe_lm.state.weights import check_state, save_weights
-from moe_lm.state.write_errors import any_failed, checkpoint_bytes, raise_for_failure
+from moe_lm.state.write_errors import CONTINUE, any_failed, checkpoint_bytes, raise_for_failure
 
 TMP_PREFIX = ".tmp-"
 
@@ -72,9 +73,10 @@ def clean_temp(ckpt_root: Path) -> list[Path]:
     return removed
 
 
-def write_pointer(ckpt_root: Path, name: str) -> None:
+def write_pointer(ckpt_root: Path, name: str, step: int = -1) -> None:
     """`latest` names a checkpoint for tools (eval, export); written atomically via a temp file."""
     pointer = ckpt_root / f"{TMP_PREFIX}latest"
+    faults.hit("ckpt_latest", step, pointer)
     pointer.write_text(name)
     os.replace(pointer, ckpt_root / "latest")
 
@@ -142,11 +144,12 @@ def save_checkpoint(
         size = checkpoint_bytes(root, count_params(cfg.model).total_params)
         raise_for_failure(backend, error, final.name, root, size)
 
-    def own_files() -> None:
+    def make_dir() -> None:
         if backend.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        backend.barrier()
+
+    def own_files() -> None:
         backend.save_state(tmp)
         save_rng(tmp, backend.rank, backend.world_size, rng)
         faults.hit("ckpt_files", step, tmp)
@@ -164,14 +167,31 @@ def save_checkpoint(
             os.replace(tmp, final)
             _fsync_dir(root)
 
+    # A phase of its own: every rank learns whether the directory exists (the phase's all-reduce is
+    # the barrier) before writing into it, and a main process that cannot make it (read-only, a file
+    # in the way) stops every rank with its line instead of leaving them at a barrier.
+    phase(make_dir)
     phase(own_files)
     phase(seal)
-    if backend.is_main:
-        faults.hit("ckpt_renamed", step)
-        write_pointer(root, final.name)
-        prune(root, cfg.checkpoint.keep_last, step)
-        faults.hit("ckpt_done", step)
-    backend.barrier()
+
+    def finish() -> None:
+        if backend.is_main:
+            faults.hit("ckpt_renamed", step)
+            try:
+                write_pointer(root, final.name, step)
+            except OSError as e:  # the checkpoint is complete: say so, not "nothing was kept"
+                (root / f"{TMP_PREFIX}latest").unlink(missing_ok=True)
+                what = f"disk full: cannot write `latest` in {root} ({human_bytes(free_bytes(root))} free)"
+                if not is_disk_full(e):
+                    what = f"cannot write `latest` in {root}: {e.strerror or e}"
+                raise UserError(
+                    f"{what}; checkpoint {final.name} was saved complete, and resuming finds it without `latest`: "
+                    f"free space and continue with {CONTINUE}"
+                ) from None
+            prune(root, cfg.checkpoint.keep_last, step)
+            faults.hit("ckpt_done", step)
+
+    phase(finish)  # every rank stops with the main process's line, none waits at a barrier for it
     return final
 
 

@@ -14,7 +14,9 @@ and safetensors holds tensors and string metadata only. Checkpoints written befo
 
 from __future__ import annotations
 
+import inspect
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -113,5 +115,87 @@ def load_optimizer_state(directory: Path, expert_range: tuple[int, int]) -> tupl
     scheduler_step = 0
     for f in files:
         named, scheduler_step, first = _read(f)
-        per_expert.update(split_experts(named, first))
-    return stack_experts(per_expert, expert_range, strict=False), scheduler_step
+        try:
+            per_expert.update(split_experts(named, first))
+        except Exception as e:  # a tensor too small for its experts, a state that is not a tensor
+            raise damaged(_where(files), f"its experts cannot be split ({_first_line(e)})") from None
+    try:
+        return stack_experts(per_expert, expert_range, strict=False), scheduler_step
+    except Exception as e:  # experts of different shapes
+        raise damaged(_where(files), f"its experts cannot be stacked ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _where(files: list[Path]) -> str:
+    return (
+        f"'{files[0]}'" if len(files) == 1 else f"in '{files[0].parent}' ({', '.join(f.name for f in files)})"
+    )
+
+
+def damaged(where: str, what: str) -> UserError:
+    return UserError(
+        f"optimizer state {where} does not fit this model: {what}; the checkpoint is damaged or not this "
+        "run's: resume from another step (train.resume=PATH/step-N), or take its weights only with train.init_from"
+    )
+
+
+def check_optimizer_state(
+    directory: Path, named: NamedState, params: Mapping[str, torch.Tensor], keys: set[str] | None
+) -> None:
+    """Refuse saved state that the live optimizer would choke on (a segfault, a deep traceback, or
+    silently wrong moments): every name a parameter it optimizes, every moment a floating tensor of
+    that parameter's shape, a scalar step, and (when known) the keys this optimizer keeps."""
+    where = _where(optimizer_files(directory))
+    for name, state in named.items():
+        p = params.get(name)
+        if p is None:
+            raise damaged(where, f"'{name}' is not a parameter of this model")
+        if keys is not None and set(state) != keys:
+            raise damaged(where, f"'{name}' holds {sorted(state)}, the optimizer keeps {sorted(keys)}")
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                raise damaged(where, f"'{name}/{key}' is a {type(value).__name__}, not a tensor")
+            if not (
+                value.is_floating_point() or (key == "step" and value.dtype in (torch.int32, torch.int64))
+            ):
+                raise damaged(where, f"'{name}/{key}' has dtype {value.dtype}, not a floating point type")
+            if key == "step" or value.dim() == 0:
+                if value.numel() != 1:
+                    raise damaged(
+                        where, f"'{name}/{key}' has shape {tuple(value.shape)}, not a single number"
+                    )
+                if not bool(torch.isfinite(value.double()).all()) or float(value) < 0:
+                    raise damaged(where, f"'{name}/{key}' is {float(value)}, not a count of steps")
+            elif tuple(value.shape) != shape_of(p):
+                raise damaged(
+                    where,
+                    f"'{name}/{key}' has shape {tuple(value.shape)} but the parameter has {shape_of(p)}",
+                )
+
+
+def shape_of(p: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's full shape (DeepSpeed ZeRO-3 keeps it as `ds_shape` while the data is partitioned)."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def optimizer_state_keys(optimizer: torch.optim.Optimizer) -> set[str] | None:
+    """The per-parameter state keys this optimizer keeps ({"step", "exp_avg", "exp_avg_sq"} for
+    AdamW), found by stepping a copy of it on one scalar; None when that cannot be done."""
+    try:
+        probe = torch.nn.Parameter(torch.zeros(1))
+        accepted = inspect.signature(
+            type(optimizer)
+        ).parameters  # defaults may hold more (AdamW's decoupled_weight_decay)
+        # fused and capturable would ask for the optimizer's device for the scalar probe
+        defaults = {
+            k: v for k, v in optimizer.defaults.items() if k in accepted and k not in ("fused", "capturable")
+        }
+        copy = type(optimizer)([probe], **defaults)
+        probe.grad = torch.zeros(1)
+        copy.step()
+        return set(copy.state[probe])
+    except Exception:
+        return None

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moe_lm.config import Config
+from moe_lm.data.position import position_problem
 from moe_lm.errors import UserError
 from moe_lm.state.legacy import load_pickle_safely
 
@@ -61,9 +62,29 @@ def _load_rng(directory: Path, rank: int, world_size: int) -> dict[str, torch.Te
         with safe_open(str(path), framework="pt") as f:
             if (f.metadata() or {}).get("world_size") != str(world_size):
                 return None  # another topology: the stream starts from the seed
-            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
+            rng = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
     except Exception as e:
-        raise UserError(f"cannot read {path} ({e}); the checkpoint is damaged, use an earlier one") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise damaged(path, f"it is not a readable safetensors file ({first})") from None
+    problem = rng_problem(rng)
+    if problem:
+        raise damaged(path, problem)
+    return rng
+
+
+def rng_problem(rng: dict[str, torch.Tensor]) -> str | None:
+    """A generator state torch would refuse with a traceback (or, for CUDA, only on the GPU)."""
+    if set(rng) - {"torch", "cuda"} or "torch" not in rng:
+        return f"it holds {sorted(rng)}, not a 'torch' (and 'cuda') generator state"
+    for key, state in rng.items():
+        if state.dtype != torch.uint8 or state.dim() != 1:
+            return f"'{key}' is a {state.dtype} tensor of shape {tuple(state.shape)}, not a generator state (uint8 bytes)"
+    probe = torch.Generator()
+    try:
+        probe.set_state(rng["torch"])
+    except Exception as e:
+        return f"'torch' is not a generator state ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    return None
 
 
 def _legacy(
@@ -87,14 +108,48 @@ def _legacy(
     return loaders, rng
 
 
+def damaged(path: Path, what: str) -> UserError:
+    return UserError(
+        f"checkpoint file {path} is damaged: {what}; resume from another step (train.resume=PATH/step-N) "
+        "or restore the file from a copy"
+    )
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise damaged(path, "it is missing") from None
+    except (ValueError, OSError) as e:  # junk, not UTF-8, unreadable
+        raise damaged(
+            path, f"it is not readable JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
+
+
+def load_trainer_state(directory: Path) -> dict[str, Any]:
+    path = directory / "trainer_state.json"
+    trainer = _read_json(path)
+    if not isinstance(trainer, dict):
+        raise damaged(path, f"it holds a {type(trainer).__name__}, not an object")
+    trainer.setdefault("tokens", 0)  # not kept by the earliest checkpoints
+    for key in ("step", "tokens"):
+        value = trainer.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise damaged(path, f"{key} is {value!r}, not a count")
+    written_by = trainer.get("world_size", 1)
+    if not isinstance(written_by, int) or isinstance(written_by, bool) or written_by < 1:
+        raise damaged(path, f"world_size is {written_by!r}, not a number of processes")
+    return trainer
+
+
 def load_run_state(directory: Path, ckpt_cfg: Config, rank: int, world_size: int) -> RunState:
-    trainer = json.loads((directory / "trainer_state.json").read_text())
+    trainer = load_trainer_state(directory)
     position_file = directory / DATA_POSITION
     if position_file.is_file():
-        try:
-            position = json.loads(position_file.read_text())
-        except ValueError as e:
-            raise UserError(f"cannot read {position_file} ({e}); the checkpoint is damaged") from None
+        position = _read_json(position_file)
+        problem = position_problem(position)
+        if problem:
+            raise damaged(position_file, problem)
         return RunState(trainer, position, [], _load_rng(directory, rank, world_size))
     loaders, rng = _legacy(directory, ckpt_cfg, trainer, rank, world_size)
     return RunState(trainer, None, loaders, rng)

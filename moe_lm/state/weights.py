@@ -65,6 +65,30 @@ def load_model_state(directory: Path, expert_range: tuple[int, int] | None = Non
     return stack_experts(load_weights(directory), expert_range)
 
 
+def check_loaded(directory: Path, state: dict[str, torch.Tensor], live: dict[str, torch.Tensor]) -> None:
+    """Weights read from a checkpoint against the model they go into (this rank's experts): the
+    same names, each of its shape, and floating point where the model's is (an integer tensor would
+    be cast silently; a wrong shape is a deep traceback)."""
+
+    def refuse(what: str) -> UserError:
+        return UserError(
+            f"weights in '{directory}' (model-ep*-of-*.safetensors) do not fit this model: {what}; the checkpoint "
+            "is damaged or not this run's: resume from another step (train.resume=PATH/step-N)"
+        )
+
+    missing = sorted(set(live) - set(state))
+    unexpected = sorted(set(state) - set(live))
+    if missing or unexpected:
+        raise refuse(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for key, want in live.items():
+        got = state[key]
+        shape = tuple(getattr(want, "ds_shape", want.shape))
+        if tuple(got.shape) != shape:
+            raise refuse(f"'{key}' has shape {tuple(got.shape)} but the model needs {shape}")
+        if want.is_floating_point() and not got.is_floating_point():
+            raise refuse(f"'{key}' has dtype {got.dtype}, the model needs {want.dtype}")
+
+
 def check_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str) -> None:
     """Every tensor our model needs, with its shape, and nothing else (one line on a mismatch)."""
     expected = {k: tuple(v.shape) for k, v in build_meta_model(cfg).state_dict().items()}

@@ -71,7 +71,7 @@ def checkpoint_bytes(root: Path, fallback_params: int) -> tuple[int, bool]:
 def _describe(error: BaseException, name: str, root: Path, size: tuple[int, bool]) -> tuple[str, str]:
     """(kind, one line): "disk" (full), "user" (a refused write or bad input), "crash" (anything else)."""
     if is_disk_full(error):
-        full = disk_full(f"checkpoint {name}", root, size[0], "about" if size[1] else "")
+        full = disk_full(f"checkpoint {name}", root, size[0], "about" if size[1] else "", error)
         return "disk", (
             f"{full}; nothing of {name} was kept and {intact_checkpoint(root)}: free space (or lower "
             f"checkpoint.keep_last) and continue with {CONTINUE}"

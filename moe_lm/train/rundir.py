@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from moe_lm.config import Config, load_config
 from moe_lm.errors import UserError
 from moe_lm.state import checkpoint as ckpt
 from moe_lm.state.resolve import resolve_resume, step_dirs
+from moe_lm.state.run_state import load_trainer_state
 from moe_lm.train.optim import lr_lambda
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")
@@ -42,6 +44,7 @@ def prepare_run_dir(cfg: Config, is_main: bool) -> Path | None:
     run_dir = cfg.output_dir
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"train.output_dir {run_dir} is a file; choose a directory")
+    check_writable(run_dir)
     resume = None
     spec = cfg.train.resume
     if spec == "auto" and not step_dirs(run_dir / "checkpoints"):
@@ -62,10 +65,28 @@ def prepare_run_dir(cfg: Config, is_main: bool) -> Path | None:
     return resume
 
 
+def check_writable(run_dir: Path) -> None:
+    """Before anything loads or trains: the run directory can be made and written (a read-only
+    mount or a file in the way would otherwise end the run with a traceback at its first write)."""
+    existing = run_dir.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(
+            f"train.output_dir {run_dir} cannot be made: {existing} is a file; choose another train.output_dir"
+        )
+    for d in (existing, run_dir / "checkpoints"):
+        if d.is_dir() and not os.access(d, os.W_OK | os.X_OK):
+            raise UserError(
+                f"train.output_dir {run_dir} is not writable ({d}: permission denied or a read-only filesystem); "
+                "choose another train.output_dir or make it writable"
+            )
+
+
 def check_steps(old: Config, cfg: Config, resume: Path, is_main: bool) -> None:
     """What resuming the checkpoint at step N means under this config's train.max_steps / max_tokens."""
-    state = json.loads((resume / "trainer_state.json").read_text())
-    step, tokens = int(state["step"]), int(state.get("tokens", 0))
+    state = load_trainer_state(resume)
+    step, tokens = state["step"], state["tokens"]
     t = cfg.train
     if step > t.max_steps:
         raise UserError(
@@ -94,6 +115,16 @@ def commit_run_dir(cfg: Config, resume: Path | None, is_main: bool) -> None:
     """The writes, on the main process only, once every input has been checked and loaded."""
     if not is_main:
         return
+    try:
+        _commit(cfg, resume)
+    except OSError as e:  # what check_writable cannot see (root on a read-only path, a race)
+        raise UserError(
+            f"cannot write train.output_dir {cfg.output_dir} ({e.filename or cfg.output_dir}: {e.strerror or e}); "
+            "choose another train.output_dir or make it writable"
+        ) from None
+
+
+def _commit(cfg: Config, resume: Path | None) -> None:
     run_dir = cfg.output_dir
     root = run_dir / "checkpoints"
     replace = cfg.train.overwrite or cfg.train.resume == "auto"  # auto: a start that saved nothing
@@ -109,7 +140,7 @@ def commit_run_dir(cfg: Config, resume: Path | None, is_main: bool) -> None:
         print(f"removed {leftover.name} in {root}: an unfinished checkpoint write or delete", file=sys.stderr)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     if resume is not None:
-        step = json.loads((resume / "trainer_state.json").read_text())["step"]
+        step = load_trainer_state(resume)["step"]
         trim_metrics(run_dir / "metrics.jsonl", step)
         if resume.parent.resolve() == root.resolve():
             # A crash between the rename and the pointer update, or a damaged newest checkpoint,

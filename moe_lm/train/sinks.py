@@ -50,7 +50,7 @@ class JsonlSink(Sink):
             append_bytes(self.file, line)
         except OSError as e:
             if is_disk_full(e):
-                raise disk_full("a metrics record", self.path, len(line)) from None
+                raise disk_full("a metrics record", self.path, len(line), cause=e) from None
             raise
 
     def close(self) -> None:

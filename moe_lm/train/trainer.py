@@ -31,6 +31,7 @@ from moe_lm.parallel.layout import Layout, start_processes
 from moe_lm.parallel.parallelize import build_backend
 from moe_lm.state import checkpoint as ckpt
 from moe_lm.state.resolve import resolve_resume
+from moe_lm.state.run_state import DATA_POSITION
 from moe_lm.state.write_errors import explain_disk_full
 from moe_lm.train.callbacks import Callback, Record, default_callbacks
 from moe_lm.train.optim import apply_freeze, lr_lambda, optimizer_factory, param_groups
@@ -142,6 +143,17 @@ class Trainer:
         assert state is not None
         self.step, self.tokens = int(state.trainer["step"]), int(state.trainer["tokens"])
         position = state.data_position if state.data_position is not None else state.legacy_loader_states
+        if not position and self.step > 0:  # a lost file must not send the run back to its first samples
+            if not self.cfg.train.accept_changed_data:
+                raise UserError(
+                    f"checkpoint {path} has no {DATA_POSITION}, so where the data stood at step {self.step} is "
+                    "unknown and resuming would re-train from the first samples; restore the file, resume from "
+                    "another step (train.resume=PATH/step-N), or set train.accept_changed_data=true to start the "
+                    "data over"
+                )
+            self.resume_notes.append(
+                f"train.accept_changed_data: checkpoint {path} has no {DATA_POSITION}; the data starts over"
+            )
         if position:
             self.resume_notes += self.loader.load_state_dict(position, self.cfg.train.accept_changed_data)
             if self.loader.changed_sources:

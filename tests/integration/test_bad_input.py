@@ -8,6 +8,7 @@ must be caught before the first write.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from moe_lm.cli import main
@@ -134,6 +136,59 @@ def tensorboard_missing(c: Ctx) -> tuple[list[str], Path]:
     return train(c, "train.overwrite=true", "logging.tensorboard=true")
 
 
+def damage(c: Ctx, edit: Callable[[Path], object], *overrides: str) -> tuple[list[str], Path]:
+    """Edit the copy's checkpoint step-2 and rewrite its manifest, as a hostile or careless editor
+    would (the manifest checks integrity, not origin); then resume it to step 4."""
+    from moe_lm.state.manifest import MANIFEST, write_manifest
+
+    step = c.run / "checkpoints" / "step-2"
+    edit(step)
+    (step / MANIFEST).unlink()
+    write_manifest(step)
+    return train(c, "train.resume=latest", "train.max_steps=4", *overrides)
+
+
+def edit_json(name: str, change: Callable[[Any], object]) -> Callable[[Path], object]:
+    def edit(step: Path) -> None:
+        data = json.loads((step / name).read_text())
+        change(data)
+        (step / name).write_text(json.dumps(data))
+
+    return edit
+
+
+def edit_tensors(name: str, change: Callable[[dict[str, torch.Tensor]], object]) -> Callable[[Path], object]:
+    def edit(step: Path) -> None:
+        from safetensors import safe_open
+        from safetensors.torch import load_file, save_file
+
+        with safe_open(str(step / name), framework="pt") as f:
+            metadata = f.metadata()
+        tensors = load_file(str(step / name))
+        change(tensors)
+        save_file(tensors, str(step / name), metadata=metadata)
+
+    return edit
+
+
+def first_moment(tensors: dict[str, torch.Tensor]) -> str:
+    return next(k for k in sorted(tensors) if k.endswith("/exp_avg"))
+
+
+DAMAGED = "resume from another step (train.resume=PATH/step-N)"
+
+
+def read_only_output_dir(c: Ctx) -> tuple[list[str], Path]:
+    """A read-only directory, as a user (not root, whom permissions do not stop) meets it."""
+    import os
+
+    ro = c.tmp / "read-only"
+    ro.mkdir()
+    real = os.access
+    c.monkeypatch.setattr(os, "access", lambda p, mode, **kw: str(p) != str(ro) and real(p, mode, **kw))
+    return train(c, f"train.output_dir={ro / 'run'}")[0], ro
+
+
 def hub_push(c: Ctx) -> tuple[list[str], Path]:
     return ["push", str(no_token(c)), "--repo-id", "a/b"], c.tmp / "export"
 
@@ -180,6 +235,140 @@ ROWS: list[tuple[str, Callable[[Ctx], tuple[list[str], Path]], list[str]]] = [
             "model.num_experts = 4 is not divisible by parallel.ep_size = 3",
             "choose an ep_size that divides it",
         ],
+    ),
+    (
+        "checkpoint-without-data-position",
+        lambda c: damage(c, lambda step: (step / "data_position.json").unlink()),
+        [
+            "has no data_position.json",
+            "would re-train from the first samples",
+            "train.accept_changed_data=true",
+        ],
+    ),
+    (
+        "data-position-negative",
+        lambda c: damage(
+            c, edit_json("data_position.json", lambda p: p.update(epoch_samples=-8, samples=-8))
+        ),
+        ["data_position.json is damaged: epoch_samples is -8, not a count", DAMAGED],
+    ),
+    (
+        "data-position-text-count",
+        lambda c: damage(c, edit_json("data_position.json", lambda p: p.update(epoch_samples="8"))),
+        ["data_position.json is damaged: epoch_samples is '8', not a count", DAMAGED],
+    ),
+    (
+        "data-position-list",
+        lambda c: damage(c, lambda step: (step / "data_position.json").write_text("[1, 2]")),
+        ["data_position.json is damaged: it holds a list, not an object", DAMAGED],
+    ),
+    (
+        "data-position-other-source",
+        lambda c: damage(c, edit_json("data_position.json", lambda p: p["sources"][0].update(name="web"))),
+        [
+            "source 'web' holds the same tokens as this run's 'corpus'",
+            "name it 'web' again",
+            "train.accept_changed_data=true",
+        ],
+    ),
+    (
+        "optimizer-state-wrong-shape",
+        lambda c: damage(
+            c,
+            edit_tensors(
+                "optim-ep0-of-1.safetensors", lambda t: t.update({first_moment(t): torch.zeros(3, 5)})
+            ),
+        ),
+        [
+            "optim-ep0-of-1.safetensors' does not fit this model",
+            "has shape (3, 5) but the parameter has",
+            DAMAGED,
+        ],
+    ),
+    (
+        "optimizer-state-wrong-dtype",
+        lambda c: damage(
+            c,
+            edit_tensors(
+                "optim-ep0-of-1.safetensors", lambda t: t.update({first_moment(t): t[first_moment(t)].long()})
+            ),
+        ),
+        [
+            "optim-ep0-of-1.safetensors' does not fit this model",
+            "dtype torch.int64, not a floating point",
+            DAMAGED,
+        ],
+    ),
+    (
+        "optimizer-state-unknown-parameter",
+        lambda c: damage(
+            c,
+            edit_tensors(
+                "optim-ep0-of-1.safetensors",
+                lambda t: t.update({"nonsense/exp_avg": t[first_moment(t)].clone()}),
+            ),
+        ),
+        ["'nonsense' is not a parameter of this model", DAMAGED],
+    ),
+    (
+        "optimizer-state-missing-moment",
+        lambda c: damage(c, edit_tensors("optim-ep0-of-1.safetensors", lambda t: t.pop(first_moment(t)))),
+        ["the optimizer keeps ['exp_avg', 'exp_avg_sq', 'step']", DAMAGED],
+    ),
+    (
+        "weights-wrong-shape",
+        lambda c: damage(
+            c,
+            edit_tensors(
+                "model-ep0-of-1.safetensors", lambda t: t.update({"embed.weight": torch.zeros(2, 2)})
+            ),
+        ),
+        ["do not fit this model: 'embed.weight' has shape (2, 2) but the model needs (384, 48)", DAMAGED],
+    ),
+    (
+        "weights-integer",
+        lambda c: damage(
+            c,
+            edit_tensors(
+                "model-ep0-of-1.safetensors", lambda t: t.update({"embed.weight": t["embed.weight"].int()})
+            ),
+        ),
+        ["'embed.weight' has dtype torch.int32, the model needs torch.float32", DAMAGED],
+    ),
+    (
+        "rng-wrong-size",
+        lambda c: damage(
+            c,
+            edit_tensors(
+                "rng-rank0.safetensors", lambda t: t.update(torch=torch.zeros(7, dtype=torch.uint8))
+            ),
+        ),
+        ["rng-rank0.safetensors is damaged: 'torch' is not a generator state", DAMAGED],
+    ),
+    (
+        "rng-no-torch-state",
+        lambda c: damage(c, edit_tensors("rng-rank0.safetensors", lambda t: t.update(other=t.pop("torch")))),
+        ["rng-rank0.safetensors is damaged: it holds ['other']", DAMAGED],
+    ),
+    (
+        "trainer-state-junk",
+        lambda c: damage(c, lambda step: (step / "trainer_state.json").write_text("{junk")),
+        ["trainer_state.json is damaged: it is not readable JSON", DAMAGED],
+    ),
+    (
+        "trainer-state-no-step",
+        lambda c: damage(c, edit_json("trainer_state.json", lambda t: t.pop("step"))),
+        ["trainer_state.json is damaged: step is None, not a count", DAMAGED],
+    ),
+    (
+        "output-dir-under-a-file",
+        lambda c: train(c, f"train.output_dir={write(c.tmp / 'afile', b'x')}/run"),
+        ["train.output_dir", "afile/run cannot be made:", "afile is a file; choose another train.output_dir"],
+    ),
+    (
+        "output-dir-read-only",
+        read_only_output_dir,
+        ["read-only/run is not writable", "permission denied or a read-only filesystem", "make it writable"],
     ),
     (
         "data-missing",

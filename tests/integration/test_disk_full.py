@@ -96,6 +96,17 @@ def test_a_full_disk_mid_run_is_one_line_and_the_same_command_continues(
     assert_same_as(run, reference)
 
 
+def test_a_full_disk_writing_latest_says_the_checkpoint_was_saved(
+    make_run, reference, monkeypatch, capsys
+) -> None:
+    """The checkpoint is complete when `latest` is written: the line says so, and the run continues from it."""
+    cfg = make_run("enospc-latest")
+    line = fail_then_continue(cfg, "enospc_latest:2", monkeypatch, capsys)
+    assert line.startswith(f"error: disk full: cannot write `latest` in {run_dir(cfg) / 'checkpoints'}"), line
+    assert "checkpoint step-2 was saved complete" in line and line.endswith("continue with train.resume=auto")
+    assert_same_as(run_dir(cfg), reference)
+
+
 def test_a_full_disk_while_preparing_the_token_store(make_run, tmp_path) -> None:
     """`moe-lm data prepare` and the first `moe-lm train` (subprocesses: the fault counts the shards
     a process writes) fail in one line naming the shard; nothing half-written stays; a rerun works."""

@@ -33,8 +33,10 @@ class FakeBackend:
         self.fail = fail
         self.peer_line = peer_line
         self.world_size = 1 if peer_line is None else 2
+        self.writing = False  # the peer fails writing its own files, after the main process made the dir
 
     def save_state(self, directory: Path) -> None:
+        self.writing = True
         (directory / "model-ep0-of-1.safetensors").write_bytes(b"w" * 1000)
         if self.fail is not None:
             raise self.fail
@@ -49,8 +51,8 @@ class FakeBackend:
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         if self.peer_line is None:
             return tensor
-        if tensor.dim() == 1:  # "did anyone fail": the peer did
-            return tensor + 1
+        if tensor.dim() == 1:  # "did anyone fail": the peer did, once writing
+            return tensor + 1 if self.writing else tensor
         out = tensor.clone()  # the reasons: the peer's in row 1
         encoded = list(self.peer_line.encode())
         out[1, : len(encoded)] = torch.tensor(encoded, dtype=out.dtype)
@@ -177,14 +179,39 @@ def test_full_disk_keeps_earlier_checkpoints_and_says_what_it_needed(tmp_path, m
         monkeypatch.setenv(faults.ENV, "enospc:2")
     with pytest.raises(fsutil.DiskFullError) as info:
         save(cfg, 2, FakeBackend(fail))
+    # 12,345 bytes are more than the tiny checkpoint needs: the line says why the write still failed
+    why = (
+        "the disk quota is exhausted, so the free space is not this user's to use: free space under the quota"
+        if fail is not None and "quota" in str(fail)
+        else "there is room now, so the disk filled while writing (another writer) or the rest is reserved"
+    )
+    assert needed < 12345
     assert str(info.value) == (
         f"disk full: cannot write checkpoint step-2 to {root}: it needs {fsutil.human_bytes(needed)} and 12.1 KiB "
-        "(12,345 bytes) are free; nothing of step-2 was kept and checkpoint step-1 is intact: free space (or lower "
-        "checkpoint.keep_last) and continue with train.resume=auto"
+        f"(12,345 bytes) are free; {why}; nothing of step-2 was kept and checkpoint step-1 is intact: free space (or "
+        "lower checkpoint.keep_last) and continue with train.resume=auto"
     )
     assert names(root) == ["latest", "step-1"]  # the temp dir is gone
     assert (root / "latest").read_text() == "step-1"
     assert {p.name: p.read_bytes() for p in (root / "step-1").iterdir()} == before
+
+
+def test_a_full_disk_without_inodes_says_so_not_just_the_free_bytes(tmp_path, monkeypatch):
+    """ENOSPC with gigabytes free: the inodes ran out, and freeing bytes would not help."""
+    import os
+
+    real = os.statvfs
+
+    def no_inodes(path):
+        st = real(path)
+        return os.statvfs_result((*st[:5], 1000, 0, 0, *st[8:]))
+
+    monkeypatch.setattr(os, "statvfs", no_inodes)
+    monkeypatch.setattr(fsutil, "free_bytes", lambda path: 10**9)
+    line = str(fsutil.disk_full("checkpoint step-2", tmp_path, 5000, cause=OSError(errno.ENOSPC, "No space")))
+    assert line.endswith(
+        "are free; but no inodes are left (the filesystem holds 1,000 files): delete files, not just bytes"
+    )
 
 
 def test_a_full_disk_at_the_first_checkpoint_estimates_the_size_from_the_model(tmp_path, monkeypatch):

@@ -76,3 +76,82 @@ def test_changed_data_is_refused_unless_accepted() -> None:
         "checkpoint's sample position over the new data, and validation is re-cut from the new data"
     ]
     assert fewer.position == 2 and fewer.changed_sources == {"corpus"}
+
+
+def _mixture(micro_batch_size: int) -> ResumableLoader:
+    from moe_lm.data.blocks import as_blocks
+    from moe_lm.data.loader import TrainSource
+
+    other = _ids_blocks() + 1000 * _ids_blocks().numel()  # its blocks' ids are 1000·N and up
+    sources = [
+        TrainSource("corpus", 3.0, as_blocks(_ids_blocks())),
+        TrainSource("web", 1.0, as_blocks(other)),
+    ]
+    return ResumableLoader(sources, micro_batch_size=micro_batch_size, seed=5)
+
+
+def _corpus_blocks(loader: ResumableLoader, count: int) -> list[int]:
+    drawn: list[int] = []
+    while len(drawn) < count:
+        drawn += [i for i in _ids(loader.next_batch()[0]) if i < 1000]
+    return drawn[:count]
+
+
+def test_one_source_resumed_as_a_mixture_continues_its_epoch_where_it_stood() -> None:
+    """Epoch 1 of one source, 8 samples in (its epochs are 20 of the 23 blocks: whole batches); as
+    a mixture the source goes on with the rest of epoch 1's order, not back into epoch 0's."""
+    single = ResumableLoader(_ids_blocks(), micro_batch_size=4, seed=5)
+    _flat(single, 7)
+    assert (single.epoch, single.position) == (1, 2)
+    mixed = _mixture(4)
+    mixed.load_state_dict(single.state_dict())
+    assert _corpus_blocks(mixed, 12) == _flat(single, 3)
+
+
+def test_a_mixture_resumed_as_one_source_continues_the_source_s_epoch() -> None:
+    """The source had served 31 samples, with 23 blocks an epoch: 8 into epoch 1 (not 11 into epoch
+    1 of 20-sample epochs). A place inside a batch is refused unless accepted."""
+    mixed = _mixture(4)
+    _flat(mixed, 3)
+    state = mixed.state_dict()
+    [corpus] = [s for s in state["sources"] if s["name"] == "corpus"]
+    corpus["consumed"] = 31
+    resumed = ResumableLoader(_ids_blocks(), micro_batch_size=4, seed=5)
+    resumed.load_state_dict(state)
+    assert (resumed.epoch, resumed.position) == (1, 2)
+    reference = ResumableLoader(_ids_blocks(), micro_batch_size=4, seed=5)
+    _flat(reference, 7)  # epoch 1, 8 samples in
+    assert _flat(resumed, 3) == _flat(reference, 3)
+
+    corpus["consumed"] = 30  # 7 into epoch 1: not a whole batch of 4
+    with pytest.raises(
+        UserError, match=r"7 samples into its epoch 1, .* train.accept_changed_data=true"
+    ) as info:
+        ResumableLoader(_ids_blocks(), micro_batch_size=4, seed=5).load_state_dict(state)
+    assert "\n" not in str(info.value)
+    accepted = ResumableLoader(_ids_blocks(), micro_batch_size=4, seed=5)
+    notes = accepted.load_state_dict(state, accept_changed_data=True)
+    assert (accepted.epoch, accepted.position) == (1, 2) and any("skips 1 sample" in n for n in notes)
+
+
+def test_one_source_under_another_name_is_refused_never_restarted() -> None:
+    """Its files moved into data.sources.web (or back to data.train_files): the run used to start the
+    data over, silently. The order of a source's blocks follows its name, so the line says which name
+    continues exactly."""
+    from moe_lm.data.blocks import as_blocks
+    from moe_lm.data.loader import TrainSource
+
+    ref = ResumableLoader([TrainSource("web", 1.0, as_blocks(_ids_blocks()))], micro_batch_size=2, seed=5)
+    _flat(ref, 3)
+    state = ref.state_dict()
+    with pytest.raises(UserError) as info:
+        ResumableLoader(_ids_blocks(), micro_batch_size=2).load_state_dict(state)
+    assert "source 'web' holds the same tokens as this run's 'corpus'" in str(info.value)
+    assert "name it 'web' again (data.sources.web) to continue exactly" in str(info.value)
+    assert "train.accept_changed_data=true" in str(info.value) and "\n" not in str(info.value)
+    other = _ids_blocks().clone()
+    other[0, 0] += 1
+    with pytest.raises(UserError, match=r"the checkpoint's sources are \['web'\], this run's \['corpus'\]"):
+        ResumableLoader(other, micro_batch_size=2).load_state_dict(state)
+    again = ResumableLoader([TrainSource("web", 1.0, as_blocks(_ids_blocks()))], micro_batch_size=2)
+    assert again.load_state_dict(state) == [] and _flat(again, 4) == _flat(ref, 4)
