@@ -284,8 +284,19 @@ def load_optimizer_state_by_name(
     model: nn.Module, optimizer: torch.optim.Optimizer, named: NamedState
 ) -> None:
     """The inverse: state by name into a torch optimizer, for the parameters it optimizes."""
-    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     for name, p in model.named_parameters():
         state = named.get(name)
-        if state is not None and id(p) in optimized:
-            optimizer.state[p] = {k: v.to(p.device) if v.dim() else v for k, v in state.items()}
+        if state is not None and id(p) in group_of:
+            optimizer.state[p] = {k: placed_state(k, v, p, group_of[id(p)]) for k, v in state.items()}
+
+
+def placed_state(key: str, value: torch.Tensor, param: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+    """Where torch's own load_state_dict puts a state tensor: beside its parameter, except AdamW's
+    scalar step, which stays a float32 CPU tensor unless the group is fused or capturable; then it
+    lives on the parameter's device (the fused CUDA kernel refuses a CPU step: the first GPU resume
+    failed with "state_steps is on cpu")."""
+    if key == "step":
+        device = param.device if group.get("fused") or group.get("capturable") else torch.device("cpu")
+        return value.to(device=device, dtype=torch.float32)
+    return value.to(param.device) if value.dim() else value
