@@ -29,8 +29,8 @@ import contextlib
 import dataclasses
 import functools
 from collections import Counter
-from dataclasses import dataclass, field
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
