@@ -53,14 +53,20 @@ def disk_full_context(cfg: Config) -> Iterator[None]:
 
 
 class StopRequested:
-    """SIGTERM / SIGINT (preemption, Ctrl-C) asks for a checkpoint at the next step boundary."""
+    """SIGTERM / SIGINT / SIGHUP (preemption, Ctrl-C, a closed terminal or ssh session) asks for a
+    checkpoint at the next step boundary. SIGHUP too because `moe-lm launch` passes on the three
+    (moe_lm/cli/launch.py) and torchrun sends its workers the signal it got: with the default
+    action a SIGHUP killed every process with nothing saved. A SIGHUP already ignored (nohup) stays
+    ignored."""
 
     def __init__(self) -> None:
         self.requested = False
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequested:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+                continue
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

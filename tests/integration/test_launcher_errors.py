@@ -268,8 +268,14 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize(
     ("accelerate_config", "sig"),
-    [(ONE, signal.SIGTERM), (TWO, signal.SIGTERM), (TWO, signal.SIGINT)],
-    ids=["1proc-SIGTERM", "2proc-SIGTERM", "2proc-SIGINT"],
+    [
+        (ONE, signal.SIGTERM),
+        (TWO, signal.SIGTERM),
+        (TWO, signal.SIGINT),
+        (ONE, signal.SIGHUP),
+        (TWO, signal.SIGHUP),
+    ],
+    ids=["1proc-SIGTERM", "2proc-SIGTERM", "2proc-SIGINT", "1proc-SIGHUP", "2proc-SIGHUP"],
 )
 def test_a_stop_signal_to_the_launcher_alone_saves_a_checkpoint_and_exits_0(
     config, accelerate_config: str, sig: signal.Signals
