@@ -8,6 +8,7 @@ data-parallel rank.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Iterator, Sequence
@@ -24,7 +25,7 @@ from moe_lm.data.chat import chat_encoder
 from moe_lm.data.corpus import open_data
 from moe_lm.data.loader import ResumableLoader
 from moe_lm.data.tokenizer import Tokenizer, check_vocab, ensure_tokenizer
-from moe_lm.errors import UserError
+from moe_lm.errors import ERROR_DIR_ENV, UserError
 from moe_lm.fsutil import DiskFullError
 from moe_lm.model import MoETransformer
 from moe_lm.parallel.layout import Layout, start_processes
@@ -74,8 +75,13 @@ class StopRequested:
         self.requested = True
 
     def __exit__(self, *exc: object) -> None:
+        # A worker of `moe-lm launch` that stopped keeps ignoring stop signals until it exits: when
+        # a second signal reaches torchrun, its wait for the workers restarts and sends them the
+        # signal again, and that late copy killed a process between its checkpoint and its exit
+        # report (rankN.exit): a clean stop reported as 'killed' (exit 143).
+        linger = self.requested and bool(os.environ.get(ERROR_DIR_ENV))
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, self._handle if linger else handler)
 
 
 class Trainer:
