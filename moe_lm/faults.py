@@ -82,7 +82,9 @@ def _die() -> None:
 def _pause_for_signal(step: int) -> None:
     """Stand still until a stop signal arrives, so a test can send it at a known step."""
     got: list[int] = []
-    previous: dict[int, Any] = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous: dict[int, Any] = {
+        s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    }
 
     def chain(signum: int, frame: Any) -> None:
         got.append(signum)

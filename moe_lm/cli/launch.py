@@ -254,6 +254,29 @@ def stopped(signum: int, error_dir: Path, processes: int) -> int:
     return 128 + signum
 
 
+def outlive_workers(grace_s: float = 30.0) -> None:
+    """After torchrun's SignalException: wait until this launcher's workers have ended, as long as
+    torchrun's grace (then kill them, as it does). torchrun waits for them itself, but its handler
+    stays installed meanwhile and a second signal (SIGTERM twice, `docker stop` after `kill`)
+    raised out of that wait: the launcher reported every process as killed (exit 143) while they
+    were still saving their checkpoint, and left them running. Further stop signals are ignored
+    here: every worker already has one."""
+    import psutil
+
+    for s in _STOP_SIGNALS:
+        signal.signal(s, lambda signum, frame: None)
+    workers = []
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):
+            if "RANK" in child.environ():  # not a helper such as multiprocessing's resource tracker
+                workers.append(child)
+    _, alive = psutil.wait_procs(workers, timeout=grace_s)
+    for worker in alive:
+        with contextlib.suppress(psutil.Error):
+            worker.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
 def _local_processes(args: Any) -> int:
     """How many processes this launcher starts (accelerate's num_processes counts every machine's)."""
     total = int(getattr(args, "num_processes", None) or 1)
@@ -300,6 +323,7 @@ def launch_main(argv: list[str]) -> int:
         exits = {rank: (int(f.exitcode), float(f.timestamp)) for rank, f in e.failures.items()}
         return show(failures(error_dir, exits))
     except SignalException as e:  # torchrun's, stopped: it passed the signal on and waited
+        outlive_workers()
         return stopped(int(e.sigval), error_dir, _local_processes(args))
     except LaunchStopped as e:
         print(

@@ -126,28 +126,34 @@ def train_step(
         return count_routes(b, cfg, eos_id, batch)
 
     weights, router_weights, targets = lm_weights(b, batches) if packed else (None, None, None)
+
+    def part(value: torch.Tensor, micro: int) -> torch.Tensor:
+        """A micro-batch's router term (or its logged value) as its part of the step's mean: its
+        share of the routed tokens when packed, else 1/accum. Divided, not multiplied by 1/accum:
+        x * (1/3) differs from x / 3 in the last bit, and unpacked runs log what they always did."""
+        return value / accum if router_weights is None else value * router_weights[micro]
+
     with global_batch_step(b.raw_model, batches, count):
         for micro, batch in enumerate(batches):
             with b.accumulate(sync=micro == accum - 1), b.autocast():
                 out = forward(cfg, b.device, eos_id, b.model, batch, return_logits=False)
                 weighted: dict[str, torch.Tensor] = {}
-                share: Any = 1 / accum  # of the router terms: this micro-batch's routed tokens
-                if weights is not None and router_weights is not None:  # token-weighted terms
-                    lm, share = out.lm_loss * weights[micro], router_weights[micro]
-                    weighted = {"loss": (out.loss - out.lm_loss) * share + lm, "lm_loss": lm}
+                if weights is not None:  # token-weighted terms
+                    lm = out.lm_loss * weights[micro]
+                    weighted = {"loss": part(out.loss - out.lm_loss, micro) + lm, "lm_loss": lm}
                     b.backward(faults.poison(weighted["loss"], step))
                 else:
                     b.backward(faults.poison(out.loss, step) / accum)
             for key in ("loss", "lm_loss", "aux_loss", "hf_aux_loss", "z_loss"):
                 value = getattr(out, key)
                 if value is not None:
-                    value = weighted[key] if key in weighted else value.detach().float() * share
+                    value = weighted[key] if key in weighted else part(value.detach().float(), micro)
                     losses[key] = losses.get(key, 0) + value.detach().float()
             if out.expert_counts_LE is not None and out.dropped_L is not None:
                 counts_LE = out.expert_counts_LE if counts_LE is None else counts_LE + out.expert_counts_LE
                 dropped_L = out.dropped_L if dropped_L is None else dropped_L + out.dropped_L
             if out.router_entropy_L is not None:
-                entropy = out.router_entropy_L * share
+                entropy = part(out.router_entropy_L, micro)
                 entropy_L = entropy if entropy_L is None else entropy_L + entropy
     faults.hit("step", step)
     grad_norm, stepped = b.step(cfg.optim.grad_clip)

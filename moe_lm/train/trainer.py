@@ -8,6 +8,7 @@ data-parallel rank.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Iterator, Sequence
@@ -24,7 +25,7 @@ from moe_lm.data.chat import chat_encoder
 from moe_lm.data.corpus import open_data
 from moe_lm.data.loader import ResumableLoader
 from moe_lm.data.tokenizer import Tokenizer, check_vocab, ensure_tokenizer
-from moe_lm.errors import UserError
+from moe_lm.errors import ERROR_DIR_ENV, UserError
 from moe_lm.fsutil import DiskFullError
 from moe_lm.model import MoETransformer
 from moe_lm.parallel.layout import Layout, start_processes
@@ -54,14 +55,20 @@ def disk_full_context(cfg: Config) -> Iterator[None]:
 
 
 class StopRequested:
-    """SIGTERM / SIGINT (preemption, Ctrl-C) asks for a checkpoint at the next step boundary."""
+    """SIGTERM / SIGINT / SIGHUP (preemption, Ctrl-C, a closed terminal or ssh session) asks for a
+    checkpoint at the next step boundary. SIGHUP too because `moe-lm launch` passes on the three
+    (moe_lm/cli/launch.py) and torchrun sends its workers the signal it got: with the default
+    action a SIGHUP killed every process with nothing saved. A SIGHUP already ignored (nohup) stays
+    ignored."""
 
     def __init__(self) -> None:
         self.requested = False
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequested:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+                continue
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -69,8 +76,13 @@ class StopRequested:
         self.requested = True
 
     def __exit__(self, *exc: object) -> None:
+        # A worker of `moe-lm launch` that stopped keeps ignoring stop signals until it exits: when
+        # a second signal reaches torchrun, its wait for the workers restarts and sends them the
+        # signal again, and that late copy killed a process between its checkpoint and its exit
+        # report (rankN.exit): a clean stop reported as 'killed' (exit 143).
+        linger = self.requested and bool(os.environ.get(ERROR_DIR_ENV))
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, self._handle if linger else handler)
 
 
 class Trainer:

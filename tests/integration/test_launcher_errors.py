@@ -267,16 +267,37 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize(
-    ("accelerate_config", "sig"),
-    [(ONE, signal.SIGTERM), (TWO, signal.SIGTERM), (TWO, signal.SIGINT)],
-    ids=["1proc-SIGTERM", "2proc-SIGTERM", "2proc-SIGINT"],
+    ("accelerate_config", "sig", "times"),
+    [
+        (ONE, signal.SIGTERM, 1),
+        (TWO, signal.SIGTERM, 1),
+        (TWO, signal.SIGINT, 1),
+        (ONE, signal.SIGHUP, 1),
+        (TWO, signal.SIGHUP, 1),
+        (ONE, signal.SIGTERM, 2),
+        (TWO, signal.SIGTERM, 2),
+        (TWO, signal.SIGTERM, 3),
+    ],
+    ids=[
+        "1proc-SIGTERM",
+        "2proc-SIGTERM",
+        "2proc-SIGINT",
+        "1proc-SIGHUP",
+        "2proc-SIGHUP",
+        "1proc-SIGTERM-twice",
+        "2proc-SIGTERM-twice",
+        "2proc-SIGTERM-thrice",
+    ],
 )
 def test_a_stop_signal_to_the_launcher_alone_saves_a_checkpoint_and_exits_0(
-    config, accelerate_config: str, sig: signal.Signals
+    config, accelerate_config: str, sig: signal.Signals, times: int
 ) -> None:
     """The signal reaches `moe-lm launch` only (`kill PID`, docker stop, a scheduler signalling its
     main process). Was: with one process, the launcher died at once (exit 143, no line) and left
-    its worker training; with two, torchrun's SignalException traceback and exit 1."""
+    its worker training; with two, torchrun's SignalException traceback and exit 1. SIGHUP: the
+    workers died of it (exit 129, nothing saved). Two or three, 50 ms apart: torchrun sent the
+    workers the signal again, which killed them after their checkpoint, and a third interrupted its
+    wait for them (exit 143, 'ended without stopping cleanly', a checkpoint saved)."""
     path, run_dir = config(train={"max_steps": 8}, checkpoint={"every": 0})
     args = ["--config_file", accelerate_config]
     if accelerate_config == TWO:
@@ -300,7 +321,10 @@ def test_a_stop_signal_to_the_launcher_alone_saves_a_checkpoint_and_exits_0(
             if line.startswith("fault: paused at step 3"):
                 break
         time.sleep(0.5)  # the other process reaches its pause too
-        proc.send_signal(sig)
+        for n in range(times):
+            if n:
+                time.sleep(0.05)  # while the launcher waits for the processes to save and end
+            proc.send_signal(sig)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:

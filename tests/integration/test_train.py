@@ -203,3 +203,32 @@ def test_train_prints_config_warnings_once_before_step_1(make_config, tmp_path, 
     warning = "warning: optim.warmup_steps = 5 ≥ train.max_steps = 2"
     assert len(before_step_1) == 1 and before_step_1[0].count(warning) == 1
     assert warning not in capsys.readouterr().err
+
+
+def test_logged_losses_of_unpacked_micro_batches_are_their_means_divided_by_accum(
+    make_config, tmp_path, monkeypatch
+):
+    # Each micro-batch's term is divided by grad_accum_steps, as before packed rows weighed theirs by
+    # routed tokens: x * (1/3) differs from x / 3 in the last bit, and a run's logged losses would
+    # no longer match what the same run logged before (or its own earlier checkpoints' records).
+    from moe_lm.model.transformer import MoETransformer
+
+    seen: list[Any] = []
+    real_forward = MoETransformer.forward
+
+    def recording(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = real_forward(self, *args, **kwargs)
+        if self.training and kwargs.get("labels") is not None:
+            seen.append(out)
+        return out
+
+    monkeypatch.setattr(MoETransformer, "forward", recording)
+    cfg = make_config(train={"max_steps": 2, "grad_accum_steps": 3}, logging={"log_every": 1})
+    assert train(write(cfg, tmp_path / "c.yaml")) == 0
+    recs = records(cfg.output_dir)
+    assert len(seen) == 6
+    for step, rec in enumerate(recs):
+        outs = seen[3 * step : 3 * step + 3]
+        for key in ("loss", "aux_loss", "z_loss"):
+            want = sum(getattr(out, key).detach().float() / 3 for out in outs)
+            assert rec[key] == float(want), (rec["step"], key)
