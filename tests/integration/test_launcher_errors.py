@@ -266,6 +266,22 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _launch_in_own_session(argv: list[str], fault: str) -> subprocess.Popen[str]:
+    """`moe-lm launch` in its own session, as a job under a scheduler: a signal sent to it reaches
+    the launcher's pid only. Pipes for stdout and stderr; MOE_LM_FAULT set to `fault`."""
+    outer = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    env = {**outer, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MOE_LM_FAULT": fault}
+    return subprocess.Popen(
+        argv,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
 @pytest.mark.parametrize(
     ("accelerate_config", "sig", "times"),
     [
@@ -302,19 +318,8 @@ def test_a_stop_signal_to_the_launcher_alone_saves_a_checkpoint_and_exits_0(
     args = ["--config_file", accelerate_config]
     if accelerate_config == TWO:
         args += ["--main_process_port", str(_free_port())]
-    outer = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
-    env = {**outer, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MOE_LM_FAULT": "pause:3"}
     argv = [sys.executable, "-m", "moe_lm", "launch", *args, "train", str(path)]
-    # its own session, as a job under a scheduler: the signal goes to the launcher's pid only
-    proc = subprocess.Popen(
-        argv,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = _launch_in_own_session(argv, "pause:3")
     try:
         assert proc.stdout is not None
         for line in proc.stdout:  # every process pauses in step 3 until the signal
@@ -347,17 +352,7 @@ def test_a_stop_signal_that_reaches_one_process_only_stops_them_all_at_the_same_
     path, run_dir = config(train={"max_steps": 8}, checkpoint={"every": 2})
     argv = [sys.executable, "-m", "moe_lm", "launch", "--config_file", TWO]
     argv += ["--main_process_port", str(_free_port()), "train", str(path), "parallel.timeout=60"]
-    outer = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
-    env = {**outer, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MOE_LM_FAULT": "pause:3@1"}
-    proc = subprocess.Popen(
-        argv,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = _launch_in_own_session(argv, "pause:3@1")
     try:
         assert proc.stdout is not None
         for line in proc.stdout:  # process 1 pauses in step 3 until the signal
