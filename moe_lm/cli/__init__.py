@@ -187,4 +187,8 @@ def run() -> None:
             raise
         code = 1
     write_exit(code)
+    from moe_lm.parallel.teardown import launched_worker, leave
+
+    if launched_worker():  # the interpreter's teardown of process groups and threads can hang
+        leave(code)
     sys.exit(code)

@@ -1,0 +1,123 @@
+"""A process of a multi-process launch ends, with its own exit code, whatever its teardown would do
+(moe_lm/parallel/teardown.py). Each case runs in a process of its own: what it tests is how that
+process ends."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+# A non-daemon thread that never ends: the interpreter's teardown joins it, so a normal exit never comes.
+HOLD = "import threading, time; threading.Thread(target=time.sleep, args=(10**6,)).start()\n"
+
+
+def _python(code: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    inherited = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
+    full = {**inherited, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_a_launched_worker_ends_with_its_exit_code_though_a_thread_would_hold_the_interpreter() -> None:
+    # `moe-lm nosuchcommand` returns 2; what it printed before is flushed (stdout is a pipe: buffered).
+    code = (
+        HOLD
+        + """
+import sys
+print("said before the end", end="")
+sys.argv = ["moe-lm", "nosuchcommand"]
+from moe_lm.cli import run
+run()
+"""
+    )
+    done = _python(code, env={"WORLD_SIZE": "2", "RANK": "1"})
+    assert done.returncode == 2, done.stderr
+    assert "said before the end" in done.stdout
+    assert "unknown command 'nosuchcommand'" in done.stderr
+
+
+def test_a_single_process_keeps_the_interpreters_exit() -> None:
+    # Not launched (no WORLD_SIZE): atexit handlers run as in any Python program.
+    code = """
+import atexit, sys
+atexit.register(lambda: print("atexit ran"))
+sys.argv = ["moe-lm", "nosuchcommand"]
+from moe_lm.cli import run
+run()
+"""
+    done = _python(code)
+    assert done.returncode == 2
+    assert "atexit ran" in done.stdout
+
+
+def test_a_teardown_that_never_returns_dumps_every_stack_and_exits() -> None:
+    code = """
+import time
+from moe_lm.parallel.teardown import teardown_deadline
+
+def stuck_in_a_destructor():
+    time.sleep(60)
+
+with teardown_deadline(0.5):
+    stuck_in_a_destructor()
+print("went on")
+"""
+    done = _python(code, timeout=30)
+    assert done.returncode == 1
+    assert "stuck_in_a_destructor" in done.stderr
+    assert "went on" not in done.stdout
+
+
+def test_a_teardown_that_returns_in_time_goes_on() -> None:
+    code = """
+import time
+from moe_lm.parallel.teardown import teardown_deadline
+
+with teardown_deadline(0.5):
+    pass
+time.sleep(1.0)  # past the deadline: it was cancelled
+print("went on")
+"""
+    done = _python(code, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "went on" in done.stdout
+
+
+def test_shutdown_bounds_the_process_group_teardown(tmp_path: Path) -> None:
+    # A process group of one, and an accelerator whose end_training never returns.
+    code = f"""
+import time
+import torch.distributed as dist
+import moe_lm.parallel.teardown as teardown
+from moe_lm.parallel.layout import Layout
+from moe_lm.parallel.mesh import Mesh
+
+dist.init_process_group("gloo", init_method="file://{tmp_path / "store"}", rank=0, world_size=1)
+
+class Accelerator:
+    def end_training(self):
+        never_returns()
+
+def never_returns():
+    time.sleep(60)
+
+teardown.TEARDOWN_S = 0.5
+mesh = Mesh(rank=0, world_size=1, ep_size=1, ep_group=None, edp_group=None)
+Layout(accelerator=Accelerator(), mesh=mesh).shutdown()
+print("went on")
+"""
+    done = _python(code, timeout=30)
+    assert done.returncode == 1, done.stderr
+    assert "never_returns" in done.stderr
+    assert "went on" not in done.stdout
