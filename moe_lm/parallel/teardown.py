@@ -36,17 +36,20 @@ def launched_worker() -> bool:
 @contextlib.contextmanager
 def teardown_deadline(seconds: float | None = None) -> Iterator[None]:
     """Past `seconds` (default TEARDOWN_S) inside, dump every thread's stack to stderr and exit 1."""
-    try:
-        faulthandler.dump_traceback_later(
-            TEARDOWN_S if seconds is None else seconds, exit=True, file=sys.__stderr__
-        )
-    except (AttributeError, ValueError, OSError):  # no standard error to write to (a service, a notebook)
-        yield
-        return
+    armed, stderr = False, sys.__stderr__
+    if stderr is not None:
+        with contextlib.suppress(
+            ValueError, OSError
+        ):  # no file behind standard error (a service, a notebook)
+            faulthandler.dump_traceback_later(
+                TEARDOWN_S if seconds is None else seconds, exit=True, file=stderr
+            )
+            armed = True
     try:
         yield
     finally:
-        faulthandler.cancel_dump_traceback_later()
+        if armed:
+            faulthandler.cancel_dump_traceback_later()
 
 
 def leave(code: int) -> NoReturn:
