@@ -28,7 +28,7 @@ from moe_lm.errors import UserError, WaitTimeout
 from moe_lm.libraries import configure_deepspeed
 from moe_lm.parallel.deepspeed_config import deepspeed_accelerator
 from moe_lm.parallel.mesh import Mesh, build_mesh, ep_groups_cross_nodes
-from moe_lm.parallel.teardown import teardown_deadline
+from moe_lm.parallel.teardown import bounded_teardown
 from moe_lm.parallel.waits import Waits, init_kwargs, resolve_timeout, set_group_timeout
 
 
@@ -127,9 +127,8 @@ class Layout:
             self.doing("finishing the run")
             dist.barrier()  # bounded by the process group's timeout (parallel.timeout)
         self.waits.close()
-        if dist.is_available() and dist.is_initialized():
-            with teardown_deadline():  # a destructor that never returns: stacks on stderr, exit 1
-                self.accelerator.end_training()  # destroys the process groups
+        if dist.is_available() and dist.is_initialized():  # destroys the process groups, bounded
+            bounded_teardown(self.accelerator.end_training, self.rank)
         else:
             self.accelerator.end_training()
 
