@@ -39,7 +39,9 @@ def train_main(argv: list[str]) -> int:
     if layout.world_size == 1:
         return _train(cfg, layout)
     # gloo workers sometimes abort in interpreter teardown even after destroy_process_group, so a
-    # worker of a multi-process run leaves here, with the exit code `moe-lm` would have returned.
+    # worker of a multi-process run leaves here, with the exit code `moe-lm` would have returned,
+    # through teardown.leave: what that teardown would have saved (rank 0's unfinished wandb run
+    # when the run failed) is saved first.
     try:
         code = _train(cfg, layout)
     except (UserError, RunError) as e:
@@ -52,9 +54,9 @@ def train_main(argv: list[str]) -> int:
             raise
         code = report(explained)
     write_exit(code)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    from moe_lm.parallel.teardown import leave
+
+    leave(code)
 
 
 def preflight(cfg: Config) -> None:

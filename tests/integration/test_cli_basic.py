@@ -138,6 +138,9 @@ def test_ctrl_c_outside_training_is_one_line_and_exit_130(
         raise KeyboardInterrupt
 
     monkeypatch.delenv("MOE_LM_ERROR_DIR", raising=False)
+    # Not a launched worker, whatever runs pytest: with WORLD_SIZE > 1, run() ends the process with
+    # os._exit (moe_lm/parallel/teardown.py), and this one is pytest's: the session ended, exit 130.
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(cli, "main", interrupted)
     try:
         with pytest.raises(SystemExit) as exited:

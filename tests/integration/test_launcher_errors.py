@@ -151,6 +151,26 @@ def test_a_killed_rank_is_the_first_line_not_its_peers_traceback(config) -> None
     ]
 
 
+def test_a_failed_2_process_run_keeps_the_wandb_records_it_logged(config, tmp_path: Path) -> None:
+    """Was: a worker of a multi-process run left with a bare os._exit (moe_lm/cli/train.py), so rank 0's
+    unfinished wandb run was never written: its offline file held 7 bytes, none of the 2 steps logged
+    before the failure (one process keeps them: wandb's exit hook finishes the run)."""
+    path, run_dir = config(logging={"log_every": 1, "progress_bar": False, "wandb": True})
+    proc = launch(
+        "--config_file",
+        TWO,
+        "train",
+        str(path),
+        "parallel.ep_size=2",
+        MOE_LM_FAULT="enospc_metrics:3",  # rank 0 (which alone writes records) fails at step 3: exit 2
+        WANDB_MODE="offline",
+        HOME=str(tmp_path),  # no ~/.netrc, no wandb settings from outside
+    )
+    one_line(proc, "disk full: cannot write a metrics record")
+    (offline_run,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    assert b"tokens_per_s" in offline_run.read_bytes()  # a train record's field, not the config's
+
+
 def test_a_dead_tokenising_worker_inside_train_is_one_line_and_the_other_rank_does_not_hang(
     config, corpus: Path, tmp_path: Path
 ) -> None:

@@ -4,6 +4,7 @@ process ends."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +18,10 @@ HOLD = "import threading, time; threading.Thread(target=time.sleep, args=(10**6,
 
 
 def _python(code: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    inherited = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
+    # Without PYTHONUNBUFFERED (a CI image may set it): stdout to a pipe is block-buffered, as for a
+    # worker whose output a launcher or `| tee` reads, so output left in its buffer is seen lost.
+    dropped = ("WORLD_SIZE", "RANK", "PYTHONUNBUFFERED", "MOE_LM_ERROR_DIR")
+    inherited = {k: v for k, v in os.environ.items() if k not in dropped}
     full = {**inherited, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
@@ -45,6 +49,31 @@ run()
     assert done.returncode == 2, done.stderr
     assert "said before the end" in done.stdout
     assert "unknown command 'nosuchcommand'" in done.stderr
+
+
+def test_a_launched_worker_that_crashes_keeps_what_it_printed_and_its_report(tmp_path: Path) -> None:
+    # Under `moe-lm launch` a crash is reported to the launcher (rank1.json, rank1.exit) and the
+    # worker leaves with 1; run() flushes stdout only after a command returns, so what was printed
+    # before the crash reaches the pipe through leave's flush alone.
+    code = (
+        HOLD
+        + """
+import sys
+import moe_lm.cli as cli
+print("said before the crash", end="")
+
+def crashing_command():
+    raise RuntimeError("boom")
+
+cli.main = crashing_command
+cli.run()
+"""
+    )
+    done = _python(code, env={"WORLD_SIZE": "2", "RANK": "1", "MOE_LM_ERROR_DIR": str(tmp_path)})
+    assert done.returncode == 1, done.stderr
+    assert "said before the crash" in done.stdout
+    assert (tmp_path / "rank1.exit").read_text() == "1\n"
+    assert json.loads((tmp_path / "rank1.json").read_text())["line"] == "RuntimeError: boom"
 
 
 def test_a_single_process_keeps_the_interpreters_exit() -> None:
