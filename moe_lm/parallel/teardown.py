@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from typing import NoReturn
 
 TEARDOWN_S = 30.0  # destroying the process groups takes milliseconds when nothing is wrong
+BACKSTOP_S = 30.0  # after TEARDOWN_S: the waiting thread never got the GIL back
 
 
 def launched_worker() -> bool:
@@ -72,7 +73,7 @@ def bounded_teardown(destroy: Callable[[], None], rank: int, seconds: float | No
 
     worker = threading.Thread(target=run, name="moe-lm process-group teardown", daemon=True)
     # Should the waiting thread itself never get the GIL back, the C watchdog ends the process.
-    with teardown_deadline(2 * limit + 30):
+    with teardown_deadline(limit + BACKSTOP_S):
         worker.start()
         worker.join(limit)
     if worker.is_alive():
@@ -111,4 +112,4 @@ def leave(code: int) -> NoReturn:
     os._exit(code)
 
 
-__all__ = ["TEARDOWN_S", "bounded_teardown", "launched_worker", "leave", "teardown_deadline"]
+__all__ = ["BACKSTOP_S", "TEARDOWN_S", "bounded_teardown", "launched_worker", "leave", "teardown_deadline"]

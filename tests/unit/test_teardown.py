@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -123,16 +124,15 @@ print("went on")
     assert "went on" in done.stdout
 
 
-def test_shutdown_bounds_the_process_group_teardown(tmp_path: Path) -> None:
-    # A process group of one, and an accelerator whose end_training never returns.
-    code = f"""
+# A process group of one, and an accelerator whose end_training (the groups' teardown) never returns.
+_STUCK_LAYOUT = """
 import time
 import torch.distributed as dist
 import moe_lm.parallel.teardown as teardown
 from moe_lm.parallel.layout import Layout
 from moe_lm.parallel.mesh import Mesh
 
-dist.init_process_group("gloo", init_method="file://{tmp_path / "store"}", rank=0, world_size=1)
+dist.init_process_group("gloo", init_method="file://{store}", rank=0, world_size=1)
 
 class Accelerator:
     def end_training(self):
@@ -142,11 +142,72 @@ def never_returns():
     time.sleep(60)
 
 teardown.TEARDOWN_S = 0.5
-mesh = Mesh(rank=0, world_size=1, ep_size=1, ep_group=None, edp_group=None)
-Layout(accelerator=Accelerator(), mesh=mesh).shutdown()
+layout = Layout(accelerator=Accelerator(), mesh=Mesh(rank=0, world_size=1, ep_size=1, ep_group=None, edp_group=None))
+"""
+
+
+def test_a_process_group_teardown_that_never_returns_is_left_behind_with_its_stack(tmp_path: Path) -> None:
+    code = (
+        _STUCK_LAYOUT.format(store=tmp_path / "store")
+        + """
+layout.shutdown()
 print("went on")
 """
+    )
     done = _python(code, timeout=30)
-    assert done.returncode == 1, done.stderr
+    assert done.returncode == 0, done.stderr
+    assert "went on" in done.stdout
+    assert "destroying the process groups did not finish in 0.5 s" in done.stderr
     assert "never_returns" in done.stderr
+
+
+def test_a_failing_process_still_raises_its_error_when_the_teardown_hangs(tmp_path: Path) -> None:
+    # shutdown() runs in a `finally` while the run's error propagates: that error must come out.
+    code = (
+        _STUCK_LAYOUT.format(store=tmp_path / "store")
+        + """
+try:
+    raise RuntimeError("the run's own error")
+finally:
+    layout.shutdown()
+"""
+    )
+    done = _python(code, timeout=30)
+    assert done.returncode == 1
+    assert "RuntimeError: the run's own error" in done.stderr
+
+
+def test_a_teardown_that_fails_raises_its_error() -> None:
+    code = """
+from moe_lm.parallel.teardown import bounded_teardown
+
+def destroy():
+    raise ValueError("teardown failed")
+
+bounded_teardown(destroy, rank=0, seconds=5)
+"""
+    done = _python(code, timeout=30)
+    assert done.returncode == 1
+    assert "ValueError: teardown failed" in done.stderr
+
+
+def test_a_teardown_that_holds_the_interpreter_ends_the_process_with_its_stack() -> None:
+    # libc's sleep called through PyDLL keeps the GIL: the waiting thread never runs again, and only
+    # the C watchdog can end the process.
+    code = """
+import ctypes
+import moe_lm.parallel.teardown as teardown
+
+def holds_the_gil():
+    ctypes.PyDLL(None).sleep(60)
+
+teardown.BACKSTOP_S = 1.0
+teardown.bounded_teardown(holds_the_gil, rank=0, seconds=0.5)
+print("went on")
+"""
+    start = time.monotonic()
+    done = _python(code, timeout=30)
+    assert done.returncode == 1
+    assert "holds_the_gil" in done.stderr
     assert "went on" not in done.stdout
+    assert time.monotonic() - start < 20
