@@ -191,4 +191,10 @@ def run() -> None:
 
     if launched_worker():  # the interpreter's teardown of process groups and threads can hang
         leave(code)
+    if sys.argv[1:2] == ["launch"]:
+        # Its processes have ended and its status is decided. Python's teardown puts the default
+        # action back on signals it handled: a stop signal sent a moment late (the third of three,
+        # 50 ms apart) then killed a launcher that had reported a clean stop (exit -15, not 0).
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)
     sys.exit(code)

@@ -225,8 +225,19 @@ def passing_on_stop_signals() -> Iterator[list[int]]:
     try:
         yield received
     finally:
+        # Stopped (a signal passed on, or torchrun's SignalException): the launcher only reports
+        # from here on, and every worker already has its signal. Restoring the default
+        # handlers left a window before `outlive_workers` ignores them: a third SIGTERM 50 ms after
+        # the second killed the launcher (exit -15) after it had said every process ended cleanly.
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+
+        ending = bool(received) or isinstance(sys.exc_info()[1], SignalException)
         for s, handler in previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, _ignore if ending else handler)
+
+
+def _ignore(signum: int, frame: Any) -> None:
+    """A stop signal to a launcher that is already stopping: its workers have theirs."""
 
 
 def stopped(signum: int, error_dir: Path, processes: int) -> int:
@@ -264,7 +275,7 @@ def outlive_workers(grace_s: float = 30.0) -> None:
     import psutil
 
     for s in _STOP_SIGNALS:
-        signal.signal(s, lambda signum, frame: None)
+        signal.signal(s, _ignore)
     workers = []
     for child in psutil.Process().children():
         with contextlib.suppress(psutil.Error):

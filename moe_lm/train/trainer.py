@@ -8,6 +8,7 @@ data-parallel rank.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -240,25 +241,33 @@ class Trainer:
         for callback in self.callbacks:
             with layout.phase(f"callback {type(callback).__name__} before training"):
                 callback.pre_train(self)
-        with StopRequested() as stop, disk_full_context(self.cfg):
-            while not self.done():
-                layout.doing(f"training step {self.step + 1}")
-                result = self.train_step()
-                self.step += 1
-                self.tokens += self.tokens_per_step
-                self._guard(result)
+        try:
+            with StopRequested() as stop, disk_full_context(self.cfg):
+                while not self.done():
+                    layout.doing(f"training step {self.step + 1}")
+                    result = self.train_step()
+                    self.step += 1
+                    self.tokens += self.tokens_per_step
+                    self._guard(result)
+                    for callback in self.callbacks:
+                        with layout.phase(f"callback {type(callback).__name__} after step {self.step}"):
+                            callback.post_step(self, result)
+                    if self._stopping(stop):
+                        break
+                # Still inside: a second stop signal while the last checkpoint is written (a scheduler
+                # that signals the process and its group, `moe-lm launch` passing one on) must not
+                # interrupt the save the first one asked for.
+                summary: dict[str, Any] = {"step": self.step, "tokens": self.tokens, "finished": self.done()}
                 for callback in self.callbacks:
-                    with layout.phase(f"callback {type(callback).__name__} after step {self.step}"):
-                        callback.post_step(self, result)
-                if self._stopping(stop):
-                    break
-            # Still inside: a second stop signal while the last checkpoint is written (a scheduler
-            # that signals the process and its group, `moe-lm launch` passing one on) must not
-            # interrupt the save the first one asked for.
-            summary: dict[str, Any] = {"step": self.step, "tokens": self.tokens, "finished": self.done()}
-            for callback in self.callbacks:
-                with layout.phase(f"callback {type(callback).__name__} at the end"):
-                    callback.post_train(self, summary)
+                    with layout.phase(f"callback {type(callback).__name__} at the end"):
+                        callback.post_train(self, summary)
+        except BaseException:
+            # The records logged so far reach wandb and TensorBoard before the other processes
+            # learn of the failure (from this process's groups closing): they end at once, and the
+            # launcher then kills this one.
+            with contextlib.suppress(Exception):
+                self.log.close()
+            raise
         self.log.close()
         return summary
 
