@@ -137,12 +137,14 @@ class WandbSink(Sink):
             self.warn(f"warning: wandb log failed ({e}); continuing without it")
             self.run = None
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
+        """`exit_code`: the run's (0, or its failure's). Given, not left to wandb: a failed run closed
+        before its process exits was otherwise recorded with exit code 0 ("finished", not "failed")."""
         if self.run is None:
             return
         offline, where = bool(getattr(self.run, "offline", False)), getattr(self.run, "sync_dir", None)
         with contextlib.suppress(Exception):
-            self.run.finish()
+            self.run.finish(exit_code=exit_code)
         if offline and where:
             self.warn(f"wandb: the run was logged offline to {where}; upload it with `wandb sync {where}`")
 
@@ -198,9 +200,14 @@ class MetricsLogger:
         if self.console is not None:
             self.console.message(text)
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
+        """`exit_code`: 0, or the failure's when the run failed (only wandb records it: a `Sink`'s
+        own `close()` takes nothing, so the ones added by callbacks keep working)."""
         for sink in self.sinks:
-            sink.close()
+            if isinstance(sink, WandbSink):
+                sink.close(exit_code)
+            else:
+                sink.close()
 
 
 def build_logger(cfg: Config, start_step: int, resumed: bool, is_main: bool) -> MetricsLogger:

@@ -261,12 +261,12 @@ class Trainer:
                 for callback in self.callbacks:
                     with layout.phase(f"callback {type(callback).__name__} at the end"):
                         callback.post_train(self, summary)
-        except BaseException:
+        except BaseException as e:
             # The records logged so far reach wandb and TensorBoard before the other processes
             # learn of the failure (from this process's groups closing): they end at once, and the
-            # launcher then kills this one.
+            # launcher then kills this one. The failure's exit code goes with them (wandb: "failed").
             with contextlib.suppress(Exception):
-                self.log.close()
+                self.log.close(exit_code=getattr(e, "exit_code", 1))
             raise
         self.log.close()
         return summary

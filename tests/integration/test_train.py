@@ -232,3 +232,26 @@ def test_logged_losses_of_unpacked_micro_batches_are_their_means_divided_by_accu
         for key in ("loss", "aux_loss", "z_loss"):
             want = sum(getattr(out, key).detach().float() / 3 for out in outs)
             assert rec[key] == float(want), (rec["step"], key)
+
+
+def test_a_failed_run_is_recorded_by_wandb_as_failed_with_its_exit_code(make_config, tmp_path, monkeypatch):
+    """Was: the trainer finishes wandb's run when the run fails (so its records are written before the
+    other processes end), without an exit code: wandb recorded the failed run with 0 ("finished")."""
+    import wandb
+
+    finished: list[int | None] = []
+
+    class FakeRun:
+        offline, sync_dir = False, None
+
+        def log(self, data: dict[str, Any], step: int) -> None:
+            pass
+
+        def finish(self, exit_code: int | None = None) -> None:
+            finished.append(exit_code)
+
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: FakeRun())
+    monkeypatch.setenv("MOE_LM_FAULT", "enospc_metrics:2")  # a full disk at step 2: exit code 2
+    cfg = make_config(train={"max_steps": 3}, logging={"wandb": True})
+    assert main(["train", str(write(cfg, tmp_path / "c.yaml"))]) == 2
+    assert finished == [2]
