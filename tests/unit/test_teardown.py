@@ -211,3 +211,22 @@ print("went on")
     assert "holds_the_gil" in done.stderr
     assert "went on" not in done.stdout
     assert time.monotonic() - start < 20
+
+
+def test_a_finished_launcher_ignores_a_stop_signal_that_arrives_as_it_exits() -> None:
+    # The signal comes during the interpreter's teardown (an atexit handler sends it): a launcher whose
+    # status is decided must exit with it, not die of the signal (a late third SIGTERM gave -15).
+    code = """
+import atexit, os, signal, sys, time
+
+def late_signal():
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.5)
+
+atexit.register(late_signal)
+sys.argv = ["moe-lm", "launch", "--help"]
+from moe_lm.cli import run
+run()
+"""
+    done = _python(code)
+    assert done.returncode == 0, done.stderr
