@@ -118,6 +118,13 @@ class Layout:
             return tensor
         return self.accelerator.reduce(tensor.to(self.device), reduction=op)
 
+    def _end_training(self) -> None:
+        """accelerate's end of training (destroys the process groups), on the teardown's own thread,
+        whose current CUDA device would otherwise be device 0."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.accelerator.end_training()
+
     def shutdown(self) -> None:
         """End training and the process group (the deterministic gloo teardown: barrier first)."""
         failing = sys.exc_info()[1]  # a failing rank must not wait for peers, but tell them
@@ -128,7 +135,7 @@ class Layout:
             dist.barrier()  # bounded by the process group's timeout (parallel.timeout)
         self.waits.close()
         if dist.is_available() and dist.is_initialized():  # destroys the process groups, bounded
-            bounded_teardown(self.accelerator.end_training, self.rank)
+            bounded_teardown(self._end_training, self.rank)
         else:
             self.accelerator.end_training()
 

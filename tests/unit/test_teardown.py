@@ -127,6 +127,7 @@ print("went on")
 # A process group of one, and an accelerator whose end_training (the groups' teardown) never returns.
 _STUCK_LAYOUT = """
 import time
+import torch
 import torch.distributed as dist
 import moe_lm.parallel.teardown as teardown
 from moe_lm.parallel.layout import Layout
@@ -135,6 +136,8 @@ from moe_lm.parallel.mesh import Mesh
 dist.init_process_group("gloo", init_method="file://{store}", rank=0, world_size=1)
 
 class Accelerator:
+    device = torch.device("cpu")
+
     def end_training(self):
         never_returns()
 
