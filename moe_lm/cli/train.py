@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moe_lm.config import Config, load_config
-from moe_lm.errors import ArgumentParser, RunError, UserError, report, write_exit
+from moe_lm.errors import ArgumentParser, RunError, UserError, report
 from moe_lm.validation import config_warnings
 
 if TYPE_CHECKING:
@@ -38,10 +38,9 @@ def train_main(argv: list[str]) -> int:
     layout = start_processes(cfg)
     if layout.world_size == 1:
         return _train(cfg, layout)
-    # gloo workers sometimes abort in interpreter teardown even after destroy_process_group, so a
-    # worker of a multi-process run leaves here, with the exit code `moe-lm` would have returned,
-    # through teardown.leave: what that teardown would have saved (rank 0's unfinished wandb run
-    # when the run failed) is saved first.
+    # A worker of a multi-process run says why it failed here (peers told at once, a lost peer or a
+    # timed-out collective in one line); `moe_lm.cli.run` then ends it without the interpreter's
+    # teardown (moe_lm/parallel/teardown.py).
     try:
         code = _train(cfg, layout)
     except (UserError, RunError) as e:
@@ -53,10 +52,7 @@ def train_main(argv: list[str]) -> int:
             layout.waits.announce_failure(e)
             raise
         code = report(explained)
-    write_exit(code)
-    from moe_lm.parallel.teardown import leave
-
-    leave(code)
+    return code
 
 
 def preflight(cfg: Config) -> None:
