@@ -271,11 +271,9 @@ def outlive_workers(grace_s: float = 30.0) -> None:
     stays installed meanwhile and a second signal (SIGTERM twice, `docker stop` after `kill`)
     raised out of that wait: the launcher reported every process as killed (exit 143) while they
     were still saving their checkpoint, and left them running. Further stop signals are ignored
-    here: every worker already has one."""
+    from the moment the stop left torchrun (`passing_on_stop_signals`): every worker has one."""
     import psutil
 
-    for s in _STOP_SIGNALS:
-        signal.signal(s, _ignore)
     workers = []
     for child in psutil.Process().children():
         with contextlib.suppress(psutil.Error):
