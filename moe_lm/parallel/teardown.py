@@ -40,16 +40,12 @@ def launched_worker() -> bool:
 
 
 @contextlib.contextmanager
-def teardown_deadline(seconds: float | None = None) -> Iterator[None]:
-    """Past `seconds` (default TEARDOWN_S) inside, dump every thread's stack to stderr and exit 1."""
+def teardown_deadline(seconds: float) -> Iterator[None]:
+    """Past `seconds` inside, dump every thread's stack to stderr and exit 1."""
     armed, stderr = False, sys.__stderr__
     if stderr is not None:
-        with contextlib.suppress(
-            ValueError, OSError
-        ):  # no file behind standard error (a service, a notebook)
-            faulthandler.dump_traceback_later(
-                TEARDOWN_S if seconds is None else seconds, exit=True, file=stderr
-            )
+        with contextlib.suppress(ValueError, OSError):  # no file behind standard error (a notebook)
+            faulthandler.dump_traceback_later(seconds, exit=True, file=stderr)
             armed = True
     try:
         yield
